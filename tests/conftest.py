@@ -1,0 +1,21 @@
+"""Test set-up: eight fake CPU devices, configured before JAX initialises."""
+
+import os
+
+# Must happen before the first `import jax` anywhere in the test session.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    """`../shared` beside the checkout; tests that need it skip when it is absent."""
+    return SHARED
