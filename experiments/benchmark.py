@@ -1,0 +1,201 @@
+"""Training-step throughput benchmark (not a test): images/s, time to first step, memory, FLOPs.
+
+Measures the project's own jitted, data-parallel `train_step` (anemia_jax.steps) on whatever devices
+exist, on a synthetic batch held in device memory (no input pipeline, no augmentation: the same work
+as the PyTorch peer in ../shared/tools/peer_bench.py):
+
+* images/s: median over ``--windows`` timed windows of ``--steps`` steps each, after ``--warmup``
+  steps, every window closed with ``block_until_ready``;
+* time to first step: from the start of this process (before ``import jax``) to the first finished
+  step, measured in a child process twice -- once with an empty persistent compilation cache (cold)
+  and once with the cache the first child filled (warm);
+* peak device memory (``memory_stats()['peak_bytes_in_use']``, where the backend reports it);
+* FLOPs per step from the compiled program's ``cost_analysis()`` (summed over devices).
+
+Usage::
+
+    python experiments/benchmark.py --model=unetpp --batch=32 --size=256 --dtype=bfloat16 \
+        --out=bench.json [--peer=../shared/tools/peer_bench.py --peer_runs=eager,compile]
+
+Prints a table last and writes every figure as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import time
+
+_PROCESS_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+
+def _measure(args: argparse.Namespace) -> dict:
+    """Runs in the child: builds the step, times it, returns the figures."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from anemia_jax import losses, parallel, steps
+    from anemia_jax.models import get_model
+
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    mesh = parallel.make_mesh()
+    if args.batch % mesh.size:
+        raise SystemExit(f"--batch={args.batch} must be a multiple of the {mesh.size} devices.")
+    dtype = jnp.dtype(args.dtype)
+    model = get_model(args.model, num_classes=1, dtype=dtype, bn_axis_name=parallel.DATA_AXIS)
+    tx = optax.adam(1e-3)
+    loss = losses.get_loss("combo")
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.size, args.size)
+    host_batch = {
+        "image": rng.integers(0, 256, shape + (3,), dtype=np.uint8),
+        "masks": (rng.random(shape + (1,)) > 0.7).astype(np.uint8),
+        "mask_weights": np.ones((args.batch, 1), np.float32),
+        "valid": np.ones((args.batch,), bool),
+    }
+    batch = parallel.host_local_to_global(host_batch, mesh)
+    state = steps.create_train_state(model, tx, jax.random.key(0), host_batch["image"], mesh)
+    train_step = steps.make_train_step(model, tx, lambda out, y, w: loss(out, y, weights=w), mesh,
+                                       compute_dtype=dtype)
+    t_compile = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t_compile
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    first_step_s = time.perf_counter() - _PROCESS_START
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops_per_device = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+    rates = []
+    if args.windows:
+        for _ in range(args.warmup):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)
+        for _ in range(args.windows):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            rates.append(args.steps * args.batch / (time.perf_counter() - t))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    return {
+        "framework": "anemia_jax",
+        "arch": args.model,
+        "batch": args.batch,
+        "size": args.size,
+        "dtype": args.dtype,
+        "devices": mesh.size,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "params": params,
+        "images_per_s": statistics.median(rates) if rates else None,
+        "window_rates": rates,
+        "first_step_s": first_step_s,
+        "compile_s": compile_s,
+        "step_flops": flops_per_device * mesh.size,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+        "finite": bool(metrics["finite"]),
+    }
+
+
+def _run_json(cmd: list[str]) -> dict:
+    """Runs `cmd`, returns the JSON object on its last stdout line; its stderr is shown on failure."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.stderr.write(out.stderr[-5000:])
+        raise SystemExit(f"benchmark: {' '.join(cmd)} failed with exit code {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child(args: argparse.Namespace, cache_dir: str, windows: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={args.model}",
+           f"--batch={args.batch}", f"--size={args.size}", f"--dtype={args.dtype}",
+           f"--steps={args.steps}", f"--windows={windows}", f"--warmup={args.warmup}",
+           f"--cache_dir={cache_dir}"]
+    return _run_json(cmd)
+
+
+def _peer(args: argparse.Namespace, run: str) -> dict:
+    cmd = [sys.executable, args.peer, "torch", "--arch", args.model, "--batch", str(args.batch),
+           "--size", str(args.size), "--steps", str(args.steps), "--windows", str(args.windows),
+           "--warmup", str(args.warmup)]
+    cmd += ["--compile"] if run == "compile" else []
+    cmd += [] if args.dtype == "bfloat16" else ["--fp32"]
+    t = time.perf_counter()
+    result = _run_json(cmd)
+    result["wall_s"] = time.perf_counter() - t
+    return result
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'implementation':<28}{'arch':<8}{'img/s':>9}{'ratio':>8}{'first step s':>14}" \
+           f"{'GFLOP/img':>11}{'peak GiB':>10}{'params M':>10}"
+    lines = [head, "-" * len(head)]
+    ours = rows[0].get("images_per_s") or float("nan")
+    for r in rows:
+        rate = r.get("images_per_s") or float("nan")
+        flops = (r.get("step_flops") or float("nan")) / r["batch"] / 1e9
+        peak = (r.get("peak_bytes") or float("nan")) / 2**30
+        first = r.get("first_step_s", r.get("compile_s", float("nan")))
+        lines.append(f"{r['framework']:<28}{r['arch']:<8}{rate:>9.1f}{ours / rate:>8.2f}{first:>14.1f}"
+                     f"{flops:>11.1f}{peak:>10.2f}{r['params'] / 1e6:>10.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="unetpp", choices=["unet", "unetpp", "attention_unet"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON file for every figure")
+    p.add_argument("--peer", default=None, help="path to peer_bench.py, run beside ours")
+    p.add_argument("--peer_runs", default="eager,compile", help="comma list of eager, compile")
+    p.add_argument("--no_warm", action="store_true", help="skip the warm-cache first-step run")
+    p.add_argument("--cache_dir", default="", help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(_measure(args)), flush=True)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="anemia_jax_bench_cache_") as cache:
+        ours = _child(args, cache, args.windows)
+        ours["first_step_cold_s"] = ours["first_step_s"]
+        if not args.no_warm:
+            warm = _child(args, cache, 0)
+            ours["first_step_warm_s"] = warm["first_step_s"]
+    rows = [ours]
+    if args.peer:
+        for run in filter(None, args.peer_runs.split(",")):
+            peer = _peer(args, run)
+            peer.setdefault("framework", f"torch-{run}")
+            rows.append(peer)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(f"time to first step: cold {ours['first_step_cold_s']:.1f} s"
+          + (f", warm cache {ours['first_step_warm_s']:.1f} s" if "first_step_warm_s" in ours else ""))
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
