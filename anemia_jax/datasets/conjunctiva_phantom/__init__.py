@@ -1,0 +1,1 @@
+"""conjunctiva_phantom: a procedurally generated stand-in for the Eyes-defy-anemia photos (see `phantom`)."""
