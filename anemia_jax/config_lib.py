@@ -1,0 +1,380 @@
+"""Building, loading and validating the trainer's `ml_collections` configs.
+
+The configs in ``configs/`` are big_vision-style Python files: ``get_config(arg)`` takes the string after the colon
+of ``--config=configs/unetpp.py:data=phantom,size=256,fold=0,test`` (``key=value`` pairs and bare flags) and returns
+a `ml_collections.ConfigDict`. This module holds what those files and the trainer share:
+
+* `parse_arg`: the ``arg`` string -> typed values, against declared defaults (unknown keys fail, naming close ones).
+* `DATASETS`: what each selectable dataset is (its TFDS builder, masks, split protocols).
+* `validate`: every check the trainer needs before it touches data or devices, reported together.
+* `resolve_steps`: durations and intervals given in epochs or in steps -> steps.
+* `load_config_file` / `unknown_keys` / `default_workdir`: what `anemia_jax.main` needs for its flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Names the registries of `anemia_jax.models` and `anemia_jax.losses` accept (checked against them in tests, so
+# validating a config never has to import JAX).
+MODEL_NAMES = ("unet", "unetpp", "attention_unet")
+LOSS_NAMES = ("sigmoid_cross_entropy", "softmax_cross_entropy", "dice", "jaccard", "tversky", "focal",
+              "focal_tversky", "lovasz_hinge", "combo")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+EYE_MASKS = ("palpebral", "forniceal", "forniceal_palpebral")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the trainer needs to know about a selectable dataset.
+
+    Attributes:
+        builder: `anemia_jax.datasets.get_builder` name.
+        stored: ``(long side, builder config)`` pairs, ascending: the builder configs that store the photos at
+            that long side; a config picks the smallest that is at least its training resolution.
+        masks: mask features of every example (possible ``targets``).
+        default_targets: the targets a config trains on unless told otherwise.
+        protocols: split protocols that make sense for it; the first is the default.
+        test_split: a TFDS split held out for the final evaluation only ('' if none).
+        builder_kwargs: the builder's extra constructor arguments and their defaults ('' means not passed), so
+            that they can be set from the command line (e.g. the source folder).
+    """
+
+    builder: str
+    stored: tuple[tuple[int, str], ...]
+    masks: tuple[str, ...]
+    default_targets: tuple[str, ...]
+    protocols: tuple[str, ...]
+    test_split: str = ""
+    builder_kwargs: tuple[tuple[str, str], ...] = ()
+
+    def builder_config_for(self, size: int) -> str:
+        """The builder config storing images at the smallest long side >= ``size`` (else the largest)."""
+        for long_side, name in self.stored:
+            if long_side >= size:
+                return name
+        return self.stored[-1][1]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "eyes_defy_anemia": DatasetSpec("eyes_defy_anemia", ((512, "long512"), (1024, "long1024")), EYE_MASKS,
+                                    ("palpebral", "forniceal_palpebral"), ("kfold", "loco"),
+                                    builder_kwargs=(("archive_path", ""),)),
+    "phantom": DatasetSpec("conjunctiva_phantom", ((256, "res256"), (512, "res512")), EYE_MASKS,
+                           ("palpebral", "forniceal_palpebral"), ("kfold", "loco")),
+    # Official 880/120 split: the 120 test images are only ever scored at the end; model selection uses a
+    # validation holdout carved out of the 880.
+    "kvasir_seg": DatasetSpec("image_mask_folder", ((256, "kvasir_seg_256"), (512, "kvasir_seg")), ("mask",),
+                              ("mask",), ("holdout",), "test", builder_kwargs=(("source_dir", ""),)),
+}
+DATASET_ALIASES = {"eyes": "eyes_defy_anemia", "kvasir": "kvasir_seg", "conjunctiva_phantom": "phantom"}
+
+PROTOCOLS = ("kfold", "loco", "holdout")
+
+
+class ConfigError(ValueError):
+    """A config that the trainer cannot run; the message lists every problem found and how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def _close(word: str, candidates: Sequence[str]) -> str:
+    near = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
+    """Parses a big_vision-style config argument against typed defaults.
+
+    ``parse_arg('data=phantom,size=128,test', data='eyes', size=256, test=False)`` gives
+    ``{'data': 'phantom', 'size': 128, 'test': True}``. A bare word sets a bool default to True; values are
+    converted to the type of their default (bools accept true/false/1/0/yes/no).
+
+    Args:
+        arg: the text after the colon of ``--config=path:arg`` (None or '' for all defaults).
+        **defaults: every accepted key with its default value (bool, int, float or str).
+
+    Returns:
+        A `ConfigDict` with every key of ``defaults``.
+
+    Raises:
+        ConfigError: an unknown key (with close matches and the valid keys) or a value of the wrong type.
+    """
+    values = dict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f"Unknown config argument {key!r} in {arg!r}.{_close(key, list(defaults))} "
+                              f"Valid arguments: {', '.join(sorted(defaults))}.")
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ConfigError(f"Config argument {key!r} needs a value ({key}=...); only bool flags may be bare.")
+            values[key] = True
+            continue
+        raw = raw.strip()
+        try:
+            if isinstance(default, bool):
+                lowered = raw.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                values[key] = lowered in ("true", "1", "yes")
+            elif isinstance(default, int):
+                values[key] = int(raw)
+            elif isinstance(default, float):
+                values[key] = float(raw)
+            else:
+                values[key] = raw
+        except ValueError:
+            raise ConfigError(f"Config argument {key}={raw!r} is not a valid {type(default).__name__}.") from None
+    return ConfigDict(values)
+
+
+def dataset_config(name: str, *, image_size: int, data_dir: str = "", manual_dir: str = "") -> ConfigDict:
+    """The ``config.dataset`` block for dataset ``name`` (an entry of `DATASETS` or an alias).
+
+    Fields: ``name``; ``builder`` and ``builder_config`` (the TFDS builder and its named config, '' for the
+    default; chosen to store images at least at ``image_size``); ``builder_kwargs`` (extra constructor
+    arguments, '' meaning "not passed": ``archive_path`` for Eyes-defy-anemia, ``source_dir`` for Kvasir-SEG);
+    ``data_dir`` (where TFDS writes prepared data, '' for
+    ``~/tensorflow_datasets``); ``manual_dir`` (where a manually downloaded archive lies, '' for TFDS's default
+    ``<data_dir>/downloads/manual``); ``split`` (the TFDS split that training and validation are cut from);
+    ``test_split`` (evaluated once at the end, never used for selection; '' for none).
+    """
+    canonical = DATASET_ALIASES.get(name, name)
+    if canonical not in DATASETS:
+        raise ConfigError(f"Unknown dataset {name!r}.{_close(name, list(DATASETS) + list(DATASET_ALIASES))} "
+                          f"Valid datasets: {', '.join(DATASETS)}.")
+    spec = DATASETS[canonical]
+    return ConfigDict({
+        "name": canonical,
+        "builder": spec.builder,
+        "builder_config": spec.builder_config_for(image_size),
+        "builder_kwargs": ConfigDict(dict(spec.builder_kwargs)),
+        "data_dir": data_dir,
+        "manual_dir": manual_dir,
+        "split": "train",
+        "test_split": spec.test_split,
+    })
+
+
+def default_cache_dir() -> str:
+    """The persistent compilation cache directory under the user's cache dir (``$XDG_CACHE_HOME`` or ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "anemia_jax", "jax_cache")
+
+
+def import_sibling(file: str, name: str):
+    """Imports ``<dir of file>/<name>.py`` as a module, wherever it lies (configs/ is not an installed package)."""
+    path = pathlib.Path(file).resolve().with_name(f"{name}.py")
+    module_name = f"_anemia_jax_configs_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"Cannot import {path}.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """Loads ``path[:arg]`` the way ``--config=path[:arg]`` does: ``get_config(arg)`` of the file."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"Config file {path!r} does not exist (looked at {file.absolute()}).")
+    module_spec = importlib.util.spec_from_file_location(f"_anemia_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path} defines no get_config(arg=None); it is not a config file.")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+# --------------------------------------------------------------------------------------------- flag helpers
+
+
+def flat_keys(config: ConfigDict | Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a nested config, e.g. ``['batch_size', 'optimizer.learning_rate', ...]``."""
+    keys = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, (ConfigDict, dict)):
+            keys.extend(flat_keys(value, full + "."))
+    return keys
+
+
+def unknown_keys(config: ConfigDict, dotted: Sequence[str]) -> list[str]:
+    """Explains each dotted key (of ``--config.<key>=...`` overrides) that ``config`` does not have.
+
+    Returns:
+        One message per unknown key, naming the closest existing keys (difflib) or, failing that, the keys that
+        exist at that level.
+    """
+    known = flat_keys(config)
+    messages = []
+    for key in dotted:
+        if key in known:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+        # Same level first (a typo in the last part), then anywhere (a wrong or misspelt parent).
+        near = [siblings[k] for k in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.6)]
+        near += [k for k in difflib.get_close_matches(key, known, n=3, cutoff=0.6) if k != parent]
+        where = f"under {parent!r}" if parent else "at the top level"
+        if near:
+            hint = f"close keys: {', '.join(dict.fromkeys(near))}"
+        else:
+            hint = f"keys {where}: {', '.join(s.rpartition('.')[2] for s in siblings) or '(none)'}"
+        messages.append(f"config has no key {key!r}; {hint}.")
+    return messages
+
+
+def default_workdir(name: str, arg: str = "", root: str = "runs") -> str:
+    """``runs/<name>`` or, for a parametrised config, ``runs/<name>_<arg>`` with the arg made path-friendly.
+
+    ``default_workdir('unetpp', 'data=phantom,size=128,test')`` is ``'runs/unetpp_data-phantom_size-128_test'``.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", arg.replace("=", "-").replace(",", "_")).strip("-_")
+    return os.path.join(root, f"{name}_{slug}" if slug else name)
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``["key: old -> new", ...]`` for every dotted key whose value differs between two nested config dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changed += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------- durations
+
+
+def resolve_steps(config: ConfigDict, prefix: str, steps_per_epoch: int, *, required: bool = True) -> int:
+    """Steps of a duration or interval given as ``<prefix>_steps`` or ``<prefix>_epochs`` (steps win if both > 0).
+
+    Args:
+        config: the config holding the fields.
+        prefix: e.g. 'eval_every' reads ``eval_every_steps`` and ``eval_every_epochs``; 'num_train' reads
+            ``num_train_steps`` and ``num_epochs``.
+        steps_per_epoch: training steps per epoch (ceil(train examples / global batch)).
+        required: raise if neither is set (> 0); otherwise return 0.
+    """
+    steps_key = f"{prefix}_steps"
+    epochs_key = "num_epochs" if prefix == "num_train" else f"{prefix}_epochs"
+    steps = config.get(steps_key, 0) or 0
+    epochs = config.get(epochs_key, 0) or 0
+    if steps > 0:
+        return int(steps)
+    if epochs > 0:
+        return max(1, round(epochs * steps_per_epoch))
+    if required:
+        raise ConfigError(f"Set {steps_key} or {epochs_key} to a positive value.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _model_depth(config: ConfigDict) -> int:
+    return int(config.model.get("depth", 4))
+
+
+def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
+    """Checks a trainer config; raises `ConfigError` listing every problem with what to do about it.
+
+    Args:
+        config: a config from ``configs/``.
+        num_devices: the device count the run will use (the global batch must divide evenly); None skips that check.
+    """
+    errors: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    ds = config.dataset
+    spec = DATASETS.get(ds.name)
+    check(spec is not None, f"dataset.name={ds.name!r} is unknown.{_close(ds.name, list(DATASETS))} "
+                            f"Valid: {', '.join(DATASETS)}.")
+    targets = tuple(config.targets)
+    check(len(targets) > 0, "targets is empty; name at least one mask to segment.")
+    check(len(set(targets)) == len(targets), f"targets {targets} repeats a mask.")
+    if spec is not None:
+        for t in targets:
+            check(t in spec.masks, f"target {t!r} is not a mask of dataset {ds.name!r}.{_close(t, spec.masks)} "
+                                   f"Its masks: {', '.join(spec.masks)}.")
+        check(ds.builder == spec.builder, f"dataset.builder={ds.builder!r} does not match dataset {ds.name!r} "
+                                          f"(expects {spec.builder!r}).")
+        protocol = config.split.protocol
+        check(protocol in spec.protocols, f"split.protocol={protocol!r} does not apply to {ds.name!r}; "
+                                          f"use one of {', '.join(spec.protocols)}.")
+    sp = config.split
+    if sp.protocol == "kfold":
+        check(sp.num_folds >= 2, f"split.num_folds={sp.num_folds} must be >= 2.")
+        check(0 <= sp.fold < sp.num_folds, f"split.fold={sp.fold} must lie in [0, {sp.num_folds}).")
+    if sp.protocol == "loco":
+        check(bool(sp.test_country), "split.protocol='loco' needs split.test_country (e.g. 'Italy').")
+    if sp.protocol in ("loco", "holdout"):
+        check(0.0 < sp.val_fraction < 1.0, f"split.val_fraction={sp.val_fraction} must lie in (0, 1).")
+
+    size = tuple(config.image_size)
+    depth = _model_depth(config)
+    multiple = 2 ** depth
+    check(len(size) == 2 and all(int(s) > 0 for s in size), f"image_size={size} must be (height, width) > 0.")
+    if len(size) == 2:
+        check(all(int(s) % multiple == 0 for s in size),
+              f"image_size={size} must be a multiple of {multiple} (2**model.depth with depth={depth}).")
+
+    for field, names in (("model", MODEL_NAMES), ("loss", LOSS_NAMES)):
+        name = config[field].name
+        check(name in names, f"{field}.name={name!r} is unknown.{_close(name, names)} Valid: {', '.join(names)}.")
+    if config.model.get("deep_supervision", False):
+        weights = tuple(config.loss.get("deep_supervision_weights", ()))
+        check(len(weights) in (0, depth), f"loss.deep_supervision_weights has {len(weights)} entries; UNet++ with "
+                                          f"depth {depth} has {depth} outputs (or leave it empty to average).")
+    check(config.compute_dtype in COMPUTE_DTYPES,
+          f"compute_dtype={config.compute_dtype!r} must be one of {', '.join(COMPUTE_DTYPES)}.")
+
+    opt = config.optimizer
+    check(opt.learning_rate > 0, f"optimizer.learning_rate={opt.learning_rate} must be > 0.")
+    check(opt.weight_decay >= 0, f"optimizer.weight_decay={opt.weight_decay} must be >= 0.")
+    check(opt.grad_clip_norm >= 0, f"optimizer.grad_clip_norm={opt.grad_clip_norm} must be >= 0 (0 disables).")
+    check(0.0 <= opt.end_lr_ratio <= 1.0, f"optimizer.end_lr_ratio={opt.end_lr_ratio} must lie in [0, 1].")
+
+    check(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0.")
+    check(config.eval_batch_size >= 0, f"eval_batch_size={config.eval_batch_size} must be >= 0 (0: batch_size).")
+    if num_devices:
+        for key in ("batch_size", "eval_batch_size"):
+            value = config[key]
+            if value > 0 and value % num_devices:
+                suggestion = max(num_devices, round(value / num_devices) * num_devices)
+                errors.append(f"{key}={value} is not divisible by the {num_devices} devices; the global batch is "
+                              f"split evenly over them: use a multiple of {num_devices} (e.g. {suggestion}).")
+    check(config.num_train_steps > 0 or config.num_epochs > 0,
+          "Set num_train_steps or num_epochs to a positive value (the run length).")
+    for prefix in ("eval_every", "checkpoint_every"):
+        check(config[f"{prefix}_steps"] > 0 or config[f"{prefix}_epochs"] > 0,
+              f"Set {prefix}_steps or {prefix}_epochs to a positive value.")
+    check(config.log_every_steps > 0, f"log_every_steps={config.log_every_steps} must be > 0.")
+    check(config.keep_checkpoints >= 1, f"keep_checkpoints={config.keep_checkpoints} must be >= 1.")
+    check(config.max_panels >= 0, f"max_panels={config.max_panels} must be >= 0.")
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

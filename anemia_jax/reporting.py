@@ -1,0 +1,224 @@
+"""What a training run leaves for people to read: progress lines, metrics.jsonl, config.json, summary.json, panels.
+
+Everything here writes only on the main process (`Reporter(is_main=...)`, normally ``jax.process_index() == 0``),
+so multi-host runs produce one set of files. Files under the workdir:
+
+* ``config.json``: the resolved config.
+* ``metrics.jsonl``: one JSON object per line, ``{"step": ..., "split": "train"|"val"|..., <name>: <value>}``;
+  non-finite numbers are written as strings ("NaN", "Infinity") so every line is strict JSON.
+* ``panels/step_<step>.png``: one row per validation example: image | ground truth | prediction, each mask
+  drawn as a coloured overlay (one colour per target, legend on top).
+* ``summary.json``: final and best metrics, wall time, steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+from PIL import Image, ImageDraw, ImageFont
+
+# Overlay colours (RGB), one per target channel, in order; no red, which would vanish on conjunctiva.
+COLORS = ((255, 230, 0), (0, 190, 255), (255, 0, 255), (0, 255, 120), (255, 140, 0))
+_ALPHA = 0.45
+_MIN_TILE = 128  # Pixels; smaller images are enlarged to at least this.
+
+
+def jsonable(value: Any) -> Any:
+    """Converts NumPy/JAX scalars and arrays, tuples and non-finite floats to strict-JSON-friendly Python."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m05s'``; ``65`` -> ``'1m05s'``; ``4.2`` -> ``'4s'``."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(0.0, seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def format_progress(*, step: int, total: int, loss: float, lr: float, steps_per_s: float, images_per_s: float,
+                    extra: Mapping[str, float] | None = None) -> str:
+    """The progress line: ``step 120/2000 (6%) | loss 0.4321 | lr 9.80e-04 | 12.3 steps/s | 197 img/s | ETA 2m33s``.
+
+    ``extra`` (e.g. per-target train Dice) is appended as ``name value`` pairs.
+    """
+    eta = (total - step) / steps_per_s if steps_per_s > 0 else math.inf
+    parts = [f"step {step}/{total} ({100.0 * step / max(total, 1):.0f}%)", f"loss {loss:.4f}", f"lr {lr:.2e}",
+             f"{steps_per_s:.2f} steps/s", f"{images_per_s:.1f} img/s", f"ETA {format_duration(eta)}"]
+    for name, value in (extra or {}).items():
+        parts.append(f"{name} {value:.4f}")
+    return " | ".join(parts)
+
+
+def format_eval(step: int, split: str, results: Mapping[str, Any], targets: Sequence[str]) -> str:
+    """One line per evaluation: mean Dice, then Dice/IoU per target and how many images each mean covers."""
+    per_target = [f"{t}: dice {results.get(f'dice/{t}', math.nan):.4f} iou {results.get(f'iou/{t}', math.nan):.4f}"
+                  f" (n={results.get(f'num_images/{t}', 0)})" for t in targets]
+    line = f"{split} @ step {step}: mean dice {results.get('dice/mean', math.nan):.4f} | " + " | ".join(per_target)
+    if any(f"hd95/{t}" in results for t in targets):
+        line += " | hd95 " + ", ".join(
+            f"{t} {results.get(f'hd95/{t}', math.nan):.2f} ({results.get(f'hd95_infinite/{t}', 0)} inf)"
+            for t in targets)
+    return line
+
+
+def _overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] image with each channel of {0,1} masks [H, W, C] blended in its colour."""
+    out = image.astype(np.float32)
+    # Largest region first, so a region nested in another (palpebral in forniceal_palpebral) stays visible.
+    for c in np.argsort(-masks.reshape(-1, masks.shape[-1]).astype(np.int64).sum(0), kind="stable"):
+        m = masks[..., c].astype(bool)
+        color = np.asarray(COLORS[c % len(COLORS)], np.float32)
+        out[m] = (1 - _ALPHA) * out[m] + _ALPHA * color
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def make_panel(images: np.ndarray, truth: np.ndarray, probs: np.ndarray, targets: Sequence[str], *,
+               threshold: float = 0.5, truth_weights: np.ndarray | None = None, title: str = "") -> Image.Image:
+    """A grid with one row per example: image | ground truth overlay | prediction overlay.
+
+    Args:
+        images: uint8 [N, H, W, 3].
+        truth: {0, 1} [N, H, W, C] reference masks.
+        probs: float [N, H, W, C] predicted probabilities, thresholded at ``threshold``.
+        targets: the C target names (legend).
+        truth_weights: optional [N, C]; a 0 marks a missing reference mask, left out of the truth overlay.
+        title: text at the top (e.g. the step).
+
+    Returns:
+        An RGB `PIL.Image.Image`.
+    """
+    n, h, w, _ = images.shape
+    # Small training resolutions are enlarged (nearest neighbour) so the panel stays readable.
+    scale = max(1, math.ceil(_MIN_TILE / max(h, w)))
+    th, tw = h * scale, w * scale
+    font = ImageFont.load_default()
+    pad, header = 4, 30
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heading = f"{title}  image | truth | prediction (p>{threshold:g})".strip()
+    legend_width = sum(16 + int(probe.textlength(t, font=font)) for t in targets)
+    width = max(3 * tw + 4 * pad, int(probe.textlength(heading, font=font)) + 2 * pad, legend_width + 2 * pad)
+    canvas = Image.new("RGB", (width, header + n * (th + pad) + pad), (32, 32, 32))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 2), heading, fill=(230, 230, 230), font=font)
+    x = pad
+    for c, t in enumerate(targets):
+        draw.rectangle((x, 17, x + 8, 25), fill=COLORS[c % len(COLORS)])
+        draw.text((x + 11, 15), t, fill=(230, 230, 230), font=font)
+        x += 16 + int(draw.textlength(t, font=font))
+    pred = (np.asarray(probs) > threshold).astype(np.uint8)
+    for i in range(n):
+        top = header + i * (th + pad)
+        truth_i = np.asarray(truth[i]).copy()
+        if truth_weights is not None:
+            truth_i[..., np.asarray(truth_weights[i]) <= 0] = 0
+        for col, tile in enumerate((images[i], _overlay(images[i], truth_i), _overlay(images[i], pred[i]))):
+            tile = Image.fromarray(np.asarray(tile, np.uint8))
+            if scale > 1:
+                tile = tile.resize((tw, th), Image.Resampling.NEAREST)
+            canvas.paste(tile, (pad + col * (tw + pad), top))
+    return canvas
+
+
+class Reporter:
+    """Writes a run's logs and files under ``workdir`` (no-ops, apart from returning values, off the main process).
+
+    Args:
+        workdir: the run directory.
+        is_main: whether this process writes (normally ``jax.process_index() == 0``).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, is_main: bool):
+        self.workdir = pathlib.Path(workdir)
+        self.is_main = is_main
+        if is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return self.workdir / "metrics.jsonl"
+
+    def info(self, message: str, *args: Any) -> None:
+        """Logs a line (absl INFO) on the main process."""
+        if self.is_main:
+            logging.info(message, *args)
+
+    def _write_json(self, name: str, value: Any) -> pathlib.Path:
+        path = self.workdir / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(jsonable(value), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)  # Readers never see a half-written file.
+        return path
+
+    def write_config(self, config_dict: Mapping[str, Any]) -> None:
+        """Writes ``config.json`` (the resolved config as a plain dict)."""
+        if self.is_main:
+            self._write_json("config.json", config_dict)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Writes ``summary.json``."""
+        if self.is_main:
+            path = self._write_json("summary.json", summary)
+            logging.info("Wrote %s", path)
+
+    def log_metrics(self, step: int, split: str, values: Mapping[str, Any]) -> None:
+        """Appends ``{"step", "split", **values}`` as one line of ``metrics.jsonl``."""
+        if not self.is_main:
+            return
+        record = {"step": int(step), "split": split, **jsonable(dict(values))}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> int:
+        """Drops ``metrics.jsonl`` lines with a step beyond ``after_step`` (left by a run that died after its last
+        checkpoint: a resumed run recomputes those steps). Returns how many lines were dropped."""
+        if not self.is_main or not self.metrics_path.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                dropped += 1  # A line cut short by a kill.
+                continue
+            if step > after_step:
+                dropped += 1
+            else:
+                kept.append(line)
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        return dropped
+
+    def save_panel(self, step: int, images: np.ndarray, truth: np.ndarray, probs: np.ndarray,
+                   targets: Sequence[str], *, truth_weights: np.ndarray | None = None) -> pathlib.Path | None:
+        """Writes ``panels/step_<step>.png`` (see `make_panel`); returns its path on the main process."""
+        if not self.is_main or len(images) == 0:
+            return None
+        path = self.workdir / "panels" / f"step_{int(step):07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_panel(images, truth, probs, targets, truth_weights=truth_weights, title=f"step {step}").save(path)
+        return path

@@ -1,0 +1,118 @@
+"""Tests of anemia_jax.checkpointing: retention (latest K plus the best), exact restore, other device counts.
+
+The state is a real `steps.TrainState` with small hand-made parameters and AdamW state (no model to compile). A
+checkpoint written here on 8 fake devices is restored in subprocesses that see 1 and 2 devices.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from anemia_jax import checkpointing, optim, parallel, steps
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_state(mesh, seed: int = 0) -> steps.TrainState:
+    rng = np.random.default_rng(seed)
+    params = {"conv": {"kernel": rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
+                       "bias": rng.normal(size=(4,)).astype(np.float32)}}
+    tx = optax.adamw(1e-3, mask=optim.decay_mask)
+    opt_state = jax.tree.map(lambda x: np.asarray(x) + 0.5, tx.init(params))
+    state = steps.TrainState(step=np.int32(7), params=params, batch_stats={"bn": {"mean": np.arange(4.0)}},
+                             opt_state=opt_state, rng=np.asarray([1, 2], np.uint32))
+    return parallel.replicate(state, mesh)
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, parallel.fetch(tree))
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, host(a), host(b))
+
+
+def test_keeps_latest_and_best(tmp_path):
+    mesh = parallel.make_mesh()
+    state = make_state(mesh)
+    dice = {2: 0.9, 4: 0.3, 6: 0.5}  # evaluated steps; the others are saved without metrics
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=2) as mgr:
+        for step in range(1, 8):
+            metrics = {"dice/mean": dice[step]} if step in dice else None
+            assert mgr.save(step, state.replace(step=jnp.int32(step)), meta={"step": step}, metrics=metrics)
+        assert not mgr.save(7, state)  # an existing step is left alone
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [2, 6, 7]  # latest two, plus the best by dice
+        assert (mgr.latest_step(), mgr.best_step()) == (7, 2)
+        assert mgr.metrics(2) == {"dice/mean": 0.9} and mgr.metrics(7) is None
+        restored, meta = mgr.restore(2, state)
+        assert meta == {"step": 2} and int(restored.step) == 2
+        with pytest.raises(FileNotFoundError, match=r"available: \[2, 6, 7\]"):
+            mgr.restore(3, state)
+        with pytest.raises(KeyError, match="dice/mean"):
+            mgr.save(8, state, metrics={"dice": 1.0})
+
+
+def test_no_best_without_metrics(tmp_path):
+    state = make_state(parallel.make_mesh())
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1) as mgr:
+        mgr.save(1, state)
+        mgr.save(2, state)
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [2] and mgr.best_step() is None
+
+
+def test_restore_is_exact_onto_template_shardings(tmp_path):
+    mesh = parallel.make_mesh()
+    state = make_state(mesh, seed=1)
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1) as mgr:
+        mgr.save(7, state)
+    # A fresh manager (as after a restart) restores into an abstract template.
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1) as mgr:
+        assert mgr.latest_step() == 7
+        template = checkpointing.abstract_like(make_state(mesh, seed=2))
+        restored, meta = mgr.restore(7, template)
+    assert meta == {} and isinstance(restored, steps.TrainState)
+    assert_trees_equal(restored, state)
+    for leaf in jax.tree.leaves(restored):
+        assert leaf.sharding == parallel.replicated(mesh)
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_restore_on_a_different_device_count(tmp_path, num_devices):
+    state = make_state(parallel.make_mesh(), seed=3)
+    assert len(jax.devices()) == 8
+    with checkpointing.CheckpointManager(tmp_path / "ckpt", max_to_keep=1) as mgr:
+        mgr.save(7, state, meta={"devices": 8})
+    np.savez(tmp_path / "expected.npz", *jax.tree.leaves(host(state)))
+    script = textwrap.dedent(f"""
+        import jax, numpy as np
+        from anemia_jax import checkpointing, parallel
+        from tests.test_checkpointing import make_state
+        assert jax.device_count() == {num_devices}, jax.devices()
+        mesh = parallel.make_mesh()
+        with checkpointing.CheckpointManager({str(tmp_path / 'ckpt')!r}, max_to_keep=1) as mgr:
+            restored, meta = mgr.restore(mgr.latest_step(), make_state(mesh, seed=4))
+        expected = np.load({str(tmp_path / 'expected.npz')!r})
+        leaves = jax.tree.leaves(restored)
+        assert meta == {{"devices": 8}} and len(leaves) == len(expected.files)
+        for i, leaf in enumerate(leaves):
+            assert leaf.sharding == parallel.replicated(mesh) and len(leaf.sharding.device_set) == {num_devices}
+            np.testing.assert_array_equal(np.asarray(leaf), expected[f"arr_{{i}}"])
+        print("restored", len(leaves), "arrays on", jax.device_count(), "devices")
+    """)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"on {num_devices} devices" in result.stdout
