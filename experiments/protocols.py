@@ -1,0 +1,480 @@
+"""Evaluation protocols: K-fold cross-validation, leave-one-country-out, loss comparison; fold aggregation.
+
+Runs the trainer (`anemia_jax.train.train_and_evaluate`, in this process) once per fold, each in its own workdir,
+then aggregates the folds' ``summary.json`` files into a markdown table (mean ± std over folds per model and
+target) written beside a record of the command, git commit, machine and wall time::
+
+    # 5-fold patient-level CV (stratified by country x anemia), one or more configs on the same folds:
+    python experiments/protocols.py cv --config=configs/unet.py:data=phantom,size=64 \
+        --config=configs/unetpp.py:data=phantom,size=64 --folds=5 --out=experiments/results/x [--name=cv_models]
+    # Leave one country out, every country in turn (or --countries=India,Italy):
+    python experiments/protocols.py loco --config=configs/unet.py:data=eyes --out=...
+    # Class imbalance: the same config and folds under several losses (presets in LOSS_PRESETS):
+    python experiments/protocols.py compare --config=configs/unet.py:data=phantom --losses=ce_dice,focal_tversky ...
+    # Re-aggregate finished fold workdirs (any mode's --workdir_root), optionally only some groups:
+    python experiments/protocols.py aggregate --runs=/tmp/folds [--groups=unet,unetpp] --out=... --name=...
+
+Common flags: ``--workdir_root`` (fold workdirs, default ``<out>/runs``; a workdir that already holds a completed run
+of the same config is reused, one with a different config is refused), ``--config.<key>=<value>`` overrides applied
+to every config (as in ``anemia_jax.main``), ``--note`` (free text for the record).
+
+Which scores are aggregated: K-fold runs have no test set, and their 'best' checkpoint is chosen on the very fold it
+would be scored on, so cv/compare report the FINAL state on the validation fold (``--which=final --split=val``);
+leave-one-country-out runs choose 'best' on a holdout of the training countries and are scored on the left-out
+country (``--which=best --split=test``). Standard deviations are over folds (ddof=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
+_DIGITS = {"hd95": 2, "assd": 2}
+LOSS_PRESETS = {
+    # Cross-entropy + soft Dice, equal weights (the configs' default).
+    "ce_dice": dict(name="combo", ce_weight=0.5, dice_weight=0.5),
+    # Abraham & Khan 2019: false negatives weighted 0.7, exponent 0.75 (= 1/gamma_paper with gamma_paper = 4/3).
+    "focal_tversky": dict(name="focal_tversky", alpha=0.3, beta=0.7, gamma=0.75),
+}
+
+
+# --------------------------------------------------------------------------------------------- aggregation
+
+
+def _number(value: Any) -> float:
+    """A summary value as a float ('NaN'/'Infinity' strings, as `reporting.jsonable` writes them, included)."""
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def scores_of(summary: Mapping[str, Any], *, which: str, split: str) -> dict[str, float]:
+    """The ``<metric>/<target>`` scores of ``summary[which][split]`` (a trainer summary.json)."""
+    if summary.get("status") != "completed":
+        raise ValueError(f"run status is {summary.get('status')!r}, not 'completed'; rerun it to finish.")
+    if which not in summary or split not in summary[which]:
+        have = {w: sorted(summary[w]) for w in ("final", "best") if isinstance(summary.get(w), Mapping)}
+        raise KeyError(f"summary has no {which!r}/{split!r} scores; it has {have}.")
+    return {k: _number(v) for k, v in summary[which][split].items() if "/" in k}
+
+
+def _targets(scores: Sequence[Mapping[str, float]]) -> list[str]:
+    found: dict[str, None] = {}
+    for s in scores:
+        for key in s:
+            name, _, target = key.partition("/")
+            if name == "dice" and target != "mean":
+                found[target] = None
+    return list(found)
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    finite = [v for v in values if math.isfinite(v)]
+    n = len(finite)
+    mean = sum(finite) / n if n else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "values": list(values)}
+
+
+def aggregate(records: Sequence[Mapping[str, Any]], *, which: str = "final", split: str = "val",
+              metrics: Sequence[str] = METRICS) -> dict[str, Any]:
+    """Mean ± std over runs, per group and target (pure: no files, no JAX).
+
+    Args:
+        records: one per run: ``group`` (e.g. the model), ``run`` (e.g. 'fold_0'), ``summary`` (the trainer's
+            summary.json dict) and optionally ``targets`` (the config's targets: the table's row order; otherwise
+            the order in which the summaries name them).
+        which: 'final' or 'best' state; split: 'val' or 'test' scores.
+        metrics: metric names, looked up as ``<metric>/<target>``.
+
+    Returns:
+        ``{'which', 'split', 'metrics', 'targets', 'groups': {group: {'runs': [...], 'targets': {target: {metric:
+        {'mean', 'std', 'n', 'values'}}}}}, 'runs': [per-run rows]}``. Non-finite values (a metric undefined on
+        every image of a run) are kept in ``values`` but left out of mean/std, and ``n`` counts the finite ones;
+        std is the sample standard deviation over runs (ddof=1), NaN for fewer than two.
+    """
+    if not records:
+        raise ValueError("No runs to aggregate.")
+    per_run = [(r["group"], r["run"], scores_of(r["summary"], which=which, split=split),
+                r["summary"].get("step"), r["summary"].get("wall_time_s")) for r in records]
+    scored = _targets([s for _, _, s, _, _ in per_run])
+    targets = list(dict.fromkeys([t for r in records for t in r.get("targets", ()) if t in scored] + scored))
+    groups: dict[str, Any] = {}
+    for group in dict.fromkeys(g for g, *_ in per_run):
+        mine = [(run, s) for g, run, s, _, _ in per_run if g == group]
+        groups[group] = {"runs": [run for run, _ in mine], "targets": {
+            t: {m: _stats([s.get(f"{m}/{t}", math.nan) for _, s in mine]) for m in metrics} for t in targets}}
+    rows = [{"group": g, "run": run, "step": step, "wall_time_s": wall,
+             **{k: v for k, v in s.items() if k.split("/")[0] in (*metrics, "hd95_infinite", "num_images")}}
+            for g, run, s, step, wall in per_run]
+    return {"which": which, "split": split, "metrics": list(metrics), "targets": targets, "groups": groups,
+            "runs": rows}
+
+
+def _cell(stats: Mapping[str, Any], digits: int) -> str:
+    if stats["n"] == 0:
+        return "n/a"
+    text = f"{stats['mean']:.{digits}f}"
+    if stats["n"] > 1:
+        text += f" ± {stats['std']:.{digits}f}"
+    return text + (f" ({stats['n']}/{len(stats['values'])})" if stats["n"] < len(stats["values"]) else "")
+
+
+def format_table(agg: Mapping[str, Any]) -> str:
+    """Markdown: the mean ± std table (one row per group and target), then every run's own scores."""
+    metrics = agg["metrics"]
+    names = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "assd": "ASSD (px)"}
+    head = "| model | target | runs | " + " | ".join(names.get(m, m) for m in metrics) + " |"
+    lines = [head, "|---|---|---:|" + "---:|" * len(metrics)]
+    for group, g in agg["groups"].items():
+        for t in agg["targets"]:
+            cells = [_cell(g["targets"][t][m], _DIGITS.get(m, 4)) for m in metrics]
+            lines.append(f"| {group} | {t} | {len(g['runs'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Per run (" + f"{agg['which']} state, {agg['split']} split" + "):", "",
+              "| model | run | step | target | Dice | IoU | HD95 (px) | HD95 undefined | images |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in agg["runs"]:
+        for t in agg["targets"]:
+            def get(key, digits, r=r, t=t):
+                v = r.get(f"{key}/{t}")
+                return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+            lines.append(f"| {r['group']} | {r['run']} | {r['step']} | {t} | {get('dice', 4)} | {get('iou', 4)} | "
+                         f"{get('hd95', 2)} | {get('hd95_infinite', 0)} | {get('num_images', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance(argv: Sequence[str], wall_time_s: float, script: str = "experiments/protocols.py") -> dict[str, Any]:
+    """Command, git commit (and whether the tree had uncommitted changes), machine, date and wall time."""
+    import jax  # noqa: PLC0415 -- initialised by the runs by now; aggregation alone never needs it
+
+    devices = jax.devices()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "command": shlex.join(["python", script, *argv]),
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "load_average_1_5_15min": [round(x, 2) for x in load] if load else None,
+                    "jax": jax.__version__, "backend": jax.default_backend(), "num_devices": len(devices),
+                    "device_kind": devices[0].device_kind},
+        "wall_time_s": round(wall_time_s, 1),
+    }
+
+
+def provenance_markdown(prov: Mapping[str, Any], note: str = "") -> str:
+    """The record's bullet list."""
+    m = prov["machine"]
+    commit = prov["git_commit"] + (" (plus uncommitted changes)" if prov["git_uncommitted_changes"] else "")
+    lines = [f"- command: `{prov['command']}`", f"- git commit: {commit}", f"- date: {prov['date_utc']}",
+             f"- machine: {m['platform']}, {m['cpu_count']} CPU(s), load average {m['load_average_1_5_15min']}; "
+             f"JAX {m['jax']} on {m['num_devices']} {m['backend']} device(s) ({m['device_kind']})",
+             f"- wall time: {prov['wall_time_s'] / 60:.1f} min"]
+    if note:
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: str | pathlib.Path, name: str, title: str, body_md: str, data: Mapping[str, Any],
+                  prov: Mapping[str, Any], note: str = "") -> pathlib.Path:
+    """Writes ``<out>/<name>.md`` (title, record, tables) and ``<out>/<name>.json`` (data + record)."""
+    from anemia_jax import reporting  # noqa: PLC0415
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(f"# {title}\n\n" + provenance_markdown(prov, note) + "\n" + body_md)
+    record = {"provenance": dict(prov), "note": note, **data}
+    (out / f"{name}.json").write_text(json.dumps(reporting.jsonable(record), indent=2, sort_keys=True) + "\n")
+    return out / f"{name}.md"
+
+
+# ---------------------------------------------------------------------------------------------- fold runner
+
+
+@dataclasses.dataclass
+class Job:
+    """One training run of a protocol: its group (row of the table), run label and config."""
+
+    group: str
+    run: str
+    config: ml_collections.ConfigDict
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "run"
+
+
+def _literal(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(current, int):
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {text!r}")
+        return int(value)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, (tuple, list)):
+        value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+        return tuple(value)
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies ``key.sub=value`` overrides (values typed like the current value); unknown keys fail with the
+    closest existing keys."""
+    from anemia_jax import config_lib  # noqa: PLC0415
+
+    pairs = [o.split("=", 1) for o in overrides]
+    bad = [o for o, p in zip(overrides, pairs) if len(p) != 2]
+    if bad:
+        raise ValueError(f"overrides must look like --config.key=value; got {bad}.")
+    unknown = config_lib.unknown_keys(config, [k for k, _ in pairs])
+    if unknown:
+        raise ValueError("; ".join(unknown))
+    for key, text in pairs:
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        try:
+            node[leaf] = _literal(text, node[leaf])
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"--config.{key}={text!r}: {e}") from None
+    return config
+
+
+def kfold_jobs(config: ml_collections.ConfigDict, group: str, num_folds: int) -> list[Job]:
+    """One job per fold of patient-level K-fold CV (the same folds for every config: split.seed is fixed)."""
+    jobs = []
+    for fold in range(num_folds):
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.split.protocol, c.split.num_folds, c.split.fold = "kfold", num_folds, fold
+        jobs.append(Job(group, f"fold_{fold}", c))
+    return jobs
+
+
+def loco_jobs(config: ml_collections.ConfigDict, group: str, countries: Sequence[str]) -> list[Job]:
+    """One job per left-out country (trained on all the others)."""
+    jobs = []
+    for country in countries:
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.split.protocol, c.split.test_country = "loco", country
+        jobs.append(Job(group, f"test_{country}", c))
+    return jobs
+
+
+def with_loss(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    """``config`` with its loss replaced by `LOSS_PRESETS` ``preset`` (deep-supervision weights kept)."""
+    if preset not in LOSS_PRESETS:
+        raise ValueError(f"Unknown loss preset {preset!r}; presets: {', '.join(LOSS_PRESETS)}.")
+    c = ml_collections.ConfigDict(config.to_dict())
+    keep = c.loss.get("deep_supervision_weights", None)
+    c.loss = ml_collections.ConfigDict(dict(LOSS_PRESETS[preset]))
+    if keep is not None:
+        c.loss.deep_supervision_weights = keep
+    return c
+
+
+def _canonical(config_dict: Mapping[str, Any]) -> str:
+    """A config as comparable text (the compilation cache location does not change a run)."""
+    from anemia_jax import reporting  # noqa: PLC0415
+
+    plain = json.loads(json.dumps(reporting.jsonable(dict(config_dict))))
+    plain.pop("compilation_cache_dir", None)
+    return json.dumps(plain, sort_keys=True)
+
+
+def _completed_runs(root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Canonical config -> workdir of every completed run under ``<root>/<group>/<run>``."""
+    found = {}
+    for summary in sorted(root.glob("*/*/summary.json")):
+        config = summary.parent / "config.json"
+        if config.exists() and json.loads(summary.read_text()).get("status") == "completed":
+            found.setdefault(_canonical(json.loads(config.read_text())), summary.parent)
+    return found
+
+
+def run_jobs(jobs: Sequence[Job], workdir_root: str | pathlib.Path, *,
+             train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], Mapping[str, Any]] | None = None
+             ) -> list[dict[str, Any]]:
+    """Trains every job in ``<workdir_root>/<group>/<run>``, reusing any completed run of the identical config.
+
+    A completed run of the same config anywhere under the root is reused rather than retrained (so e.g. the
+    cross-entropy + Dice arm of ``compare`` reuses the ``cv`` folds of the same model); a job's own workdir that
+    holds an unfinished run of its config is resumed by the trainer.
+
+    Args:
+        jobs: from `kfold_jobs` / `loco_jobs`.
+        workdir_root: parent of the per-run workdirs.
+        train_fn: ``(config, workdir) -> summary``; default `anemia_jax.train.train_and_evaluate`.
+
+    Returns:
+        ``[{'group', 'run', 'workdir', 'summary', 'reused'}]`` in job order.
+
+    Raises:
+        FileExistsError: a job's workdir holds a run of a different config (choose another root or delete it).
+        RuntimeError: a run did not complete (e.g. preempted; rerunning the command resumes it).
+    """
+    if train_fn is None:
+        from anemia_jax import train  # noqa: PLC0415
+
+        train_fn = train.train_and_evaluate
+    root = pathlib.Path(workdir_root).expanduser().absolute()
+    completed = _completed_runs(root)
+    records = []
+    for k, job in enumerate(jobs):
+        workdir = root / _slug(job.group) / _slug(job.run)
+        key = _canonical(job.config.to_dict())
+        if (workdir / "config.json").exists() and _canonical(json.loads((workdir / "config.json").read_text())) != key:
+            raise FileExistsError(f"{workdir} holds a run of a different config; pass another --workdir_root or "
+                                  "delete it.")
+        if key in completed:
+            workdir, reused = completed[key], True
+            summary = json.loads((workdir / "summary.json").read_text())
+            print(f"[{k + 1}/{len(jobs)}] {job.group} {job.run}: reusing the completed run in {workdir}", flush=True)
+        else:
+            print(f"[{k + 1}/{len(jobs)}] training {job.group} {job.run} in {workdir}", flush=True)
+            summary, reused = dict(train_fn(job.config, workdir)), False
+            if summary.get("status") != "completed":
+                raise RuntimeError(f"{job.group} {job.run} ended with status {summary.get('status')!r} in "
+                                   f"{workdir}; rerun the same command to resume it.")
+            completed[key] = workdir
+        records.append({"group": job.group, "run": job.run, "workdir": str(workdir), "summary": summary,
+                        "reused": reused, "targets": list(job.config.targets)})
+    return records
+
+
+def load_records(roots: Sequence[str | pathlib.Path], groups: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Completed runs under ``roots`` (``<root>/<group>/<run>/summary.json``), sorted by group and run; only the
+    ``groups`` (folder names) given, in that order, if any."""
+    records = []
+    for root in roots:
+        for path in sorted(pathlib.Path(root).expanduser().glob("*/*/summary.json")):
+            summary = json.loads(path.read_text())
+            config = path.parent / "config.json"
+            targets = json.loads(config.read_text()).get("targets", []) if config.exists() else []
+            if summary.get("status") == "completed":
+                records.append({"group": path.parent.parent.name, "run": path.parent.name,
+                                "workdir": str(path.parent), "summary": summary, "reused": True,
+                                "targets": targets})
+    if groups:
+        records = sorted((r for r in records if r["group"] in groups), key=lambda r: list(groups).index(r["group"]))
+    if not records:
+        raise FileNotFoundError(f"No completed run (<root>/<group>/<run>/summary.json) under {list(roots)}"
+                                + (f" in groups {list(groups)}" if groups else "") + ".")
+    return records
+
+
+# -------------------------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=("cv", "loco", "compare", "aggregate"))
+    p.add_argument("--config", action="append", default=[], help="configs/<model>.py[:arg]; repeat for several.")
+    p.add_argument("--folds", type=int, default=5, help="K of K-fold (cv, compare).")
+    p.add_argument("--countries", default="", help="loco: comma-separated countries (default: every country).")
+    p.add_argument("--losses", default="ce_dice,focal_tversky", help=f"compare: presets of {list(LOSS_PRESETS)}.")
+    p.add_argument("--runs", action="append", default=[], help="aggregate: workdir roots to collect.")
+    p.add_argument("--groups", default="", help="aggregate: comma-separated group folders to keep, in order.")
+    p.add_argument("--out", required=True, help="Folder for <name>.md and <name>.json.")
+    p.add_argument("--name", default="", help="Result file name (default: the mode).")
+    p.add_argument("--workdir_root", default="", help="Parent of the per-run workdirs (default <out>/runs).")
+    p.add_argument("--which", default="", choices=("", "final", "best"), help="State to report (see docstring).")
+    p.add_argument("--split", default="", choices=("", "val", "test"), help="Split to report (see docstring).")
+    p.add_argument("--note", default="", help="Free text stored with the results.")
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    start = time.time()
+    args, rest = _parser().parse_known_args(argv)
+    overrides = [a.split("--config.", 1)[1] for a in rest if a.startswith("--config.")]
+    if len(overrides) != len(rest):
+        raise SystemExit(f"Unrecognised arguments: {[a for a in rest if not a.startswith('--config.')]}")
+    which = args.which or ("best" if args.mode == "loco" else "final")
+    split = args.split or ("test" if args.mode == "loco" else "val")
+    name = args.name or args.mode
+    root = pathlib.Path(args.workdir_root or pathlib.Path(args.out) / "runs")
+    if args.mode == "aggregate":
+        records = load_records(args.runs or [root], [g for g in args.groups.split(",") if g])
+    else:
+        from absl import logging  # noqa: PLC0415
+
+        from anemia_jax import config_lib, input_pipeline, train  # noqa: PLC0415
+        from anemia_jax.main import QuietLibraries  # noqa: PLC0415
+
+        logging.set_verbosity(logging.INFO)
+        logging.get_absl_logger().addFilter(QuietLibraries())
+        if not args.config:
+            raise SystemExit("Pass at least one --config=configs/<model>.py[:arg].")
+        configs = [apply_overrides(config_lib.load_config_file(spec), overrides) for spec in args.config]
+        names = [c.name for c in configs]
+        labels = [c.name if names.count(c.name) == 1 else f"{c.name}[{c.arg}]" for c in configs]
+        jobs: list[Job] = []
+        for config, label in zip(configs, labels):
+            if args.mode == "cv":
+                jobs += kfold_jobs(config, label, args.folds)
+            elif args.mode == "compare":
+                for preset in filter(None, args.losses.split(",")):
+                    jobs += kfold_jobs(with_loss(config, preset), f"{label} {preset}", args.folds)
+            else:
+                countries = [c for c in args.countries.split(",") if c]
+                if not countries:
+                    metadata = input_pipeline.read_metadata(train.get_builder(config), config.dataset.split)
+                    countries = sorted(set(metadata["country"].tolist()))
+                jobs += loco_jobs(config, label, countries)
+        records = run_jobs(jobs, root)
+    agg = aggregate(records, which=which, split=split)
+    titles = {"cv": f"{args.folds}-fold patient-level cross-validation", "loco": "Leave one country out",
+              "compare": f"Loss comparison on the same {args.folds} folds", "aggregate": "Aggregated runs"}
+    trained = sum(not r["reused"] for r in records)
+    run_time = sum(float(r["summary"].get("wall_time_s") or 0.0) for r in records)
+    body = (f"{len(records)} runs ({trained} trained by this command, {len(records) - trained} reused from earlier "
+            f"ones); their own wall times add up to {run_time / 60:.1f} min. Scores of the {which} state on the "
+            f"{split} split; mean ± std over runs (ddof=1); '(k/n)' marks a metric finite in only k of n runs.\n\n"
+            + format_table(agg))
+    data = {"aggregate": agg, "workdirs": [r["workdir"] for r in records],
+            "reused_runs": [r["workdir"] for r in records if r["reused"]]}
+    path = write_results(args.out, name, titles[args.mode], body, data, provenance(argv, time.time() - start),
+                         args.note)
+    print(format_table(agg))
+    print(f"Wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # `python experiments/protocols.py` from anywhere, without installing
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""A tiny UNet++ run directory shared by test_evaluate.py and test_predict.py (built once per test session).
+
+The run is what `anemia_jax.train.train_and_evaluate` leaves behind -- ``config.json`` written by
+`reporting.Reporter` and Orbax checkpoints of the full `steps.TrainState` written by `checkpointing.CheckpointManager`
+-- but its states come from `steps.create_train_state` rather than from training: evaluation and prediction
+only restore and apply them, and skipping the training step's compilation keeps the tests fast. Two checkpoints
+are saved: step 2 ranked best (validation mean Dice 0.9) and step 4, the latest (0.1), with different parameters.
+The config is the deep-supervised ``configs/unetpp.py:data=phantom,test`` (4 features, depth 2, 32x32, the
+32-example ``res64`` phantom in a temporary data_dir).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+
+from anemia_jax import checkpointing, config_lib, optim, parallel, reporting, steps, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_CACHE: dict[str, pathlib.Path] = {}
+
+
+def make_run(root: pathlib.Path) -> pathlib.Path:
+    """Writes the run into ``root / 'run'`` (the phantom data into ``root / 'tfds'``) and returns the workdir."""
+    config = config_lib.load_config_file(f"{REPO}/configs/unetpp.py:data=phantom,test")
+    config.dataset.data_dir = str(root / "tfds")
+    config.compilation_cache_dir = ""
+    workdir = root / "run"
+    train.get_builder(config)  # prepares the dataset
+    mesh = parallel.make_mesh()
+    model = train.build_model(config)
+    tx, _ = optim.make_optimizer(config.optimizer, total_steps=config.num_train_steps,
+                                 warmup_steps=config.warmup_steps)
+    state = steps.create_train_state(model, tx, jax.random.key(config.seed), np.zeros((1, *config.image_size, 3)),
+                                     mesh)
+    reporting.Reporter(workdir, is_main=True).write_config(config.to_dict())
+    with checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints) as manager:
+        manager.save(2, state.replace(step=parallel.replicate(np.int32(2), mesh)), metrics={"dice/mean": 0.9})
+        # A visibly different latest state: every parameter shifted.
+        later = state.replace(step=parallel.replicate(np.int32(4), mesh),
+                              params=jax.tree.map(lambda p: p + 0.05, state.params))
+        manager.save(4, later, metrics={"dice/mean": 0.1})
+    return workdir
+
+
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """The shared run's workdir (created on first use in this session)."""
+    if "run" not in _CACHE:
+        _CACHE["run"] = make_run(tmp_path_factory.mktemp("tiny_run"))
+    return _CACHE["run"]

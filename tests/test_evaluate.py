@@ -1,0 +1,152 @@
+"""Tests of anemia_jax.evaluate and anemia_jax.run_lib on a tiny UNet++ run (see _tiny_run.py).
+
+Checked: the summary statistics against hand-computed values (missing masks excluded and counted, infinite
+distances counted, per-country breakdown); checkpoint choice (best / latest / step); that plain evaluation scores
+exactly what the trainer's own `train.evaluate` (jitted eval_step) scores; the CSV and summary files of the command
+line with test-time augmentation; pruned UNet++ evaluation; and the errors for misuse.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import _tiny_run
+from anemia_jax import augment, evaluate, input_pipeline, run_lib, steps, train
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return _tiny_run.tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def best_run(workdir):
+    return run_lib.load_run(workdir, checkpoint="best")
+
+
+def test_summarize_by_hand():
+    # 4 images, 2 targets; image 2 lacks target 1's mask, image 3's target 0 distance is undefined (inf).
+    per_image = {
+        "country": np.array(["A", "A", "B", "B"], dtype=object),
+        "weights": np.array([[1, 1], [1, 1], [1, 0], [1, 1]], np.float32),
+        "tp": np.array([[3, 1], [1, 0], [0, 9], [0, 2]], np.float64),
+        "fp": np.array([[1, 0], [1, 1], [0, 9], [2, 0]], np.float64),
+        "fn": np.array([[0, 1], [0, 1], [0, 9], [0, 0]], np.float64),
+        "dice": np.array([[0.8, 0.5], [0.6, 0.0], [1.0, 0.3], [0.0, 1.0]]),
+        "iou": np.zeros((4, 2)), "precision": np.zeros((4, 2)), "recall": np.zeros((4, 2)),
+        "hd95": np.array([[1.0, 2.0], [3.0, 4.0], [5.0, np.inf], [np.inf, 6.0]]),
+        "assd": np.ones((4, 2)),
+    }
+    s = evaluate.summarize(per_image, ("t0", "t1"))
+    t0, t1 = s["targets"]["t0"], s["targets"]["t1"]
+    assert (t0["num_images"], t0["num_missing_mask"]) == (4, 0)
+    assert (t1["num_images"], t1["num_missing_mask"]) == (3, 1)
+    assert t0["dice"]["mean"] == pytest.approx(0.6)
+    assert t0["dice"]["std"] == pytest.approx(np.std([0.8, 0.6, 1.0, 0.0]))
+    assert t1["dice"]["mean"] == pytest.approx(0.5)  # image 2's 0.3 is excluded
+    # Pooled Dice from summed counts: 2*4 / (2*4 + 4 + 0) for t0; t1 over images 0, 1, 3 only.
+    assert t0["pooled_dice"] == pytest.approx(8 / 12)
+    assert t1["pooled_dice"] == pytest.approx(6 / (6 + 1 + 2))
+    assert t0["hd95"]["count_infinite"] == 1 and t0["hd95"]["mean"] == pytest.approx(3.0)
+    # Image 2's inf has no reference mask for t1: neither counted nor averaged.
+    assert t1["hd95"]["count_infinite"] == 0 and t1["hd95"]["mean"] == pytest.approx(4.0)
+    a, b = s["by_country"]["A"], s["by_country"]["B"]
+    assert a["t0"]["dice"]["mean"] == pytest.approx(0.7) and b["t0"]["dice"]["mean"] == pytest.approx(0.5)
+    assert (b["t1"]["num_images"], b["t1"]["num_missing_mask"]) == (1, 1)
+    assert b["t0"]["hd95"]["count_infinite"] == 1
+    text = evaluate.format_markdown(s)
+    assert "| t0 | 4 | 0 | 0.6000 ± " in text and "## B" in text
+
+
+def test_checkpoint_choice(workdir, best_run):
+    assert (best_run.step, best_run.checkpoint) == (2, "best")
+    latest = run_lib.load_run(workdir, checkpoint="latest")
+    assert latest.step == 4 and int(jax.device_get(latest.state.step)) == 4
+    delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), latest.state.params,
+                         best_run.state.params)
+    assert max(jax.tree.leaves(delta)) == pytest.approx(0.05, abs=1e-6)
+    assert run_lib.load_run(workdir, checkpoint="4").step == 4
+    with pytest.raises(FileNotFoundError, match="available"):
+        run_lib.load_run(workdir, checkpoint=7)
+    with pytest.raises(ValueError, match="best"):
+        run_lib.load_run(workdir, checkpoint="newest")
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        run_lib.load_run(workdir / "checkpoints")
+
+
+def test_matches_the_trainers_evaluation(best_run):
+    per_image, summary = evaluate.evaluate_run(best_run, split="val")
+    config = best_run.config
+    builder, split, idx = run_lib.eval_split(config, "val")
+    host = input_pipeline.read_examples(builder, split, idx, image_size=best_run.image_size,
+                                        targets=best_run.targets)
+    dataset = input_pipeline.DeviceDataset.from_host(host, best_run.mesh, batch_size=config.batch_size)
+    predict = steps.make_predict_fn(best_run.model, best_run.mesh)
+    eval_step = steps.make_eval_step(best_run.model, best_run.mesh)
+    reference, _ = train.evaluate(best_run.state, dataset, eval_step=eval_step,
+                                  predict_u8=jax.jit(lambda s, x: predict(s, augment.to_float(x))),
+                                  targets=best_run.targets, distances=True)
+    assert summary["num_images"] == len(idx) == len(per_image["index"])
+    assert sorted(per_image["index"].tolist()) == sorted(idx.tolist())
+    for t in best_run.targets:
+        s = summary["targets"][t]
+        assert s["num_images"] == reference[f"num_images/{t}"]
+        for name in ("dice", "iou", "precision", "recall"):
+            assert s[name]["mean"] == pytest.approx(reference[f"{name}/{t}"], abs=1e-5), (name, t)
+        assert s["pooled_dice"] == pytest.approx(reference[f"pooled_dice/{t}"], abs=1e-5)
+        assert s["hd95"]["count_infinite"] == reference[f"hd95_infinite/{t}"]
+        if s["hd95"]["count_finite"]:
+            assert s["hd95"]["mean"] == pytest.approx(reference[f"hd95/{t}"], rel=1e-6)
+    assert set(per_image["country"]) <= {"PhantomA", "PhantomB"}
+    assert sum(v["palpebral"]["num_images"] for v in summary["by_country"].values()) == len(idx)
+
+
+def test_command_line_with_tta(workdir, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate.main([f"--workdir={workdir}", "--split=val", "--checkpoint=latest", "--tta",
+                          "--tta_flips=none,h", "--tta_scales=1,0.5", f"--out={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint"] == {"step": 4, "chosen_as": "latest"}
+    assert summary["tta"] == ["flip=none,scale=1", "flip=h,scale=1", "flip=none,scale=0.5", "flip=h,scale=0.5"]
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == summary["num_images"] > 0
+    for t in ("palpebral", "forniceal_palpebral"):
+        dice = [float(r[f"dice/{t}"]) for r in rows]
+        assert np.mean(dice) == pytest.approx(summary["targets"][t]["dice"]["mean"], abs=1e-5)
+        assert all(r[f"has_mask/{t}"] == "1" and r[f"hd95/{t}"] for r in rows)
+    assert rows[0]["patient_id"].startswith("Phantom") and rows[0]["country"] in ("PhantomA", "PhantomB")
+    assert "| palpebral |" in (out / "summary.md").read_text()
+
+
+def test_pruned_unetpp(best_run):
+    _, full = evaluate.evaluate_run(best_run, split="val", distances=False)
+    _, pruned = evaluate.evaluate_run(best_run, split="val", prune_level=1, distances=False)
+    _, deepest = evaluate.evaluate_run(best_run, split="val", prune_level=2, distances=False)
+    assert pruned["prune_level"] == 1 and "hd95" not in pruned["targets"]["palpebral"]
+    # L^depth is the full network's deepest head: the same scores.
+    for t in best_run.targets:
+        assert deepest["targets"][t]["dice"]["mean"] == pytest.approx(full["targets"][t]["dice"]["mean"], abs=1e-6)
+    with pytest.raises(ValueError, match="1..2"):
+        run_lib.make_probability_fn(best_run, prune_level=3)
+    unet = dataclasses.replace(best_run, config=ml_collections.ConfigDict(
+        {**best_run.config.to_dict(), "model": {"name": "unet", "depth": 2}}))
+    with pytest.raises(ValueError, match="UNet\\+\\+ only"):
+        run_lib.make_probability_fn(unet, prune_level=1)
+
+
+def test_split_errors(best_run):
+    with pytest.raises(ValueError, match="no test split"):
+        run_lib.eval_split(best_run.config, "test")
+    with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
+        run_lib.eval_split(best_run.config, "validation")
+    train_idx = run_lib.eval_split(best_run.config, "train")[2]
+    val_idx = run_lib.eval_split(best_run.config, "val")[2]
+    assert (len(train_idx), len(val_idx)) == (25, 7) and not set(train_idx) & set(val_idx)
