@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from anemia_jax.datasets import features as features_lib
 from anemia_jax.datasets.conjunctiva_phantom import phantom
 
 
@@ -76,22 +77,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        masks = {name: tfds.features.Image(shape=(None, None, 1), encoding_format="png") for name in phantom.MASK_NAMES}
-        flags = {f"has_{name}": tfds.features.Scalar(dtype=np.bool_) for name in phantom.MASK_NAMES}
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="jpeg"),
-                    **masks,
-                    **flags,
-                    "patient_id": tfds.features.Text(),
-                    "country": tfds.features.Text(),
-                    "hgb": tfds.features.Scalar(dtype=np.float32),
-                    "gender": tfds.features.Text(),
-                    "age": tfds.features.Scalar(dtype=np.float32),
-                    "anemic": tfds.features.Scalar(dtype=np.int32),
-                }
-            ),
+            # Released (1.0.0) without feature descriptions: adding them would change prepared features.json.
+            features=features_lib.example_features(phantom.MASK_NAMES, documented=False),
             # Example i of the split is phantom example i, so metadata order is generation order.
             disable_shuffling=True,
         )

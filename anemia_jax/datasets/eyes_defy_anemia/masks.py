@@ -50,194 +50,194 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class UnreadableImageError(ValueError):
-  """The bytes could not be decoded as an image (the message says why)."""
+    """The bytes could not be decoded as an image (the message says why)."""
 
 
 @dataclasses.dataclass
 class CutOut:
-  """A decoded mask file: ``mask`` bool [h, w], ``rgb`` uint8 [h, w, 3] (meaningful inside the mask)."""
+    """A decoded mask file: ``mask`` bool [h, w], ``rgb`` uint8 [h, w, 3] (meaningful inside the mask)."""
 
-  mask: np.ndarray
-  rgb: np.ndarray
-  encoding: str
-  iccp_removed: bool = False
+    mask: np.ndarray
+    rgb: np.ndarray
+    encoding: str
+    iccp_removed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Alignment:
-  """Result of `check_alignment`: ``ok`` and, if not, ``reason``; the scores are for the report."""
+    """Result of `check_alignment`: ``ok`` and, if not, ``reason``; the scores are for the report."""
 
-  ok: bool
-  reason: str = ""
-  correlation: float = float("nan")
-  mad: float = float("nan")
+    ok: bool
+    reason: str = ""
+    correlation: float = float("nan")
+    mad: float = float("nan")
 
 
 def png_chunks(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
-  """(type, payload, crc) of each chunk of a PNG file, without checking CRCs."""
-  if not data.startswith(_PNG_SIGNATURE):
-    raise UnreadableImageError("not a PNG file (bad signature)")
-  chunks, pos = [], len(_PNG_SIGNATURE)
-  while pos + 8 <= len(data):
-    length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
-    end = pos + 12 + length
-    if end > len(data):
-      raise UnreadableImageError(f"PNG chunk {ctype!r} is truncated")
-    chunks.append((ctype, data[pos + 8:pos + 8 + length], data[pos + 8 + length:end]))
-    pos = end
-    if ctype == b"IEND":
-      break
-  return chunks
+    """(type, payload, crc) of each chunk of a PNG file, without checking CRCs."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise UnreadableImageError("not a PNG file (bad signature)")
+    chunks, pos = [], len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            raise UnreadableImageError(f"PNG chunk {ctype!r} is truncated")
+        chunks.append((ctype, data[pos + 8:pos + 8 + length], data[pos + 8 + length:end]))
+        pos = end
+        if ctype == b"IEND":
+            break
+    return chunks
 
 
 def make_png_chunk(ctype: bytes, payload: bytes) -> bytes:
-  """A PNG chunk with a correct CRC."""
-  return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
+    """A PNG chunk with a correct CRC."""
+    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
 
 
 def strip_png_chunks(data: bytes, drop: tuple[bytes, ...] = (b"iCCP",)) -> bytes:
-  """The PNG file without chunks of the given types (other chunks copied byte for byte)."""
-  out = [_PNG_SIGNATURE]
-  for ctype, payload, crc in png_chunks(data):
-    if ctype not in drop:
-      out.append(struct.pack(">I", len(payload)) + ctype + payload + crc)
-  return b"".join(out)
+    """The PNG file without chunks of the given types (other chunks copied byte for byte)."""
+    out = [_PNG_SIGNATURE]
+    for ctype, payload, crc in png_chunks(data):
+        if ctype not in drop:
+            out.append(struct.pack(">I", len(payload)) + ctype + payload + crc)
+    return b"".join(out)
 
 
 def _load(data: bytes) -> Image.Image:
-  img = Image.open(io.BytesIO(data))
-  img.load()
-  return img
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def open_png(data: bytes) -> tuple[Image.Image, bool]:
-  """Decodes image bytes; a PNG that fails only because of its iCCP chunk is decoded without it.
+    """Decodes image bytes; a PNG that fails only because of its iCCP chunk is decoded without it.
 
-  Returns:
-    (the loaded image, whether an iCCP chunk had to be removed).
+    Returns:
+      (the loaded image, whether an iCCP chunk had to be removed).
 
-  Raises:
-    UnreadableImageError: the bytes are not a decodable image.
-  """
-  try:
-    return _load(data), False
-  except Exception as first:  # Pillow raises many types (SyntaxError, OSError, ValueError...) for bad files.
-    error = first
-  if data.startswith(_PNG_SIGNATURE):
+    Raises:
+      UnreadableImageError: the bytes are not a decodable image.
+    """
     try:
-      if any(c[0] == b"iCCP" for c in png_chunks(data)):
-        return _load(strip_png_chunks(data)), True
-    except Exception:  # Failing again means the damage is not (only) the profile: report the original error.
-      pass
-  raise UnreadableImageError(f"{type(error).__name__}: {error}")
+        return _load(data), False
+    except Exception as first:  # Pillow raises many types (SyntaxError, OSError, ValueError...) for bad files.
+        error = first
+    if data.startswith(_PNG_SIGNATURE):
+        try:
+            if any(c[0] == b"iCCP" for c in png_chunks(data)):
+                return _load(strip_png_chunks(data)), True
+        except Exception:  # Failing again means the damage is not (only) the profile: report the original error.
+            pass
+    raise UnreadableImageError(f"{type(error).__name__}: {error}")
 
 
 def _to_float_channels(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-  """(colour [h, w, 3] in 0..255, alpha [h, w] in 0..255 or None) of any Pillow mode."""
-  if img.mode in ("P", "PA") or (img.mode in ("L", "RGB", "I;16", "I") and "transparency" in img.info):
-    img = img.convert("RGBA")
-  mode = img.mode
-  if mode.startswith("I;16") or mode in ("I", "F"):
-    grey = np.asarray(img, dtype=np.float64)
-    # 16-bit grey: scale the full 0..65535 range to 0..255.
-    grey = grey / 257.0 if mode.startswith("I;16") or grey.max(initial=0) > 255 else grey
-    return np.repeat(grey[..., None], 3, axis=-1), None
-  if mode == "1":
-    mode, img = "L", img.convert("L")
-  if mode not in ("L", "LA", "RGB", "RGBA"):
-    img = img.convert("RGBA" if "A" in mode else "RGB")
+    """(colour [h, w, 3] in 0..255, alpha [h, w] in 0..255 or None) of any Pillow mode."""
+    if img.mode in ("P", "PA") or (img.mode in ("L", "RGB", "I;16", "I") and "transparency" in img.info):
+        img = img.convert("RGBA")
     mode = img.mode
-  arr = np.asarray(img, dtype=np.float64)
-  if mode == "L":
-    return np.repeat(arr[..., None], 3, axis=-1), None
-  if mode == "LA":
-    return np.repeat(arr[..., :1], 3, axis=-1), arr[..., 1]
-  if mode == "RGB":
-    return arr, None
-  return arr[..., :3], arr[..., 3]
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = np.asarray(img, dtype=np.float64)
+        # 16-bit grey: scale the full 0..65535 range to 0..255.
+        grey = grey / 257.0 if mode.startswith("I;16") or grey.max(initial=0) > 255 else grey
+        return np.repeat(grey[..., None], 3, axis=-1), None
+    if mode == "1":
+        mode, img = "L", img.convert("L")
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in mode else "RGB")
+        mode = img.mode
+    arr = np.asarray(img, dtype=np.float64)
+    if mode == "L":
+        return np.repeat(arr[..., None], 3, axis=-1), None
+    if mode == "LA":
+        return np.repeat(arr[..., :1], 3, axis=-1), arr[..., 1]
+    if mode == "RGB":
+        return arr, None
+    return arr[..., :3], arr[..., 3]
 
 
 def decode_cutout(data: bytes) -> CutOut:
-  """Decodes a mask file into its region and colours (see the module docstring for the encodings).
+    """Decodes a mask file into its region and colours (see the module docstring for the encodings).
 
-  Raises:
-    UnreadableImageError: undecodable bytes, an empty region, or no recognisable background.
-  """
-  img, iccp_removed = open_png(data)
-  colour, alpha = _to_float_channels(img)
-  mask = None
-  if alpha is not None and alpha.min() < 255:
-    mask, encoding = alpha > 0, "alpha"
-    if mask.mean() > MAX_FRACTION:  # a few stray transparent pixels on an opaque white-background cut-out
-      mask = None
-  if mask is None:
-    near_white = np.all(colour >= 255 - WHITE_TOLERANCE, axis=-1)
-    labels, _ = ndimage.label(near_white)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    background = np.isin(labels, border[border > 0])
-    mask, encoding = ~background, "white_background"
-  rgb = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
-  if not mask.any():
-    raise UnreadableImageError(f"the mask is empty ({encoding} encoding, {img.mode} {img.size[0]}x{img.size[1]})")
-  if mask.mean() > MAX_FRACTION:
-    raise UnreadableImageError(
-        f"no transparent or white background: the region would cover {mask.mean():.0%} of the frame "
-        f"({img.mode} {img.size[0]}x{img.size[1]}), so this is not a cut-out mask")
-  return CutOut(mask=mask, rgb=rgb, encoding=encoding, iccp_removed=iccp_removed)
+    Raises:
+      UnreadableImageError: undecodable bytes, an empty region, or no recognisable background.
+    """
+    img, iccp_removed = open_png(data)
+    colour, alpha = _to_float_channels(img)
+    mask = None
+    if alpha is not None and alpha.min() < 255:
+        mask, encoding = alpha > 0, "alpha"
+        if mask.mean() > MAX_FRACTION:  # a few stray transparent pixels on an opaque white-background cut-out
+            mask = None
+    if mask is None:
+        near_white = np.all(colour >= 255 - WHITE_TOLERANCE, axis=-1)
+        labels, _ = ndimage.label(near_white)
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        background = np.isin(labels, border[border > 0])
+        mask, encoding = ~background, "white_background"
+    rgb = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+    if not mask.any():
+        raise UnreadableImageError(f"the mask is empty ({encoding} encoding, {img.mode} {img.size[0]}x{img.size[1]})")
+    if mask.mean() > MAX_FRACTION:
+        raise UnreadableImageError(
+            f"no transparent or white background: the region would cover {mask.mean():.0%} of the frame "
+            f"({img.mode} {img.size[0]}x{img.size[1]}), so this is not a cut-out mask")
+    return CutOut(mask=mask, rgb=rgb, encoding=encoding, iccp_removed=iccp_removed)
 
 
 def check_alignment(photo: Image.Image, cutout: CutOut) -> Alignment:
-  """Whether ``cutout`` lines up with ``photo`` (RGB, EXIF orientation applied, any resolution).
+    """Whether ``cutout`` lines up with ``photo`` (RGB, EXIF orientation applied, any resolution).
 
-  The photo is resized (box filter) to the mask's size; the comparison uses the region shrunk by one pixel when
-  enough of it remains, since edge pixels mix region and background.
-  """
-  mh, mw = cutout.mask.shape
-  pw, ph = photo.size
-  expected_h = mw * ph / pw
-  if abs(mh - expected_h) > max(1.0, ASPECT_TOLERANCE * mh):
-    return Alignment(False, f"mask is {mw}x{mh} but the photo is {pw}x{ph} (aspect {mw / mh:.3f} vs "
-                     f"{pw / ph:.3f}): wrong orientation or not a whole-frame cut-out")
-  region = ndimage.binary_erosion(cutout.mask)
-  if region.sum() < MIN_PIXELS:
-    region = cutout.mask
-  n = int(region.sum())
-  if n < MIN_PIXELS:
-    return Alignment(False, f"the region has only {n} pixels: too small to verify")
-  small = np.asarray(photo.convert("RGB").resize((mw, mh), Image.Resampling.BOX), dtype=np.float64)
-  a = cutout.rgb[region].astype(np.float64)
-  b = small[region]
-  mad = float(np.abs(a - b).mean())
-  a -= a.mean(axis=0)
-  b -= b.mean(axis=0)
-  std_a, std_b = np.sqrt((a * a).mean()), np.sqrt((b * b).mean())
-  if std_a < MIN_TEXTURE or std_b < MIN_TEXTURE:
-    if mad <= MAX_FLAT_MAD:
-      return Alignment(True, correlation=float("nan"), mad=mad)
-    return Alignment(False, f"flat region whose colours differ from the photo's by {mad:.1f} levels on average "
-                     f"(> {MAX_FLAT_MAD})", mad=mad)
-  corr = float((a * b).mean() / (std_a * std_b))
-  if corr >= MIN_CORRELATION:
-    return Alignment(True, correlation=corr, mad=mad)
-  return Alignment(False, f"the cut-out's pixels do not match the photo there (correlation {corr:.2f} < "
-                   f"{MIN_CORRELATION}): flipped, rotated, shifted or another patient's mask",
-                   correlation=corr, mad=mad)
+    The photo is resized (box filter) to the mask's size; the comparison uses the region shrunk by one pixel when
+    enough of it remains, since edge pixels mix region and background.
+    """
+    mh, mw = cutout.mask.shape
+    pw, ph = photo.size
+    expected_h = mw * ph / pw
+    if abs(mh - expected_h) > max(1.0, ASPECT_TOLERANCE * mh):
+        return Alignment(False, f"mask is {mw}x{mh} but the photo is {pw}x{ph} (aspect {mw / mh:.3f} vs "
+                         f"{pw / ph:.3f}): wrong orientation or not a whole-frame cut-out")
+    region = ndimage.binary_erosion(cutout.mask)
+    if region.sum() < MIN_PIXELS:
+        region = cutout.mask
+    n = int(region.sum())
+    if n < MIN_PIXELS:
+        return Alignment(False, f"the region has only {n} pixels: too small to verify")
+    small = np.asarray(photo.convert("RGB").resize((mw, mh), Image.Resampling.BOX), dtype=np.float64)
+    a = cutout.rgb[region].astype(np.float64)
+    b = small[region]
+    mad = float(np.abs(a - b).mean())
+    a -= a.mean(axis=0)
+    b -= b.mean(axis=0)
+    std_a, std_b = np.sqrt((a * a).mean()), np.sqrt((b * b).mean())
+    if std_a < MIN_TEXTURE or std_b < MIN_TEXTURE:
+        if mad <= MAX_FLAT_MAD:
+            return Alignment(True, correlation=float("nan"), mad=mad)
+        return Alignment(False, f"flat region whose colours differ from the photo's by {mad:.1f} levels on average "
+                         f"(> {MAX_FLAT_MAD})", mad=mad)
+    corr = float((a * b).mean() / (std_a * std_b))
+    if corr >= MIN_CORRELATION:
+        return Alignment(True, correlation=corr, mad=mad)
+    return Alignment(False, f"the cut-out's pixels do not match the photo there (correlation {corr:.2f} < "
+                     f"{MIN_CORRELATION}): flipped, rotated, shifted or another patient's mask",
+                     correlation=corr, mad=mad)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Resizes a bool/{0,1} mask [h, w] to ``size`` = (width, height) -> uint8 [height, width] in {0, 1}.
+    """Resizes a bool/{0,1} mask [h, w] to ``size`` = (width, height) -> uint8 [height, width] in {0, 1}.
 
-  Bilinear (area-averaging when shrinking) then a 0.5 threshold: smoother edges than nearest neighbour and no
-  half-pixel shift.
-  """
-  img = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
-  if img.size != tuple(size):
-    img = img.resize(tuple(size), Image.Resampling.BILINEAR)
-  return (np.asarray(img) >= 128).astype(np.uint8)
+    Bilinear (area-averaging when shrinking) then a 0.5 threshold: smoother edges than nearest neighbour and no
+    half-pixel shift.
+    """
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
+    if img.size != tuple(size):
+        img = img.resize(tuple(size), Image.Resampling.BILINEAR)
+    return (np.asarray(img) >= 128).astype(np.uint8)
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
-  """PNG bytes of a {0, 1} uint8 mask [H, W] (single channel, values kept as 0/1)."""
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buf, format="PNG", optimize=False)
-  return buf.getvalue()
+    """PNG bytes of a {0, 1} uint8 mask [H, W] (single channel, values kept as 0/1)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

@@ -19,43 +19,43 @@ JPEG_QUALITY = 95
 
 
 def load_photo(data: bytes, *, min_long_side: int | None = None) -> Image.Image:
-  """Decodes a photo to RGB with its EXIF orientation applied.
+    """Decodes a photo to RGB with its EXIF orientation applied.
 
-  Args:
-    data: encoded image bytes (JPEG, PNG, ...).
-    min_long_side: if given, the decoded long side may be reduced (JPEG draft) but stays >= this.
+    Args:
+      data: encoded image bytes (JPEG, PNG, ...).
+      min_long_side: if given, the decoded long side may be reduced (JPEG draft) but stays >= this.
 
-  Raises:
-    UnreadableImageError: the bytes are not a decodable image (truncated, corrupt, not an image).
-  """
-  try:
-    img = Image.open(io.BytesIO(data))
-    if min_long_side is not None and img.format == "JPEG":
-      w, h = img.size
-      scale = min_long_side / max(w, h)
-      if scale < 1:
-        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-    img.load()
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
-  except Exception as e:  # Pillow signals corrupt files with many exception types.
-    raise UnreadableImageError(f"{type(e).__name__}: {e}") from e
+    Raises:
+      UnreadableImageError: the bytes are not a decodable image (truncated, corrupt, not an image).
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        if min_long_side is not None and img.format == "JPEG":
+            w, h = img.size
+            scale = min_long_side / max(w, h)
+            if scale < 1:
+                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+    except Exception as e:  # Pillow signals corrupt files with many exception types.
+        raise UnreadableImageError(f"{type(e).__name__}: {e}") from e
 
 
 def stored_size(size: tuple[int, int], long_side: int) -> tuple[int, int]:
-  """(width, height) with the long side shrunk to ``long_side``; smaller images keep their size (no upscaling)."""
-  w, h = size
-  scale = min(1.0, long_side / max(w, h))
-  return max(1, round(w * scale)), max(1, round(h * scale))
+    """(width, height) with the long side shrunk to ``long_side``; smaller images keep their size (no upscaling)."""
+    w, h = size
+    scale = min(1.0, long_side / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def resize_photo(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
-  """Antialiased (Lanczos) resize to ``size`` = (width, height)."""
-  return photo if photo.size == tuple(size) else photo.resize(tuple(size), Image.Resampling.LANCZOS)
+    """Antialiased (Lanczos) resize to ``size`` = (width, height)."""
+    return photo if photo.size == tuple(size) else photo.resize(tuple(size), Image.Resampling.LANCZOS)
 
 
 def encode_jpeg(photo: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
-  """JPEG bytes (no EXIF: the pixels are already upright)."""
-  buf = io.BytesIO()
-  photo.save(buf, format="JPEG", quality=quality)
-  return buf.getvalue()
+    """JPEG bytes (no EXIF: the pixels are already upright)."""
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -25,87 +25,87 @@ _MAX_DEPTH = 6
 
 
 class SourceNotFoundError(FileNotFoundError):
-  """No usable copy of the archive was found and none could be downloaded."""
+    """No usable copy of the archive was found and none could be downloaded."""
 
 
 def holds_dataset(path: pathlib.Path) -> bool:
-  """Whether a folder or zip contains Eyes-defy-anemia patient folders (``<Country>/<number>/<file>``)."""
-  try:
-    with archive_lib.Archive(path, max_depth=_MAX_DEPTH) as a:
-      return bool(archive_lib.find_roots(a.files))
-  except (OSError, ValueError, zipfile.BadZipFile):
-    return False
+    """Whether a folder or zip contains Eyes-defy-anemia patient folders (``<Country>/<number>/<file>``)."""
+    try:
+        with archive_lib.Archive(path, max_depth=_MAX_DEPTH) as a:
+            return bool(archive_lib.find_roots(a.files))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def _search_manual_dir(manual_dir: pathlib.Path) -> pathlib.Path | None:
-  for base in (manual_dir / "eyes_defy_anemia", manual_dir):
-    if not base.is_dir():
-      continue
-    # The unzipped folder first (no decompression while building), then any zip that holds the set.
-    if holds_dataset(base):
-      return base
-    for zpath in sorted(base.glob("*.zip")):
-      if holds_dataset(zpath):
-        return zpath
-  return None
+    for base in (manual_dir / "eyes_defy_anemia", manual_dir):
+        if not base.is_dir():
+            continue
+        # The unzipped folder first (no decompression while building), then any zip that holds the set.
+        if holds_dataset(base):
+            return base
+        for zpath in sorted(base.glob("*.zip")):
+            if holds_dataset(zpath):
+                return zpath
+    return None
 
 
 def manual_instructions(manual_dir: str | os.PathLike | None) -> str:
-  where = f"`{manual_dir}`" if manual_dir else "TFDS's manual_dir (`<data_dir>/downloads/manual/`)"
-  return (
-      f"Download the Eyes-defy-anemia archive from {KAGGLE_URL} (the Download button gives a zip, e.g. "
-      f"`archive.zip`, holding the folder `dataset anemia/`) and put the zip, or the folder it unzips to, in {where}; "
-      "or pass `archive_path=<zip or folder>` to the builder.")
+    where = f"`{manual_dir}`" if manual_dir else "TFDS's manual_dir (`<data_dir>/downloads/manual/`)"
+    return (
+        f"Download the Eyes-defy-anemia archive from {KAGGLE_URL} (the Download button gives a zip, e.g. "
+        f"`archive.zip`, holding the folder `dataset anemia/`) and put the zip, or the folder it unzips to, "
+        f"in {where}; or pass `archive_path=<zip or folder>` to the builder.")
 
 
 def resolve(archive_path: str | os.PathLike | None, manual_dir: str | os.PathLike | None) -> tuple[pathlib.Path, str]:
-  """Finds the archive.
+    """Finds the archive.
 
-  Args:
-    archive_path: explicit zip or folder, or None.
-    manual_dir: TFDS manual directory (need not exist).
+    Args:
+      archive_path: explicit zip or folder, or None.
+      manual_dir: TFDS manual directory (need not exist).
 
-  Returns:
-    (path of a zip or folder holding the set, how it was found — for the build summary).
+    Returns:
+      (path of a zip or folder holding the set, how it was found — for the build summary).
 
-  Raises:
-    FileNotFoundError: ``archive_path`` does not exist.
-    SourceNotFoundError: nothing found and kagglehub unavailable or failing; the message explains both ways.
-  """
-  if archive_path is not None:
-    path = pathlib.Path(archive_path).expanduser()
-    if not path.exists():
-      raise FileNotFoundError(
-          f"archive_path {str(path)!r} does not exist. Point it at the Eyes-defy-anemia zip or the folder it "
-          f"unzips to ({KAGGLE_URL}).")
-    return path, "archive_path"
+    Raises:
+      FileNotFoundError: ``archive_path`` does not exist.
+      SourceNotFoundError: nothing found and kagglehub unavailable or failing; the message explains both ways.
+    """
+    if archive_path is not None:
+        path = pathlib.Path(archive_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"archive_path {str(path)!r} does not exist. Point it at the Eyes-defy-anemia zip or the folder it "
+                f"unzips to ({KAGGLE_URL}).")
+        return path, "archive_path"
 
-  tried = []
-  if manual_dir is not None:
-    manual = pathlib.Path(manual_dir).expanduser()
-    found = _search_manual_dir(manual)
-    if found is not None:
-      return found, "manual_dir"
-    tried.append(f"manual_dir {str(manual)!r}: " + ("no Eyes-defy-anemia zip or folder in it" if manual.is_dir()
-                                                     else "does not exist"))
+    tried = []
+    if manual_dir is not None:
+        manual = pathlib.Path(manual_dir).expanduser()
+        found = _search_manual_dir(manual)
+        if found is not None:
+            return found, "manual_dir"
+        tried.append(f"manual_dir {str(manual)!r}: " + ("no Eyes-defy-anemia zip or folder in it" if manual.is_dir()
+                                                         else "does not exist"))
 
-  try:
-    import kagglehub  # pylint: disable=import-outside-toplevel  # Optional dependency (anemia_jax[kaggle]).
-  except ImportError:
-    tried.append("kagglehub: not installed")
-  else:
     try:
-      downloaded = pathlib.Path(kagglehub.dataset_download(KAGGLE_HANDLE))
-    except Exception as e:  # Network, authentication, quota... any failure falls through to the instructions.
-      tried.append(f"kagglehub.dataset_download({KAGGLE_HANDLE!r}) failed: {type(e).__name__}: {e}")
+        import kagglehub  # pylint: disable=import-outside-toplevel  # Optional dependency (anemia_jax[kaggle]).
+    except ImportError:
+        tried.append("kagglehub: not installed")
     else:
-      if holds_dataset(downloaded):
-        return downloaded, "kagglehub"
-      tried.append(f"kagglehub downloaded {str(downloaded)!r}, which holds no Eyes-defy-anemia patient folders")
+        try:
+            downloaded = pathlib.Path(kagglehub.dataset_download(KAGGLE_HANDLE))
+        except Exception as e:  # Network, authentication, quota... any failure falls through to the instructions.
+            tried.append(f"kagglehub.dataset_download({KAGGLE_HANDLE!r}) failed: {type(e).__name__}: {e}")
+        else:
+            if holds_dataset(downloaded):
+                return downloaded, "kagglehub"
+            tried.append(f"kagglehub downloaded {str(downloaded)!r}, which holds no Eyes-defy-anemia patient folders")
 
-  raise SourceNotFoundError(
-      "Could not find the Eyes-defy-anemia data. Two ways to provide it:\n"
-      f"  1. {manual_instructions(manual_dir)}\n"
-      f"  2. `pip install kagglehub` (or `pip install anemia_jax[kaggle]`) on a machine with internet access; the "
-      f"builder then downloads '{KAGGLE_HANDLE}' itself.\n"
-      "Tried: " + "; ".join(tried) + ".")
+    raise SourceNotFoundError(
+        "Could not find the Eyes-defy-anemia data. Two ways to provide it:\n"
+        f"  1. {manual_instructions(manual_dir)}\n"
+        f"  2. `pip install kagglehub` (or `pip install anemia_jax[kaggle]`) on a machine with internet access; the "
+        f"builder then downloads '{KAGGLE_HANDLE}' itself.\n"
+        "Tried: " + "; ".join(tried) + ".")

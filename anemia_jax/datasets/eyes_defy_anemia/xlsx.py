@@ -26,161 +26,161 @@ Cell = Union[str, float, bool, None]
 
 
 class XlsxError(ValueError):
-  """The bytes are not a readable .xlsx workbook, or lack the requested sheet."""
+    """The bytes are not a readable .xlsx workbook, or lack the requested sheet."""
 
 
 def _column_index(ref: str) -> int:
-  """0-based column of a cell reference such as 'AB12'."""
-  letters = re.match(r"[A-Za-z]+", ref)
-  if letters is None:
-    raise XlsxError(f"Malformed cell reference {ref!r}.")
-  index = 0
-  for ch in letters.group(0).upper():
-    index = index * 26 + (ord(ch) - ord("A") + 1)
-  return index - 1
+    """0-based column of a cell reference such as 'AB12'."""
+    letters = re.match(r"[A-Za-z]+", ref)
+    if letters is None:
+        raise XlsxError(f"Malformed cell reference {ref!r}.")
+    index = 0
+    for ch in letters.group(0).upper():
+        index = index * 26 + (ord(ch) - ord("A") + 1)
+    return index - 1
 
 
 def _text_of(element: ET.Element) -> str:
-  """Concatenated text of the ``<t>`` runs of a string item, skipping phonetic (``<rPh>``) runs."""
-  if element.tag == _M + "t":
-    return element.text or ""
-  parts = []
-  for child in element:
-    if child.tag == _M + "rPh":
-      continue
-    parts.append(_text_of(child))
-  return "".join(parts)
+    """Concatenated text of the ``<t>`` runs of a string item, skipping phonetic (``<rPh>``) runs."""
+    if element.tag == _M + "t":
+        return element.text or ""
+    parts = []
+    for child in element:
+        if child.tag == _M + "rPh":
+            continue
+        parts.append(_text_of(child))
+    return "".join(parts)
 
 
 def _shared_strings(zf: zipfile.ZipFile, path: str | None) -> list[str]:
-  if path is None or path not in zf.namelist():
-    return []
-  root = ET.fromstring(zf.read(path))
-  return [_text_of(si) for si in root.findall(_M + "si")]
+    if path is None or path not in zf.namelist():
+        return []
+    root = ET.fromstring(zf.read(path))
+    return [_text_of(si) for si in root.findall(_M + "si")]
 
 
 def _resolve_target(target: str) -> str:
-  # Targets are relative to xl/ unless absolute within the package.
-  if target.startswith("/"):
-    return target.lstrip("/")
-  return posixpath.normpath(posixpath.join("xl", target))
+    # Targets are relative to xl/ unless absolute within the package.
+    if target.startswith("/"):
+        return target.lstrip("/")
+    return posixpath.normpath(posixpath.join("xl", target))
 
 
 def sheet_names(source: bytes | str | os.PathLike) -> list[str]:
-  """Names of the worksheets of a workbook, in workbook order."""
-  with _open(source) as zf:
-    return [name for name, _ in _sheet_parts(zf)]
+    """Names of the worksheets of a workbook, in workbook order."""
+    with _open(source) as zf:
+        return [name for name, _ in _sheet_parts(zf)]
 
 
 def _open(source: bytes | str | os.PathLike) -> zipfile.ZipFile:
-  try:
-    if isinstance(source, bytes):
-      return zipfile.ZipFile(io.BytesIO(source))
-    return zipfile.ZipFile(os.fspath(source))
-  except zipfile.BadZipFile as e:
-    raise XlsxError(f"Not an .xlsx workbook (not a zip archive): {e}") from e
+    try:
+        if isinstance(source, bytes):
+            return zipfile.ZipFile(io.BytesIO(source))
+        return zipfile.ZipFile(os.fspath(source))
+    except zipfile.BadZipFile as e:
+        raise XlsxError(f"Not an .xlsx workbook (not a zip archive): {e}") from e
 
 
 def _sheet_parts(zf: zipfile.ZipFile) -> list[tuple[str, str]]:
-  """(sheet name, worksheet part path) pairs."""
-  try:
-    workbook = ET.fromstring(zf.read("xl/workbook.xml"))
-  except KeyError as e:
-    raise XlsxError("Not an .xlsx workbook: it has no xl/workbook.xml part.") from e
-  targets = {}
-  if "xl/_rels/workbook.xml.rels" in zf.namelist():
-    rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
-    for rel in rels.findall("{%s}Relationship" % _PKG_REL_NS):
-      targets[rel.get("Id")] = _resolve_target(rel.get("Target", ""))
-  parts = []
-  sheets = workbook.find(_M + "sheets")
-  for i, sheet in enumerate(sheets if sheets is not None else []):
-    rid = sheet.get("{%s}id" % _REL_NS)
-    # Without relationships, Excel's default part naming is the only sensible guess.
-    parts.append((sheet.get("name", ""), targets.get(rid, f"xl/worksheets/sheet{i + 1}.xml")))
-  return parts
+    """(sheet name, worksheet part path) pairs."""
+    try:
+        workbook = ET.fromstring(zf.read("xl/workbook.xml"))
+    except KeyError as e:
+        raise XlsxError("Not an .xlsx workbook: it has no xl/workbook.xml part.") from e
+    targets = {}
+    if "xl/_rels/workbook.xml.rels" in zf.namelist():
+        rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
+        for rel in rels.findall("{%s}Relationship" % _PKG_REL_NS):
+            targets[rel.get("Id")] = _resolve_target(rel.get("Target", ""))
+    parts = []
+    sheets = workbook.find(_M + "sheets")
+    for i, sheet in enumerate(sheets if sheets is not None else []):
+        rid = sheet.get("{%s}id" % _REL_NS)
+        # Without relationships, Excel's default part naming is the only sensible guess.
+        parts.append((sheet.get("name", ""), targets.get(rid, f"xl/worksheets/sheet{i + 1}.xml")))
+    return parts
 
 
 def _shared_strings_part(zf: zipfile.ZipFile) -> str | None:
-  if "xl/_rels/workbook.xml.rels" in zf.namelist():
-    rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
-    for rel in rels.findall("{%s}Relationship" % _PKG_REL_NS):
-      if rel.get("Type", "").endswith("/sharedStrings"):
-        return _resolve_target(rel.get("Target", ""))
-  return "xl/sharedStrings.xml"
+    if "xl/_rels/workbook.xml.rels" in zf.namelist():
+        rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
+        for rel in rels.findall("{%s}Relationship" % _PKG_REL_NS):
+            if rel.get("Type", "").endswith("/sharedStrings"):
+                return _resolve_target(rel.get("Target", ""))
+    return "xl/sharedStrings.xml"
 
 
 def _cell_value(cell: ET.Element, shared: list[str]) -> Cell:
-  kind = cell.get("t", "n")
-  if kind == "inlineStr":
-    inline = cell.find(_M + "is")
-    return _text_of(inline) if inline is not None else ""
-  v = cell.find(_M + "v")
-  if v is None or v.text is None:
-    return None
-  text = v.text
-  if kind == "s":
+    kind = cell.get("t", "n")
+    if kind == "inlineStr":
+        inline = cell.find(_M + "is")
+        return _text_of(inline) if inline is not None else ""
+    v = cell.find(_M + "v")
+    if v is None or v.text is None:
+        return None
+    text = v.text
+    if kind == "s":
+        try:
+            return shared[int(text)]
+        except (IndexError, ValueError) as e:
+            raise XlsxError(f"Cell {cell.get('r')} refers to missing shared string {text!r}.") from e
+    if kind in ("str", "e"):
+        return text
+    if kind == "b":
+        return text.strip() == "1"
     try:
-      return shared[int(text)]
-    except (IndexError, ValueError) as e:
-      raise XlsxError(f"Cell {cell.get('r')} refers to missing shared string {text!r}.") from e
-  if kind in ("str", "e"):
-    return text
-  if kind == "b":
-    return text.strip() == "1"
-  try:
-    return float(text)
-  except ValueError:
-    return text
+        return float(text)
+    except ValueError:
+        return text
 
 
 def read_sheet(source: bytes | str | os.PathLike, sheet: str | None = None) -> list[list[Cell]]:
-  """Cell values of one worksheet as dense rows.
+    """Cell values of one worksheet as dense rows.
 
-  Args:
-    source: the .xlsx file's bytes or path.
-    sheet: worksheet name (case-insensitive); None reads the first sheet.
+    Args:
+      source: the .xlsx file's bytes or path.
+      sheet: worksheet name (case-insensitive); None reads the first sheet.
 
-  Returns:
-    One list per row from row 1 to the last row with a cell, each padded with None to the widest row. Numbers are
-    floats, strings str, booleans bool, empty cells None.
+    Returns:
+      One list per row from row 1 to the last row with a cell, each padded with None to the widest row. Numbers are
+      floats, strings str, booleans bool, empty cells None.
 
-  Raises:
-    XlsxError: the file is not an .xlsx workbook or has no sheet of that name.
-  """
-  with _open(source) as zf:
-    parts = _sheet_parts(zf)
-    if not parts:
-      raise XlsxError("The workbook has no worksheets.")
-    if sheet is None:
-      part = parts[0][1]
-    else:
-      matches = [p for name, p in parts if name.strip().lower() == sheet.strip().lower()]
-      if not matches:
-        raise XlsxError(f"No sheet named {sheet!r}; the workbook has {[name for name, _ in parts]}.")
-      part = matches[0]
-    shared = _shared_strings(zf, _shared_strings_part(zf))
-    try:
-      root = ET.fromstring(zf.read(part))
-    except KeyError as e:
-      raise XlsxError(f"The workbook lists worksheet part {part!r} but does not contain it.") from e
-  cells: dict[int, dict[int, Cell]] = {}
-  data = root.find(_M + "sheetData")
-  next_row = 1
-  for row in data if data is not None else []:
-    r = int(row.get("r", next_row))
-    next_row = r + 1
-    values = cells.setdefault(r, {})
-    next_col = 0
-    for cell in row.findall(_M + "c"):
-      ref = cell.get("r")
-      col = _column_index(ref) if ref else next_col
-      next_col = col + 1
-      value = _cell_value(cell, shared)
-      if value is not None:
-        values[col] = value
-  nonempty = [r for r, vals in cells.items() if vals]
-  if not nonempty:
-    return []
-  width = 1 + max(c for vals in cells.values() for c in vals)
-  return [[cells.get(r, {}).get(c) for c in range(width)] for r in range(1, max(nonempty) + 1)]
+    Raises:
+      XlsxError: the file is not an .xlsx workbook or has no sheet of that name.
+    """
+    with _open(source) as zf:
+        parts = _sheet_parts(zf)
+        if not parts:
+            raise XlsxError("The workbook has no worksheets.")
+        if sheet is None:
+            part = parts[0][1]
+        else:
+            matches = [p for name, p in parts if name.strip().lower() == sheet.strip().lower()]
+            if not matches:
+                raise XlsxError(f"No sheet named {sheet!r}; the workbook has {[name for name, _ in parts]}.")
+            part = matches[0]
+        shared = _shared_strings(zf, _shared_strings_part(zf))
+        try:
+            root = ET.fromstring(zf.read(part))
+        except KeyError as e:
+            raise XlsxError(f"The workbook lists worksheet part {part!r} but does not contain it.") from e
+    cells: dict[int, dict[int, Cell]] = {}
+    data = root.find(_M + "sheetData")
+    next_row = 1
+    for row in data if data is not None else []:
+        r = int(row.get("r", next_row))
+        next_row = r + 1
+        values = cells.setdefault(r, {})
+        next_col = 0
+        for cell in row.findall(_M + "c"):
+            ref = cell.get("r")
+            col = _column_index(ref) if ref else next_col
+            next_col = col + 1
+            value = _cell_value(cell, shared)
+            if value is not None:
+                values[col] = value
+    nonempty = [r for r, vals in cells.items() if vals]
+    if not nonempty:
+        return []
+    width = 1 + max(c for vals in cells.values() for c in vals)
+    return [[cells.get(r, {}).get(c) for c in range(width)] for r in range(1, max(nonempty) + 1)]

@@ -35,6 +35,8 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageOps
 
+from anemia_jax.datasets import features as features_lib
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
 # Errors Pillow raises on truncated, corrupt or unsupported files.
@@ -161,6 +163,19 @@ def _open(path: epath.Path) -> tuple[Image.Image, bool]:
     return (ImageOps.exif_transpose(image) if rotated else image), rotated
 
 
+def _open_or_record(
+    path: epath.Path, unreadable: dict[str, str], what: str, consequence: str
+) -> tuple[Image.Image, bool] | None:
+    """`_open`, or None if Pillow cannot decode the file: then ``unreadable[str(path)]`` gets the reason and a
+    warning says "<what> <path> is unreadable (<error>)<consequence>"."""
+    try:
+        return _open(path)
+    except _READ_ERRORS as e:
+        unreadable[str(path)] = f"unreadable: {e}"
+        logging.warning("%s %s is unreadable (%s)%s", what, path, e, consequence)
+        return None
+
+
 def _mask_gray(mask: Image.Image) -> np.ndarray:
     """Grey levels in [0, 255] (float32 ``[H, W]``) of a mask of any Pillow mode."""
     if mask.mode.startswith("I;16") or mask.mode == "I":
@@ -222,19 +237,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="jpeg"),
-                    "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-                    "has_mask": tfds.features.Scalar(dtype=np.bool_),
-                    "patient_id": tfds.features.Text(),
-                    "country": tfds.features.Text(),
-                    "hgb": tfds.features.Scalar(dtype=np.float32),
-                    "gender": tfds.features.Text(),
-                    "age": tfds.features.Scalar(dtype=np.float32),
-                    "anemic": tfds.features.Scalar(dtype=np.int32),
-                }
-            ),
+            # Released (1.0.0) without feature descriptions: adding them would change prepared features.json.
+            features=features_lib.example_features(["mask"], documented=False),
             # Example i of a split is the i-th id of its split file (or of the sorted image names).
             disable_shuffling=True,
         )
@@ -310,12 +314,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         aspect ratio (a lower-resolution export), never transposed or cropped.
         """
         config: ImageMaskFolderConfig = self.builder_config
-        try:
-            mask, _ = _open(path)
-        except _READ_ERRORS as e:
-            summary.masks_unusable[str(path)] = f"unreadable: {e}"
-            logging.warning("Mask %s is unreadable (%s); its image is kept with has_mask=False.", path, e)
+        opened = _open_or_record(path, summary.masks_unusable, "Mask", "; its image is kept with has_mask=False.")
+        if opened is None:
             return None
+        mask, _ = opened
         gray = _mask_gray(mask)
         (w, h), (w0, h0) = mask.size, image_size
         if (w, h) != (w0, h0):
@@ -364,12 +366,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         image_path, *others = folder.images[example_id]
         if others:
             logging.warning("Several images for id %r: using %s, ignoring %s.", example_id, image_path, others)
-        try:
-            original, rotated = _open(image_path)
-        except _READ_ERRORS as e:
-            summary.skipped[str(image_path)] = f"unreadable: {e}"
-            logging.warning("Image %s is unreadable (%s) and is skipped.", image_path, e)
+        opened = _open_or_record(image_path, summary.skipped, "Image", " and is skipped.")
+        if opened is None:
             return None
+        original, rotated = opened
         size = _target_size(*original.size, config.long_side)
         is_jpeg = image_path.suffix.lower() in _JPEG_EXTENSIONS
         if is_jpeg and original.mode == "RGB" and size == original.size and not rotated:
