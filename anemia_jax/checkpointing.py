@@ -37,14 +37,16 @@ _STATE = "state"
 _META = "meta"
 
 
-class _NoMetricsWarningFilter(pylogging.Filter):
-    """Silences Orbax's warning for a save without metrics: here that is by design (only evaluated states rank)."""
+class _ExpectedWarningsFilter(pylogging.Filter):
+    """Silences Orbax's warnings about what is here by design: a save without metrics (only evaluated states rank)
+    and a read-only manager (every evaluation of a run opens one)."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return "did not provide metrics" not in message and "Given directory is read only" not in message
 
 
-_NO_METRICS_FILTER = _NoMetricsWarningFilter()
+_EXPECTED_WARNINGS_FILTER = _ExpectedWarningsFilter()
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -71,6 +73,9 @@ class CheckpointManager:
         cleanup_tmp: delete temporary directories left by an interrupted save. Only the run's one writer (the
             trainer, when it starts) may ask for this: a reader (evaluation while training runs) would delete the
             save in progress.
+        read_only: open the checkpoints of a run that may still be training, for restoring only (`run_lib.load_run`):
+            nothing under ``directory`` is created, cleaned up, saved or deleted (`save` raises). A missing
+            directory then simply has no checkpoints.
     """
 
     def __init__(
@@ -81,12 +86,17 @@ class CheckpointManager:
         best_metric: str = "dice/mean",
         async_save: bool = True,
         cleanup_tmp: bool = False,
+        read_only: bool = False,
     ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 (the latest checkpoint is what a resume needs); "
                              f"got {max_to_keep}.")
+        if read_only and cleanup_tmp:
+            raise ValueError("cleanup_tmp=True deletes files, which a read_only manager must not do; only the trainer "
+                             "that writes the checkpoints may clean up.")
         self.directory = pathlib.Path(directory).expanduser().absolute()
         self.best_metric = best_metric
+        self.read_only = read_only
 
         def metric(metrics: Mapping[str, float]) -> float:
             return float(metrics[best_metric])
@@ -102,9 +112,13 @@ class CheckpointManager:
             enable_async_checkpointing=async_save,
             # A run killed mid-write leaves a temporary directory; it is never a restore candidate.
             cleanup_tmp_directories=cleanup_tmp,
+            read_only=read_only,
+            # Set as read_only would set them, so that Orbax does not warn that it changed them.
+            create=not read_only,
+            save_interval_steps=0 if read_only else 1,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
-        logging.get_absl_logger().addFilter(_NO_METRICS_FILTER)  # Idempotent: a logger holds a filter once.
+        logging.get_absl_logger().addFilter(_EXPECTED_WARNINGS_FILTER)  # Idempotent: a logger holds a filter once.
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None if there is none."""
@@ -145,6 +159,9 @@ class CheckpointManager:
         Returns:
             False if checkpoint ``step`` already exists (nothing written), else True.
         """
+        if self.read_only:
+            raise RuntimeError(f"This CheckpointManager of {self.directory} was opened read_only (for restoring); "
+                               "open one without read_only to save.")
         if step in self._manager.all_steps():
             return False
         if metrics is not None and self.best_metric not in metrics:

@@ -34,9 +34,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 
-from anemia_jax import input_pipeline, metrics, parallel, reporting, run_lib, tta
+from anemia_jax import input_pipeline, metrics, parallel, reporting, run_lib
 
 SCORES = ("dice", "iou", "precision", "recall")
 DISTANCES = ("hd95", "assd")
@@ -179,8 +178,7 @@ def evaluate_run(run, *, split: str = "val", transforms=None, prune_level: int |
         raise ValueError(f"Split {split!r} of this run is empty; nothing to evaluate.")
     host = input_pipeline.read_examples(builder, tfds_split, indices, image_size=run.image_size, targets=targets)
     metadata = input_pipeline.read_metadata(builder, tfds_split)
-    batch_size = config.get("eval_batch_size", 0) or config.batch_size
-    batch_size = max(run.mesh.size, math.ceil(batch_size / run.mesh.size) * run.mesh.size)
+    batch_size = run_lib.mesh_batch_size(config.get("eval_batch_size", 0) or config.batch_size, run.mesh)
     dataset = input_pipeline.DeviceDataset.from_host(host, run.mesh, batch_size=batch_size)
     probability = run_lib.make_probability_fn(run, prune_level=prune_level, transforms=transforms)
 
@@ -247,14 +245,8 @@ def write_outputs(out: str | pathlib.Path, per_image: Mapping[str, np.ndarray], 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m anemia_jax.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="Training run directory (config.json + checkpoints/).")
+    run_lib.add_run_arguments(p, verb="evaluate")
     p.add_argument("--split", default="val", choices=("val", "test", "train"))
-    p.add_argument("--checkpoint", default="best", help="'best' (validation mean Dice), 'latest' or a step.")
-    p.add_argument("--tta", action="store_true", help="Average over test-time augmentation views.")
-    p.add_argument("--tta_flips", default=",".join(tta.DEFAULT_FLIPS),
-                   help="Comma-separated flips of the TTA views (none, h, v, hv).")
-    p.add_argument("--tta_scales", default="1", help="Comma-separated scales of the TTA views, e.g. 0.75,1,1.25.")
-    p.add_argument("--prune_level", type=int, default=None, help="UNet++: evaluate the pruned network L^k.")
     p.add_argument("--no_distances", action="store_true", help="Skip HD95/ASSD (faster on large sets).")
     p.add_argument("--out", default=None, help="Output directory (default <workdir>/eval/<split>_step<N>...).")
     return p
@@ -263,13 +255,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 bad arguments or run)."""
     args = _parser().parse_args(argv)
-    from anemia_jax.main import QuietLibraries  # noqa: PLC0415 -- only the command line wants its filter
-
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_logger().addFilter(QuietLibraries())
     try:
-        transforms = run_lib.parse_tta(args.tta_flips, args.tta_scales) if args.tta else None
-        run = run_lib.load_run(args.workdir, checkpoint=args.checkpoint)
+        run, transforms = run_lib.load_run_from_args(args)
         per_image, summary = evaluate_run(run, split=args.split, transforms=transforms, prune_level=args.prune_level,
                                           distances=not args.no_distances)
     except (FileNotFoundError, ValueError) as e:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import math
 import pathlib
 import sys
 from collections.abc import Iterable, Sequence
@@ -154,7 +153,7 @@ def predict_photos(run: run_lib.Run, inputs: Sequence[str | pathlib.Path], out: 
     for path, why in missing.items():
         logging.warning("Skipping %s: %s.", path, why)
     size, targets, mesh = run.image_size, run.targets, run.mesh
-    batch = max(mesh.size, math.ceil((batch_size or mesh.size) / mesh.size) * mesh.size)
+    batch = run_lib.mesh_batch_size(batch_size, mesh)
     probability = run_lib.make_probability_fn(run, prune_level=prune_level, transforms=transforms)
     used: set[str] = set()
     rows = []
@@ -198,14 +197,9 @@ def predict_photos(run: run_lib.Run, inputs: Sequence[str | pathlib.Path], out: 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m anemia_jax.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="Photo files and/or folders of photos.")
-    p.add_argument("--workdir", required=True, help="Training run directory (config.json + checkpoints/).")
+    run_lib.add_run_arguments(p, verb="predict")
     p.add_argument("--out", required=True, help="Output folder for masks and overlays.")
-    p.add_argument("--checkpoint", default="best", help="'best' (validation mean Dice), 'latest' or a step.")
     p.add_argument("--threshold", type=float, default=0.5, help="Probability threshold of the masks.")
-    p.add_argument("--tta", action="store_true", help="Average over test-time augmentation views.")
-    p.add_argument("--tta_flips", default=",".join(tta.DEFAULT_FLIPS), help="Comma-separated TTA flips.")
-    p.add_argument("--tta_scales", default="1", help="Comma-separated TTA scales, e.g. 0.75,1,1.25.")
-    p.add_argument("--prune_level", type=int, default=None, help="UNet++: predict with the pruned network L^k.")
     p.add_argument("--batch_size", type=int, default=None, help="Photos per device call (default: device count).")
     return p
 
@@ -213,14 +207,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status: 0 all written, 1 some photos failed, 2 bad arguments."""
     args = _parser().parse_args(argv)
-    from anemia_jax.main import QuietLibraries  # noqa: PLC0415 -- only the command line wants its filter
-
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_logger().addFilter(QuietLibraries())
     try:
-        transforms = run_lib.parse_tta(args.tta_flips, args.tta_scales) if args.tta else None
         # This process's devices only: every process of a multi-host job would otherwise need the same photos.
-        run = run_lib.load_run(args.workdir, checkpoint=args.checkpoint, mesh=parallel.make_mesh(jax.local_devices()))
+        run, transforms = run_lib.load_run_from_args(args, mesh=parallel.make_mesh(jax.local_devices()))
         report = predict_photos(run, args.inputs, args.out, threshold=args.threshold, transforms=transforms,
                                 prune_level=args.prune_level, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as e:

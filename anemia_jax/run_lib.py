@@ -16,8 +16,10 @@ test-time augmentation (`anemia_jax.tta.predict_with_tta`, averaging probabiliti
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import math
 import json
 import pathlib
 from collections.abc import Callable, Sequence
@@ -31,8 +33,9 @@ from jax.sharding import Mesh
 
 from anemia_jax import augment, checkpointing, input_pipeline, optim, parallel, steps, train, tta
 
-__all__ = ["Run", "eval_split", "load_config", "load_run", "make_probability_fn", "model_multiple",
-           "parse_tta", "predict_images", "resolve_checkpoint"]
+__all__ = ["Run", "add_run_arguments", "eval_split", "load_config", "load_run", "load_run_from_args",
+           "make_probability_fn", "mesh_batch_size", "model_multiple", "parse_tta", "predict_images",
+           "resolve_checkpoint"]
 
 
 @dataclasses.dataclass
@@ -128,7 +131,9 @@ def load_run(workdir: str | pathlib.Path, *, checkpoint: str | int = "best", mes
     # length, so a one-step schedule stands in for the real one.
     tx, _ = optim.make_optimizer(config.optimizer, total_steps=1, warmup_steps=0)
     template = train.abstract_train_state(model, tx, tuple(config.image_size), mesh)
-    manager = checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=max(1, config.keep_checkpoints))
+    # Read-only: the run may still be training; its trainer alone creates, cleans and prunes checkpoints/.
+    manager = checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=max(1, config.keep_checkpoints),
+                                              read_only=True)
     try:
         step, how = resolve_checkpoint(manager, checkpoint)
         state, _ = manager.restore(step, template)
@@ -136,6 +141,43 @@ def load_run(workdir: str | pathlib.Path, *, checkpoint: str | int = "best", mes
         manager.close()
     logging.info("Restored %s checkpoint step %d of %s.", how, step, workdir)
     return Run(workdir, config, model, mesh, state, int(step), how)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, verb: str) -> None:
+    """Adds the flags of a command that restores a run (read back by `load_run_from_args`): ``--workdir``,
+    ``--checkpoint``, ``--tta``, ``--tta_flips``, ``--tta_scales`` and ``--prune_level``; ``verb`` (e.g.
+    'evaluate') completes the help of ``--prune_level``."""
+    parser.add_argument("--workdir", required=True, help="Training run directory (config.json + checkpoints/).")
+    parser.add_argument("--checkpoint", default="best", help="'best' (validation mean Dice), 'latest' or a step.")
+    parser.add_argument("--tta", action="store_true", help="Average over test-time augmentation views.")
+    parser.add_argument("--tta_flips", default=",".join(tta.DEFAULT_FLIPS),
+                        help="Comma-separated flips of the TTA views (none, h, v, hv).")
+    parser.add_argument("--tta_scales", default="1",
+                        help="Comma-separated scales of the TTA views, e.g. 0.75,1,1.25.")
+    parser.add_argument("--prune_level", type=int, default=None, help=f"UNet++: {verb} with the pruned network L^k.")
+
+
+def load_run_from_args(args: argparse.Namespace, *, mesh: Mesh | None = None
+                       ) -> tuple[Run, tuple[tta.Transform, ...] | None]:
+    """The command-line start of evaluation and prediction: INFO logging (without Orbax's INFO chatter), then
+    ``(run, transforms)`` from the flags of `add_run_arguments` (transforms None without ``--tta``).
+
+    Raises:
+        FileNotFoundError / ValueError: a bad run directory, checkpoint or TTA flag (the message says which).
+    """
+    from anemia_jax.main import QuietLibraries  # noqa: PLC0415 -- only the command line wants its filter
+
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_logger().addFilter(QuietLibraries())
+    transforms = parse_tta(args.tta_flips, args.tta_scales) if args.tta else None
+    return load_run(args.workdir, checkpoint=args.checkpoint, mesh=mesh), transforms
+
+
+def mesh_batch_size(batch_size: int | None, mesh: Mesh) -> int:
+    """``batch_size`` (default: the mesh size) rounded up to a positive multiple of the mesh size, as the steps
+    need."""
+    size = mesh.size
+    return max(size, math.ceil((batch_size or size) / size) * size)
 
 
 def parse_tta(flips: str | Sequence[str] = tta.DEFAULT_FLIPS,
@@ -203,8 +245,7 @@ def predict_images(run: Run, images_u8: np.ndarray, *, probability=None, batch_s
         raise ValueError(f"images must be uint8 [N, {run.image_size[0]}, {run.image_size[1]}, 3] (the run's training "
                          f"resolution); got shape {images_u8.shape}.")
     probability = probability or make_probability_fn(run)
-    size = run.mesh.size
-    batch = max(size, -(-(batch_size or size) // size) * size)
+    batch = mesh_batch_size(batch_size, run.mesh)
     out = []
     for start in range(0, len(images_u8), batch):
         part = images_u8[start:start + batch]

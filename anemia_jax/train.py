@@ -413,7 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         ckpt.wait_until_finished()
         summary: dict[str, Any] = {
             "status": status, "config_name": config.name, "config_arg": config.arg, "workdir": str(workdir),
-            "step": step, "num_train_steps": total, "steps_per_epoch": steps_per_epoch,
+            # The order of the output channels, so that summary.json reads without config.json.
+            "targets": list(targets), "step": step, "num_train_steps": total, "steps_per_epoch": steps_per_epoch,
             "global_batch_size": config.batch_size, "num_devices": jax.device_count(),
             "num_processes": jax.process_count(), "resumed_from_step": resumed_from,
             "steps_this_run": step - start_step, "train_time_s": train_time,

@@ -7,6 +7,9 @@ only restore and apply them, and skipping the training step's compilation keeps 
 are saved: step 2 ranked best (validation mean Dice 0.9) and step 4, the latest (0.1), with different parameters.
 The config is the deep-supervised ``configs/unetpp.py:data=phantom,test`` (4 features, depth 2, 32x32, the
 32-example ``res64`` phantom in a temporary data_dir).
+
+Test modules use it through the fixtures `workdir` (the run directory) and `best_run` (its best checkpoint,
+restored): ``from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 
-from anemia_jax import checkpointing, config_lib, optim, parallel, reporting, steps, train
+from anemia_jax import checkpointing, config_lib, optim, parallel, reporting, run_lib, steps, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CACHE: dict[str, pathlib.Path] = {}
@@ -50,3 +54,15 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
     if "run" not in _CACHE:
         _CACHE["run"] = make_run(tmp_path_factory.mktemp("tiny_run"))
     return _CACHE["run"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+    """The shared run directory."""
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def best_run(workdir) -> run_lib.Run:
+    """The shared run restored at its best checkpoint (step 2)."""
+    return run_lib.load_run(workdir, checkpoint="best")

@@ -87,6 +87,35 @@ def test_restore_is_exact_onto_template_shardings(tmp_path):
         assert leaf.sharding == parallel.replicated(mesh)
 
 
+def test_read_only_reader_leaves_the_writers_files_alone(tmp_path):
+    # Evaluation opens a run's checkpoints while it may still be training: it must not touch a save in progress.
+    state = make_state(parallel.make_mesh(), seed=5)
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1) as mgr:
+        mgr.save(2, state, metrics={"dice/mean": 0.5})
+    # What a save in progress (or an interrupted one) looks like: Orbax renames it to "3" once it is complete.
+    in_progress = tmp_path / "3.orbax-checkpoint-tmp-1700000000"
+    in_progress.mkdir()
+    (in_progress / "partial").write_text("being written")
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1, read_only=True) as reader:
+        assert reader.all_steps() == [2] and reader.best_step() == 2 and reader.metrics(2) == {"dice/mean": 0.5}
+        restored, _ = reader.restore(2, state)
+        with pytest.raises(RuntimeError, match="read_only"):
+            reader.save(4, state)
+    assert_trees_equal(restored, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing and (in_progress / "partial").exists()
+    missing = tmp_path / "not_yet_created"
+    with checkpointing.CheckpointManager(missing, max_to_keep=1, read_only=True) as reader:
+        assert reader.all_steps() == [] and reader.latest_step() is None
+    assert not missing.exists()
+    with pytest.raises(ValueError, match="cleanup_tmp"):
+        checkpointing.CheckpointManager(tmp_path, max_to_keep=1, read_only=True, cleanup_tmp=True)
+    # The run's one writer (the trainer) does remove what an interrupted save left; its next save waits for that.
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1, cleanup_tmp=True) as writer:
+        writer.save(4, state)
+    assert not in_progress.exists() and writer.all_steps() == [2, 4]  # 2 kept as the best
+
+
 @pytest.mark.parametrize("num_devices", [1, 2])
 def test_restore_on_a_different_device_count(tmp_path, num_devices):
     state = make_state(parallel.make_mesh(), seed=3)

@@ -11,24 +11,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-import _tiny_run
+from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
 from anemia_jax import augment, evaluate, input_pipeline, run_lib, steps, train
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return _tiny_run.tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def best_run(workdir):
-    return run_lib.load_run(workdir, checkpoint="best")
 
 
 def test_summarize_by_hand():
@@ -79,6 +70,30 @@ def test_checkpoint_choice(workdir, best_run):
         run_lib.load_run(workdir, checkpoint="newest")
     with pytest.raises(FileNotFoundError, match="not a training run"):
         run_lib.load_run(workdir / "checkpoints")
+
+
+def test_load_run_opens_checkpoints_read_only(workdir, tmp_path):
+    # A run still training: its trainer is writing step 6 (Orbax's temporary directory) while we restore.
+    run_dir = tmp_path / "run"
+    shutil.copytree(workdir, run_dir)
+    in_progress = run_dir / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
+    in_progress.mkdir()
+    (in_progress / "partial").write_text("being written")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert run_lib.load_run(run_dir, checkpoint="latest").step == 4
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    # A run that has not saved yet: a clear error, and no checkpoints/ created on its behalf.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(run_dir / "config.json", fresh / "config.json")
+    with pytest.raises(FileNotFoundError, match="has the run saved one yet"):
+        run_lib.load_run(fresh)
+    assert sorted(p.name for p in fresh.iterdir()) == ["config.json"]
+
+
+def test_mesh_batch_size(best_run):
+    assert best_run.mesh.size == 8
+    assert [run_lib.mesh_batch_size(b, best_run.mesh) for b in (None, 0, 1, 8, 9, 16)] == [8, 8, 8, 8, 16, 16]
 
 
 def test_matches_the_trainers_evaluation(best_run):

@@ -117,6 +117,18 @@ def test_default_widths_and_bias_free_convs_before_batchnorm():
     assert "bias" in _abstract_params(UNet(**TINY, norm="none"))["encoder_0"]["conv1"]
 
 
+def test_parameter_scopes_are_the_checkpoint_format():
+    # Checkpoints store parameters by scope name: the shared `SegmentationModel.encode` must keep each model's own.
+    enc, dec = {"encoder_0", "encoder_1", "encoder_2"}, {"up_0", "up_1", "decoder_0", "decoder_1", "head"}
+    assert set(_abstract_params(UNet(**TINY))) == enc | dec
+    assert set(_abstract_params(AttentionUNet(**TINY))) == enc | dec | {"attention_0", "attention_1"}
+    nodes = {"X_0_0", "X_1_0", "X_2_0", "X_0_1", "X_1_1", "X_0_2", "up_0_1", "up_1_1", "up_0_2"}
+    assert set(_abstract_params(UNetPlusPlus(**TINY))) == nodes | {"head_2"}
+    pruned = jax.eval_shape(lambda: UNetPlusPlus(**TINY, deep_supervision=True).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False, prune_level=1))["params"]
+    assert set(pruned) == {"X_0_0", "X_1_0", "X_0_1", "up_0_1", "head_1"}  # L^1: encoder levels 0..1 only
+
+
 def test_real_init():
     # An rbg key: threefry's initialiser graph takes far longer to compile on CPU; the key's
     # implementation does not change what init does with it.

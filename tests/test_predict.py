@@ -8,20 +8,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-import _tiny_run
+from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
 from anemia_jax import predict, run_lib
 
 _EXIF_ORIENTATION = 0x0112
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return _tiny_run.tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def run(workdir):
-    return run_lib.load_run(workdir, checkpoint="best")
 
 
 def _photo(h, w, seed=0):
@@ -49,13 +39,13 @@ def photos(tmp_path_factory):
     return folder, made
 
 
-def test_masks_at_each_photos_own_size(run, photos, tmp_path):
+def test_masks_at_each_photos_own_size(best_run, photos, tmp_path):
     folder, made = photos
-    report = predict.predict_photos(run, [folder], tmp_path, batch_size=8)
+    report = predict.predict_photos(best_run, [folder], tmp_path, batch_size=8)
     assert not report.failed and len(report.written) == len(made)
     for name, (_, (h, w)) in made.items():
         stem = name.rsplit(".", 1)[0]
-        for t in run.targets:
+        for t in best_run.targets:
             mask = np.asarray(PIL.Image.open(tmp_path / f"{stem}_{t}.png"))
             assert mask.shape == (h, w), (name, t)
             assert set(np.unique(mask)) <= {0, 255}
@@ -72,15 +62,15 @@ def test_exif_orientation_applied(photos):
     np.testing.assert_array_equal(photo, expected)
 
 
-def test_masks_are_the_thresholded_probabilities(run, tmp_path):
+def test_masks_are_the_thresholded_probabilities(best_run, tmp_path):
     # A photo already at the training size is not resized either way: its masks are exactly probs > threshold.
-    h, w = run.image_size
+    h, w = best_run.image_size
     photo = _photo(h, w, seed=3)
     PIL.Image.fromarray(photo).save(tmp_path / "exact.png")
-    probs = run_lib.predict_images(run, photo[None])[0]
+    probs = run_lib.predict_images(best_run, photo[None])[0]
     threshold = float(np.median(probs[..., 0]))  # a threshold that splits the pixels, whatever the weights
-    predict.predict_photos(run, [tmp_path / "exact.png"], tmp_path / "out", threshold=threshold)
-    for c, t in enumerate(run.targets):
+    predict.predict_photos(best_run, [tmp_path / "exact.png"], tmp_path / "out", threshold=threshold)
+    for c, t in enumerate(best_run.targets):
         mask = np.asarray(PIL.Image.open(tmp_path / "out" / f"exact_{t}.png")) > 0
         np.testing.assert_array_equal(mask, probs[..., c] > threshold)
     assert 0 < (probs[..., 0] > threshold).sum() < h * w
@@ -109,11 +99,11 @@ def test_command_line_reports_unreadable_inputs(workdir, photos, tmp_path, caplo
     assert predict.main([f"--workdir={workdir}", str(portrait), f"--out={tmp_path / 'ok'}"]) == 0
 
 
-def test_repeated_stems_do_not_overwrite(run, photos, tmp_path):
+def test_repeated_stems_do_not_overwrite(best_run, photos, tmp_path):
     folder, made = photos
     other = tmp_path / "other"
     other.mkdir()
     PIL.Image.fromarray(_photo(10, 12)).save(other / "odd.bmp")
-    report = predict.predict_photos(run, [made["odd.bmp"][0], other / "odd.bmp"], tmp_path / "out")
+    report = predict.predict_photos(best_run, [made["odd.bmp"][0], other / "odd.bmp"], tmp_path / "out")
     assert sorted(report.written.values()) == ["odd", "odd_2"]
     assert np.asarray(PIL.Image.open(tmp_path / "out" / "odd_2_palpebral.png")).shape == (10, 12)

@@ -92,7 +92,8 @@ def test_run_leaves_outputs(reference, shared):
             assert {f"dice/{t}", f"iou/{t}", f"precision/{t}", f"recall/{t}", f"hd95/{t}",
                     f"hd95_infinite/{t}"} <= set(val)
             assert val[f"num_images/{t}"] == summary["num_examples"]["val"]
-    assert json.loads((workdir / "summary.json").read_text())["final"]["step"] == TOTAL
+    written = json.loads((workdir / "summary.json").read_text())
+    assert written["final"]["step"] == TOTAL and written["targets"] == list(config.targets) == summary["targets"]
     assert json.loads((workdir / "config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
 
     records = read_jsonl(workdir / "metrics.jsonl")

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anemia_jax.models.layers import Dtype, SegmentationModel, check_images, max_pool_2x2
+from anemia_jax.models.layers import Dtype, SegmentationModel, check_images
 
 
 class AttentionGate(nn.Module):
@@ -73,13 +73,7 @@ class AttentionUNet(SegmentationModel):
         """Segments a batch; arguments and result as in `UNet.__call__`."""
         check_images(images, self.depth, type(self).__name__)
         widths = self.widths
-        skips = []
-        x = images
-        for i, width in enumerate(widths):
-            if i:
-                x = max_pool_2x2(x)
-            x = self.block(width, f"encoder_{i}")(x, train=train)
-            skips.append(x)
+        skips = self.encode(images, train=train)
         x = skips.pop()
         for i in reversed(range(self.depth)):
             gate = AttentionGate(max(1, widths[i] // 2), dtype=self.dtype,

@@ -294,6 +294,32 @@ class SegmentationModel(nn.Module):
             name=name,
         )
 
+    def encode(self, images: Array, *, train: bool, levels: int | None = None,
+               scope: str = "encoder_{}") -> list[Array]:
+        """The contracting path (call from a compact method): level ``i`` is a `ConvBlock` of
+        ``widths[i]`` channels, applied to the images (``i = 0``) or to the 2x2 max pool of level
+        ``i - 1``.
+
+        Args:
+            images: ``[B, H, W, C_in]`` floating-point images (checked by the caller).
+            train: training mode, passed to every block.
+            levels: how many levels to build, ``1..depth + 1`` (default ``depth + 1``, all of them;
+                pruned UNet++ stops earlier).
+            scope: parameter scope of level ``i``, as ``scope.format(i)``; the names are part of
+                the checkpoint format, so each model keeps its own.
+
+        Returns:
+            The feature map of each level, ``[B, H / 2**i, W / 2**i, widths[i]]`` for ``i = 0..levels-1``.
+        """
+        levels = self.depth + 1 if levels is None else levels
+        features, x = [], images
+        for i, width in enumerate(self.widths[:levels]):
+            if i:
+                x = max_pool_2x2(x)
+            x = self.block(width, scope.format(i))(x, train=train)
+            features.append(x)
+        return features
+
     def up(self, x: Array, features: int, name: str) -> Array:
         """`upsample_2x` with this model's method and dtypes."""
         return upsample_2x(x, features, method=self.upsample, dtype=self.dtype,

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anemia_jax.models.layers import SegmentationModel, check_images, max_pool_2x2
+from anemia_jax.models.layers import SegmentationModel, check_images
 
 
 class UNet(SegmentationModel):
@@ -52,13 +52,7 @@ class UNet(SegmentationModel):
         """
         check_images(images, self.depth, type(self).__name__)
         widths = self.widths
-        skips = []
-        x = images
-        for i, width in enumerate(widths):
-            if i:
-                x = max_pool_2x2(x)
-            x = self.block(width, f"encoder_{i}")(x, train=train)
-            skips.append(x)
+        skips = self.encode(images, train=train)
         x = skips.pop()
         for i in reversed(range(self.depth)):
             x = jnp.concatenate([self.up(x, widths[i], f"up_{i}"), skips[i]], axis=-1)

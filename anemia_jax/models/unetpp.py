@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anemia_jax.models.layers import SegmentationModel, check_images, max_pool_2x2
+from anemia_jax.models.layers import SegmentationModel, check_images
 
 
 class UNetPlusPlus(SegmentationModel):
@@ -87,12 +87,8 @@ class UNetPlusPlus(SegmentationModel):
         widths = self.widths
 
         # Every node is computed once and reused by all the nodes to its right.
-        nodes: dict[tuple[int, int], jax.Array] = {}
-        x = images
-        for i in range(top + 1):
-            if i:
-                x = max_pool_2x2(x)
-            x = nodes[i, 0] = self.block(widths[i], f"X_{i}_0")(x, train=train)
+        nodes: dict[tuple[int, int], jax.Array] = {
+            (i, 0): x for i, x in enumerate(self.encode(images, train=train, levels=top + 1, scope="X_{}_0"))}
         for j in range(1, top + 1):
             for i in range(top - j + 1):
                 up = self.up(nodes[i + 1, j - 1], widths[i], f"up_{i}_{j}")
