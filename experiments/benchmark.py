@@ -54,7 +54,8 @@ def _measure(args: argparse.Namespace) -> dict:
     if args.batch % mesh.size:
         raise SystemExit(f"--batch={args.batch} must be a multiple of the {mesh.size} devices.")
     dtype = jnp.dtype(args.dtype)
-    model = get_model(args.model, num_classes=1, dtype=dtype, bn_axis_name=parallel.DATA_AXIS)
+    widths = {"features": args.features} if args.features else {}
+    model = get_model(args.model, num_classes=1, dtype=dtype, bn_axis_name=parallel.DATA_AXIS, **widths)
     tx = optax.adam(1e-3)
     loss = losses.get_loss("combo")
     rng = np.random.default_rng(0)
@@ -126,7 +127,7 @@ def _child(args: argparse.Namespace, cache_dir: str, windows: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={args.model}",
            f"--batch={args.batch}", f"--size={args.size}", f"--dtype={args.dtype}",
            f"--steps={args.steps}", f"--windows={windows}", f"--warmup={args.warmup}",
-           f"--cache_dir={cache_dir}"]
+           f"--features={args.features}", f"--cache_dir={cache_dir}"]
     return _run_json(cmd)
 
 
@@ -160,6 +161,7 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="unetpp", choices=["unet", "unetpp", "attention_unet"])
+    p.add_argument("--features", type=int, default=0, help="first-level width; 0 keeps the model's default")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -1,0 +1,27 @@
+"""experiments/benchmark.py runs end to end (tiny model) and records every figure it promises.
+
+Only that it runs and reports: its speed figures belong to the benchmark's own records, never to a timed test.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--model=unet", "--features=4",
+           "--batch=8", "--size=32", "--dtype=float32", "--steps=1", "--windows=2", "--warmup=1",
+           f"--out={out}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["devices"] == 8  # the conftest's fake CPU devices reach the child processes
+    assert row["images_per_s"] > 0 and len(row["window_rates"]) == 2
+    assert row["step_flops"] > 0
+    assert 0 < row["first_step_warm_s"] and 0 < row["first_step_cold_s"]
+    assert row["finite"]
+    assert "time to first step" in result.stdout and "anemia_jax" in result.stdout.splitlines()[-1]
