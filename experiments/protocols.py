@@ -2,7 +2,8 @@
 
 Runs the trainer (`anemia_jax.train.train_and_evaluate`, in this process) once per fold, each in its own workdir,
 then aggregates the folds' ``summary.json`` files into a markdown table (mean ± std over folds per model and
-target) written beside a record of the command, git commit, machine and wall time::
+target) written beside a record of the command, git commit and uncommitted paths, machine and wall time
+(`experiments/provenance.py`)::
 
     # 5-fold patient-level CV (stratified by country x anemia), one or more configs on the same folds:
     python experiments/protocols.py cv --config=configs/unet.py:data=phantom,size=64 \
@@ -29,15 +30,10 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import datetime
 import json
 import math
-import os
 import pathlib
-import platform
 import re
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +42,9 @@ from typing import Any
 import ml_collections
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python experiments/protocols.py` from anywhere, without installing
+
+from experiments import provenance  # noqa: E402
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
 _DIGITS = {"hd95": 2, "assd": 2}
 LOSS_PRESETS = {
@@ -159,62 +158,6 @@ def format_table(agg: Mapping[str, Any]) -> str:
             lines.append(f"| {r['group']} | {r['run']} | {r['step']} | {t} | {get('dice', 4)} | {get('iou', 4)} | "
                          f"{get('hd95', 2)} | {get('hd95_infinite', 0)} | {get('num_images', 0)} |")
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------- provenance
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def provenance(argv: Sequence[str], wall_time_s: float, script: str = "experiments/protocols.py") -> dict[str, Any]:
-    """Command, git commit (and whether the tree had uncommitted changes), machine, date and wall time."""
-    import jax  # noqa: PLC0415 -- initialised by the runs by now; aggregation alone never needs it
-
-    devices = jax.devices()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "command": shlex.join(["python", script, *argv]),
-        "git_commit": _git("rev-parse", "HEAD") or "unknown",
-        "git_uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                    "load_average_1_5_15min": [round(x, 2) for x in load] if load else None,
-                    "jax": jax.__version__, "backend": jax.default_backend(), "num_devices": len(devices),
-                    "device_kind": devices[0].device_kind},
-        "wall_time_s": round(wall_time_s, 1),
-    }
-
-
-def provenance_markdown(prov: Mapping[str, Any], note: str = "") -> str:
-    """The record's bullet list."""
-    m = prov["machine"]
-    commit = prov["git_commit"] + (" (plus uncommitted changes)" if prov["git_uncommitted_changes"] else "")
-    lines = [f"- command: `{prov['command']}`", f"- git commit: {commit}", f"- date: {prov['date_utc']}",
-             f"- machine: {m['platform']}, {m['cpu_count']} CPU(s), load average {m['load_average_1_5_15min']}; "
-             f"JAX {m['jax']} on {m['num_devices']} {m['backend']} device(s) ({m['device_kind']})",
-             f"- wall time: {prov['wall_time_s'] / 60:.1f} min"]
-    if note:
-        lines.append(f"- note: {note}")
-    return "\n".join(lines) + "\n"
-
-
-def write_results(out: str | pathlib.Path, name: str, title: str, body_md: str, data: Mapping[str, Any],
-                  prov: Mapping[str, Any], note: str = "") -> pathlib.Path:
-    """Writes ``<out>/<name>.md`` (title, record, tables) and ``<out>/<name>.json`` (data + record)."""
-    from anemia_jax import reporting  # noqa: PLC0415
-
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(f"# {title}\n\n" + provenance_markdown(prov, note) + "\n" + body_md)
-    record = {"provenance": dict(prov), "note": note, **data}
-    (out / f"{name}.json").write_text(json.dumps(reporting.jsonable(record), indent=2, sort_keys=True) + "\n")
-    return out / f"{name}.md"
 
 
 # ---------------------------------------------------------------------------------------------- fold runner
@@ -468,13 +411,13 @@ def main(argv: Sequence[str]) -> int:
             + format_table(agg))
     data = {"aggregate": agg, "workdirs": [r["workdir"] for r in records],
             "reused_runs": [r["workdir"] for r in records if r["reused"]]}
-    path = write_results(args.out, name, titles[args.mode], body, data, provenance(argv, time.time() - start),
-                         args.note)
+    path = provenance.write_results(args.out, name, titles[args.mode], body, data,
+                                    provenance.record(argv, time.time() - start, "experiments/protocols.py"),
+                                    args.note)
     print(format_table(agg))
     print(f"Wrote {path} and {path.with_suffix('.json')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))  # `python experiments/protocols.py` from anywhere, without installing
     sys.exit(main(sys.argv[1:]))

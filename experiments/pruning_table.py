@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from anemia_jax import evaluate, parallel, run_lib  # noqa: E402
-from experiments import protocols  # noqa: E402
+from experiments import provenance  # noqa: E402
 
 
 def parameter_count(params: Any, level: int | None) -> int:
@@ -123,10 +123,10 @@ def main(argv: Sequence[str]) -> int:
             f"Dice: mean ± std over the {rows[0]['num_images']} images of its {args.split} split; images/s: median of "
             f"{args.repeats} calls on a batch of {args.batch} on {run.mesh.size} {jax.default_backend()} device(s).\n\n"
             + format_rows(rows))
-    path = protocols.write_results(args.out, args.name, "UNet++ pruning", body, {"rows": rows,
-                                   "workdir": str(run.workdir), "step": run.step},
-                                   protocols.provenance(argv, time.time() - start, "experiments/pruning_table.py"),
-                                   args.note)
+    data = {"rows": rows, "workdir": str(run.workdir), "step": run.step}
+    path = provenance.write_results(args.out, args.name, "UNet++ pruning", body, data,
+                                    provenance.record(argv, time.time() - start, "experiments/pruning_table.py"),
+                                    args.note)
     print(body)
     print(f"Wrote {path}")
     return 0

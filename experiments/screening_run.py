@@ -38,7 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from anemia_jax import colour, input_pipeline, run_lib, screening  # noqa: E402
 from anemia_jax.predict import resize_probabilities  # noqa: E402
-from experiments import protocols  # noqa: E402
+from experiments import provenance  # noqa: E402
 
 
 def find_runs(path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -151,9 +151,9 @@ def main(argv: Sequence[str]) -> int:
             f"{context['num_folds']} patient-level folds.\n\n" + screening.format_markdown(rows))
     data = {"rows": [{k: v for k, v in r.items() if k not in ("regression", "detection")} for r in rows],
             "context": context, "runs": [str(d) for d in run_dirs], "target": args.target}
-    path = protocols.write_results(args.out, args.name, "Anemia screening: ground-truth vs predicted masks", body,
-                                   data, protocols.provenance(argv, time.time() - start,
-                                                              "experiments/screening_run.py"), args.note)
+    path = provenance.write_results(args.out, args.name, "Anemia screening: ground-truth vs predicted masks", body,
+                                    data, provenance.record(argv, time.time() - start, "experiments/screening_run.py"),
+                                    args.note)
     print(body)
     print(f"Wrote {path}")
     return 0

@@ -1,5 +1,6 @@
-"""Tests of experiments/protocols.py: the aggregation math on fabricated summary.json files, and the fold runner's
-jobs, workdirs, reuse and overrides with a fake trainer (no training here)."""
+"""Tests of experiments/protocols.py: the aggregation math on fabricated summary.json files, the fold runner's
+jobs, workdirs, reuse and overrides with a fake trainer (no training here), and the git state that every result
+record carries (experiments/provenance.py) in a throwaway repository."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import subprocess
 import sys
 
 import ml_collections
@@ -20,6 +22,7 @@ _spec = importlib.util.spec_from_file_location("experiments_protocols", REPO / "
 protocols = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = protocols  # dataclasses look their module up there
 _spec.loader.exec_module(protocols)
+provenance = protocols.provenance  # experiments/provenance.py, as the scripts import it
 
 
 def _summary(dice_a, dice_b, hd95="NaN", step=10, status="completed"):
@@ -142,4 +145,53 @@ def test_aggregate_command_writes_table_and_record(config, tmp_path):
     record = json.loads((tmp_path / "out" / "t.json").read_text())
     assert record["provenance"]["command"].startswith("python experiments/protocols.py aggregate")
     assert record["provenance"]["machine"]["cpu_count"] >= 1
+    assert {"git_commit", "git_uncommitted_changes", "git_changed_paths", "git_changed_paths_total"} <= set(
+        record["provenance"])
     assert np.isclose(record["aggregate"]["groups"]["unet"]["targets"]["a"]["dice"]["mean"], 0.3)
+
+
+def _git(repo: pathlib.Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false",
+                    *args], cwd=repo, check=True, capture_output=True, timeout=60)
+
+
+def test_git_state_counts_untracked_not_ignored(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / ".gitignore").write_text("ignored/\n*.log\n")
+    (repo / "a.py").write_text("a = 1\n")
+    (repo / "b.py").write_text("b = 1\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "init")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    clean = provenance.git_state(repo)
+    assert clean == {"git_commit": head, "git_uncommitted_changes": False, "git_changed_paths": [],
+                     "git_changed_paths_total": 0}
+    # Ignored files (environments, run outputs) are not code changes.
+    (repo / "ignored").mkdir()
+    (repo / "ignored" / "x.py").write_text("")
+    (repo / "run.log").write_text("")
+    assert provenance.git_state(repo)["git_uncommitted_changes"] is False
+    # An untracked new module IS a change: a rerun from the commit would not have it.
+    (repo / "new module.py").write_text("")
+    state = provenance.git_state(repo)
+    assert state["git_uncommitted_changes"] is True and state["git_changed_paths"] == ["?? new module.py"]
+    # A modified tracked file and a staged rename (one entry, not two).
+    (repo / "a.py").write_text("a = 2\n")
+    _git(repo, "mv", "b.py", "c.py")
+    state = provenance.git_state(repo)
+    assert state["git_changed_paths"] == [" M a.py", "?? new module.py", "R  c.py"]
+    assert state["git_changed_paths_total"] == 3 and state["git_commit"] == head
+    capped = provenance.git_state(repo, max_paths=1)
+    assert capped["git_changed_paths"] == [" M a.py"] and capped["git_changed_paths_total"] == 3
+    machine = {"platform": "p", "cpu_count": 1, "load_average_1_5_15min": None, "jax": "0", "num_devices": 1,
+               "backend": "cpu", "device_kind": "cpu"}
+    record = {"command": "c", "date_utc": "d", "machine": machine, "wall_time_s": 1.0}
+    text = provenance.to_markdown({**record, **capped})
+    assert f"{head} plus uncommitted changes to 3 path(s): ` M a.py`" in text
+    # Outside a repository the state is unknown, never reported as clean.
+    (tmp_path / "plain").mkdir()
+    unknown = provenance.git_state(tmp_path / "plain")
+    assert unknown["git_commit"] == "unknown" and unknown["git_uncommitted_changes"] is None
+    assert "state unknown" in provenance.to_markdown({**record, **unknown})

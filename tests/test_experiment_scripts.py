@@ -1,0 +1,57 @@
+"""Smoke tests of experiments/pruning_table.py and experiments/screening_run.py on the tiny UNet++ run of
+tests/_tiny_run.py (untrained parameters, so only the tables' structure and counts are checked, not their scores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
+    pruning_table = _script("pruning_table")
+    assert pruning_table.main([f"--workdir={workdir}", f"--out={tmp_path}", "--batch=8", "--repeats=1"]) == 0
+    record = json.loads((tmp_path / "pruning.json").read_text())
+    rows = {r["network"]: r for r in record["rows"]}
+    assert list(rows) == ["full", "L1", "L2"]  # the tiny config has depth 2
+    assert all(r["images_per_s"] > 0 and r["parameters"] > 0 and r["num_images"] > 0 for r in rows.values())
+    assert all(math.isfinite(r["gflops_per_image"]) and r["gflops_per_image"] > 0 for r in rows.values())
+    # Every level adds nodes; the full network computes every node of L2 (plus the shallower heads).
+    assert rows["L1"]["gflops_per_image"] < rows["L2"]["gflops_per_image"] <= rows["full"]["gflops_per_image"]
+    assert rows["L1"]["parameters"] < rows["L2"]["parameters"] <= rows["full"]["parameters"]
+    assert set(rows["L1"]["dice"]) == {"palpebral", "forniceal_palpebral"}
+    text = (tmp_path / "pruning.md").read_text()
+    assert "| full |" in text and "| L1 |" in text and "| L2 |" in text
+    assert record["provenance"]["command"].startswith("python experiments/pruning_table.py --workdir=")
+
+
+def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
+    screening_run = _script("screening_run")
+    assert screening_run.main([f"--runs={workdir}", f"--out={tmp_path}", "--name=s"]) == 0
+    record = json.loads((tmp_path / "s.json").read_text())
+    rows = {r["source"]: r for r in record["rows"]}
+    assert list(rows) == ["ground-truth mask", "predicted mask"]
+    photos = record["context"]["num_photos"]
+    assert photos > 0 and record["target"] == "palpebral"
+    for r in rows.values():
+        # Every held-out photo is either used or counted as excluded for a named reason.
+        assert 0 < r["n_hgb"] <= photos and 0 < r["n_anemia"] <= photos and 0 <= r["n_positive"] <= r["n_anemia"]
+        assert r["n_hgb"] + r["n_unknown_hgb"] + r["n_missing_features"] <= photos
+    # Both rows are on the same photos (common_examples): they differ only by the masks.
+    assert rows["ground-truth mask"]["n_hgb"] == rows["predicted mask"]["n_hgb"]
+    text = (tmp_path / "s.md").read_text()
+    assert "| ground-truth mask |" in text and "| predicted mask |" in text
