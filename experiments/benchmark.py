@@ -185,6 +185,10 @@ def main() -> None:
         if not args.no_warm:
             warm = _child(args, cache, 0)
             ours["first_step_warm_s"] = warm["first_step_s"]
+    import provenance  # experiments/provenance.py: this script's own folder is on sys.path
+
+    ours["command"] = " ".join(["python", *sys.argv])
+    ours["git"] = provenance.git_state()
     rows = [ours]
     if args.peer:
         for run in filter(None, args.peer_runs.split(",")):

@@ -24,4 +24,5 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert row["step_flops"] > 0
     assert 0 < row["first_step_warm_s"] and 0 < row["first_step_cold_s"]
     assert row["finite"]
+    assert len(row["git"]["git_commit"]) == 40 and "benchmark.py" in row["command"]
     assert "time to first step" in result.stdout and "anemia_jax" in result.stdout.splitlines()[-1]
