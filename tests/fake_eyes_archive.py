@@ -25,7 +25,10 @@ from scipy import ndimage
 KINDS = ("palpebral", "forniceal", "forniceal_palpebral")
 # Mask encodings: the archive's real ones, then broken ones the builder must report.
 ENCODINGS = ("rgba", "white", "rgb_white", "rgba16", "rgb16_white", "palette", "full", "iccp_bad_crc",
-             "iccp_bad_method", "iccp_bad_zlib", "rotated", "landscape", "garbage")
+             "iccp_bad_method", "iccp_bad_zlib", "rotated", "landscape", "scaled80", "scaled90", "garbage")
+# Wrong-scale cut-outs: made from a centred crop of the photo (this fraction of each side, so the same aspect ratio)
+# stretched to the whole frame.
+SCALED = {"scaled80": 0.8, "scaled90": 0.9}
 # Orientation tag -> transpose that turns the upright picture into the stored pixels (inverse of exif_transpose).
 _TO_RAW = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
@@ -60,11 +63,12 @@ def regions(seed: int) -> dict[str, tuple[float, float, float, float]]:
             "forniceal": (cx, cy - 0.04, rng.uniform(0.18, 0.25), rng.uniform(0.06, 0.08))}
 
 
-def true_mask(seed: int, kind: str, size: tuple[int, int]) -> np.ndarray:
-    """bool [h, w] of region ``kind`` at ``size`` = (w, h), sampled at pixel centres."""
+def true_mask(seed: int, kind: str, size: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+    """bool [h, w] of region ``kind`` at ``size`` = (w, h), sampled at pixel centres; ``scale`` < 1 gives the region
+    within the centred crop of that fraction of each side, stretched to ``size``."""
     w, h = size
     y, x = np.mgrid[0:h, 0:w]
-    x, y = (x + 0.5) / w, (y + 0.5) / h
+    x, y = 0.5 + scale * ((x + 0.5) / w - 0.5), 0.5 + scale * ((y + 0.5) / h - 0.5)
     inside = {}
     for name, (cx, cy, rx, ry) in regions(seed).items():
         inside[name] = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
@@ -121,8 +125,11 @@ def cutout(seed: int, kind: str, encoding: str, photo_size: tuple[int, int], mas
     upright = photo(seed, photo_size)
     if encoding == "landscape":  # cut from the stored (sideways) pixels: the photo's EXIF rotation not applied
         upright, size = upright.transpose(Image.Transpose.ROTATE_90), size[::-1]
-    rgb = np.asarray(upright.resize(size, Image.Resampling.BOX))
-    region = true_mask(seed, kind, mask_size)
+    scale = SCALED.get(encoding, 1.0)
+    pw, ph = photo_size
+    crop = (pw * (1 - scale) / 2, ph * (1 - scale) / 2, pw * (1 + scale) / 2, ph * (1 + scale) / 2)
+    rgb = np.asarray(upright.resize(size, Image.Resampling.BOX, box=None if scale == 1 else crop))
+    region = true_mask(seed, kind, mask_size, scale)
     if encoding == "landscape":
         region = np.rot90(region)
     if encoding == "rotated":
@@ -131,7 +138,7 @@ def cutout(seed: int, kind: str, encoding: str, photo_size: tuple[int, int], mas
         region = true_mask(seed, kind, photo_size)
     alpha = np.where(region, 255, 0).astype(np.uint8)
     white = np.where(region[..., None], rgb, 255).astype(np.uint8)
-    if encoding in ("rgba", "full", "rotated", "landscape") or encoding.startswith("iccp"):
+    if encoding in ("rgba", "full", "rotated", "landscape", *SCALED) or encoding.startswith("iccp"):
         data = _png(Image.fromarray(np.dstack([rgb * region[..., None], alpha]).astype(np.uint8)))
         return insert_iccp(data, encoding[5:]) if encoding.startswith("iccp") else data
     if encoding == "white":
@@ -252,8 +259,8 @@ def quirk_patients() -> list[Patient]:
     """Patients reproducing every quirk of the real archive, plus broken files the builder must report."""
     ds = {".DS_Store": b"\x00\x00\x00\x01Bud1" + b"\x00" * 20}
     t17, t35, t95, t100 = "T_1_20190606_092247", "T_4_20190606_095326", "T_64_20190612_092742", "T_69_20190613_0814"
-    i1, i3, i5, i6, i7, i8 = ("20200124_080100", "20200124_091841", "20200124_094523", "20200124_103722",
-                              "20200124_202058", "20200124_202947")
+    i1, i3, i5, i6, i7, i8, i9 = ("20200124_080100", "20200124_091841", "20200124_094523", "20200124_103722",
+                                  "20200124_202058", "20200124_202947", "20200124_210412")
     std = lambda stem, enc: {k: (f"{stem}_{k}.png", enc.get(k, "rgba")) for k in KINDS}  # noqa: E731
     return [
         Patient("Italy", 1, "1.jpg", {"palpebral": ("001_palpebral.png", "white")}, extra=ds),
@@ -281,6 +288,7 @@ def quirk_patients() -> list[Patient]:
         Patient("India", 8, f"{i8}.jpg", std(i8, {}), extra=ds,
                 copies={f"{i8}_palpebral(1).png": f"{i8}_palpebral.png",
                         f"{i8}_forniceal_palpebral(1).png": f"{i8}_forniceal_palpebral.png"}),
+        Patient("India", 9, f"{i9}.jpg", std(i9, {"palpebral": "scaled90", "forniceal": "scaled80"})),
     ]
 
 
@@ -293,7 +301,8 @@ def quirk_sheets() -> dict[str, bytes]:
              [93, "_", "M", 53, "withdrawn", None], [95, "13,8", "M", 31, None, None],
              [100, 14.5, "F", 63, None, None], [None, None, None, None, None, None]]
     india = [["N°", "Hb (g/dL)", "Sex", "Age"],
-             [1, 12.2, "M", 29], [3, 10.7, "F", 30], [5, 7.8, "F", 29], [6, 11.8, "F", 55], [7, "9,2", "F", None]]
+             [1, 12.2, "M", 29], [3, 10.7, "F", 30], [5, 7.8, "F", 29], [6, 11.8, "F", 55], [7, "9,2", "F", None],
+             [9, 13.4, "M", 41]]
     return {"Italy.xlsx": xlsx(italy, inline=("10,2",)), "India/India.xlsx": xlsx(india)}
 
 

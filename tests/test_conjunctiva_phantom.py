@@ -1,11 +1,14 @@
 """Tests of the conjunctiva phantom generator and its TFDS builder."""
 
+import pathlib
 import re
 import sys
 
 import numpy as np
 import pytest
 
+from anemia_jax import datasets
+from anemia_jax.datasets import features as features_lib
 from anemia_jax.datasets.conjunctiva_phantom import conjunctiva_phantom_dataset_builder as cpb
 from anemia_jax.datasets.conjunctiva_phantom import phantom
 
@@ -142,3 +145,21 @@ def test_config_validation_and_custom_config(tmp_path):
     source = builder.as_data_source("train")
     assert len(source) == 5 and source[4]["image"].shape == (32, 24, 3)
     assert source[4]["patient_id"].decode() == phantom.sample_metadata(SEED, 4)["patient_id"]
+
+
+def test_info_homepage_and_citation(tmp_path):
+    info = cpb.Builder(config="res64", data_dir=tmp_path).info
+    # TFDS's default homepage would be a tensorflow.org catalog page that does not exist for this builder.
+    assert info.homepage == features_lib.PROJECT_HOMEPAGE
+    assert "@misc{anemia_jax" in info.citation
+
+
+@pytest.mark.parametrize("name", datasets.BUILDER_NAMES)
+def test_every_builder_folder_follows_tfds_conventions(name, tmp_path):
+    cls = datasets.builder_class(name)
+    folder = pathlib.Path(sys.modules[cls.__module__].__file__).parent
+    assert folder.name == name and (folder / f"{name}_dataset_builder.py").is_file()
+    for filename in ("README.md", "CITATIONS.bib", "__init__.py"):
+        assert (folder / filename).is_file(), (name, filename)
+    info = cls(data_dir=tmp_path).info
+    assert info.citation.lstrip().startswith("@") and "tensorflow.org/datasets/catalog" not in info.homepage

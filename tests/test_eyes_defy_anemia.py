@@ -29,7 +29,7 @@ EXPECTED_HAS = {
     "Italy/9": (True, True, True), "Italy/17": (True, True, True), "Italy/35": (True, False, False),
     "Italy/93": (True, True, True), "Italy/95": (True, True, True), "Italy/100": (False, False, True),
     "India/1": (True, True, True), "India/3": (True, False, True), "India/7": (True, True, True),
-    "India/8": (True, True, True),
+    "India/8": (True, True, True), "India/9": (False, False, True),
 }
 
 
@@ -115,14 +115,16 @@ def test_metadata_parsed_from_both_spreadsheets(built):
 
 def test_build_summary_accounts_for_every_file(built):
     builder, _, s = built
-    assert builder.build_summary.examples_written == s["examples_written"] == 13
-    assert s["masks_present"] == {"palpebral": 12, "forniceal": 9, "forniceal_palpebral": 11}
+    assert builder.build_summary.examples_written == s["examples_written"] == 14
+    assert s["masks_present"] == {"palpebral": 12, "forniceal": 9, "forniceal_palpebral": 12}
     assert s["masks_missing"]["forniceal"]["Italy/1"] == "no file"
     assert s["masks_missing"]["forniceal"]["India/3"].startswith("unreadable")
     misaligned = {(m["patient_id"], m["kind"]): m["reason"] for m in s["misaligned_masks"]}
-    assert set(misaligned) == {("Italy/100", "palpebral"), ("Italy/100", "forniceal")}
+    assert set(misaligned) == {("Italy/100", "palpebral"), ("Italy/100", "forniceal"), ("India/9", "palpebral"),
+                               ("India/9", "forniceal")}
     assert "correlation" in misaligned[("Italy/100", "palpebral")]
     assert "aspect" in misaligned[("Italy/100", "forniceal")]
+    assert "better scaled by 0.90" in misaligned[("India/9", "palpebral")]  # the 90%-crop cut-out
     skipped = {pathlib.PurePosixPath(f["path"]).name: f["reason"] for f in s["files_skipped"]}
     assert skipped["notes.txt"].startswith("neither a photo nor a mask")
     assert skipped["20200124_091841_forniceal.png"].startswith("unreadable mask")
@@ -137,7 +139,15 @@ def test_build_summary_accounts_for_every_file(built):
     assert s["files_ignored"] == {"hidden file (.DS_Store)": 6}
     assert s["spreadsheets_used"] == {"India": "dataset anemia/India/India.xlsx", "Italy": "dataset anemia/Italy.xlsx"}
     assert s["hgb_missing"] == ["India/8", "Italy/93"] and s["patients_without_metadata"] == ["India/8"]
-    assert s["mask_encodings"] == {"alpha": 22, "white_background": 10}
+    assert s["mask_encodings"] == {"alpha": 23, "white_background": 10}
+    # The quirk archive is a small subset: the build goes on but says how it differs from the public archive.
+    assert s["source_matches_known_archive"] is False
+    assert s["source_differences"] == [
+        "known patient folders missing (202 of 218): India/2, India/4, India/10, India/11, India/12, India/13, "
+        "India/14, India/15, India/16, India/17, ...",
+        "photos: 15 found, 218 in the known archive", "palpebral masks: 16 found, 218 in the known archive",
+        "forniceal masks: 14 found, 212 in the known archive",
+        "forniceal_palpebral masks: 14 found, 212 in the known archive"]
 
 
 def test_registry_lookup_and_pickling_reuse_prepared_data(built):
@@ -145,7 +155,7 @@ def test_registry_lookup_and_pickling_reuse_prepared_data(built):
     again = get_builder("eyes_defy_anemia", data_dir=builder.data_dir_root, config="long512",
                         archive_path="/unused/because/prepared.zip")
     assert isinstance(again, Builder) and again.data_path == builder.data_path
-    assert len(again.as_data_source("train")) == 13
+    assert len(again.as_data_source("train")) == 14
     clone = pickle.loads(pickle.dumps(again))
     assert clone._archive_path == "/unused/because/prepared.zip" and clone.info.file_format == again.info.file_format
 
@@ -244,12 +254,54 @@ def test_decode_every_mask_encoding(encoding):
     cut = masks.decode_cutout(data)  # ... the builder reads them without the profile.
     assert cut.iccp_removed == (encoding in ("iccp_bad_crc", "iccp_bad_method"))
     alignment = masks.check_alignment(upright, cut)
-    if encoding in ("rotated", "landscape"):
+    if encoding in ("rotated", "landscape", *fake.SCALED):
         assert not alignment.ok and alignment.reason
         return
     size = photo_size if encoding == "full" else mask_size
     np.testing.assert_array_equal(cut.mask, fake.true_mask(seed, "palpebral", size))
-    assert alignment.ok and alignment.correlation > 0.8
+    assert alignment.ok and alignment.correlation > 0.8 and alignment.best_alternative < alignment.correlation
+
+
+def test_wrong_scale_cutouts_rejected_genuine_ones_kept():
+    # Cut-outs of a 90% or 80% centred crop of the photo (same aspect ratio) correlate up to ~0.9 with the photo
+    # (above MIN_CORRELATION) but fit it better at their own scale than at the identity.
+    photo_size, mask_size = (60, 80), (30, 40)
+    scaled_scores = []
+    for seed in range(8):
+        upright = fake.photo(seed, photo_size)
+        for kind in KINDS:
+            for encoding in ("rgba", "white", "palette", *fake.SCALED):
+                cut = masks.decode_cutout(fake.cutout(seed, kind, encoding, photo_size, mask_size))
+                alignment = masks.check_alignment(upright, cut)
+                assert alignment.ok == (encoding not in fake.SCALED), (seed, kind, encoding, alignment)
+                if encoding == "scaled90":
+                    scaled_scores.append(alignment.correlation)
+    # The plain correlation threshold alone would have accepted most 90% cut-outs.
+    assert np.mean(np.array(scaled_scores) >= masks.MIN_CORRELATION) > 0.5
+
+
+def test_source_compared_with_known_archive(caplog):
+    def folder(country, number, kinds=KINDS):
+        return archive.PatientFiles(country, number, f"{country}/{number}", photo=f"{number}.jpg",
+                                    masks={k: f"{number}_{k}.png" for k in kinds})
+
+    no_forniceal = {("Italy", n) for n in (1, 35, 54, 58, 75, 109)}
+    known = [folder(c, n, ("palpebral",) if (c, n) in no_forniceal else KINDS)
+             for c, numbers in source.KNOWN_PATIENTS.items() for n in numbers]
+    assert source.compare_with_known_archive(known) == []
+    # Two known folders replaced by two unknown ones, one without its photo: only the photo total changes.
+    partial = [p for p in known if p.patient_id not in ("India/7", "Italy/120")] + [folder("Spain", 1),
+                                                                                       folder("Spain", 2)]
+    partial[-1].photo = None
+    differences = source.compare_with_known_archive(partial)
+    assert differences == ["known patient folders missing (2 of 218): India/7, Italy/120",
+                           "patient folders not in the known archive (2): Spain/1, Spain/2",
+                           "photos: 217 found, 218 in the known archive"]
+    s = summary.BuildSummary(source="/cache/eyes")
+    with caplog.at_level("WARNING"):
+        s.check_source(differences)
+    assert s.source_matches_known_archive is False and s.source_differences == differences
+    assert "/cache/eyes differs from the known public archive" in caplog.text and "Spain/1" in caplog.text
 
 
 def test_white_background_keeps_interior_highlights():
@@ -328,6 +380,8 @@ def test_real_names_and_spreadsheets_give_real_counts(shared_dir, tmp_path):
     no_forniceal = {pid for pid, ex in examples.items() if not ex["has_forniceal"]}
     assert no_forniceal == {f"Italy/{n}" for n in (1, 35, 54, 58, 75, 109)}
     assert not s.misaligned_masks and not s.files_skipped and len(s.duplicates_ignored) == 2
+    written = summary.read_summary(builder.data_path)
+    assert written["source_matches_known_archive"] is True and written["source_differences"] == []
     assert len(s.misnamed_files_accepted) == 5 and len(s.iccp_chunks_removed) > 0
     assert float(examples["Italy/53"]["hgb"]) == pytest.approx(15.1)  # text cell with a decimal comma
     assert math.isnan(examples["Italy/93"]["hgb"]) and examples["Italy/93"]["anemic"] == -1

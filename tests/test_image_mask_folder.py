@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anemia_jax.datasets import features as features_lib
 from anemia_jax.datasets.image_mask_folder import image_mask_folder_dataset_builder as imf
 
 # Foreground of every generated image is a red rectangle on a grey-blue background, so its mask is
@@ -170,6 +171,16 @@ def test_builder_pickles_with_its_source(tmp_path, source):
     builder = imf.Builder(config="kvasir_seg_256", source_dir=source, data_dir=tmp_path)
     clone = pickle.loads(pickle.dumps(builder))
     assert clone._source_dir == builder._source_dir and clone.builder_config.name == "kvasir_seg_256"
+
+
+def test_info_homepage(tmp_path):
+    # TFDS's default would be a non-existent tensorflow.org catalog page.
+    for config in ("kvasir_seg", "kvasir_seg_256"):
+        assert imf.Builder(config=config, data_dir=tmp_path).info.homepage == "https://datasets.simula.no/kvasir-seg/"
+    mine = imf.ImageMaskFolderConfig(name="mine")
+    assert imf.Builder(config=mine, data_dir=tmp_path).info.homepage == features_lib.PROJECT_HOMEPAGE
+    theirs = imf.ImageMaskFolderConfig(name="theirs", homepage="https://example.org/polyps")
+    assert imf.Builder(config=theirs, data_dir=tmp_path).info.homepage == "https://example.org/polyps"
 
 
 def test_config_validation():

@@ -13,6 +13,11 @@ from typing import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+# DatasetInfo homepage of data this package defines itself (the phantom, image/mask folders other than Kvasir-SEG):
+# the project README, which documents every builder. It has no public URL yet; replace this with the repository's
+# README URL when there is one. Not part of features.json, so changing it leaves prepared data valid.
+PROJECT_HOMEPAGE = "anemia_jax README.md (the project's top-level README; no public URL yet)"
+
 _DOCS = {
     "hgb": "Haemoglobin, g/dL; NaN if unknown.",
     "age": "Years; NaN if unknown.",

@@ -108,6 +108,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         summary = self.build_summary
         with archive_lib.Archive(path) as arc:
             scan = archive_lib.scan(arc)
+            summary.check_source(source_lib.compare_with_known_archive(scan.patients))
             for skipped in scan.skipped:
                 summary.skip_file(skipped["path"], skipped["reason"])
             summary.misnamed_files_accepted = scan.misnamed
@@ -209,7 +210,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 else:
                     summary.misaligned_masks.append({
                         "patient_id": pid, "kind": kind, "path": patient.masks[kind], "reason": alignment.reason,
-                        "correlation": alignment.correlation, "mad": alignment.mad})
+                        "correlation": alignment.correlation, "mad": alignment.mad,
+                        "best_alternative": alignment.best_alternative})
                     summary.mask_missing(kind, pid, f"misaligned: {alignment.reason}")
             example[kind] = masks_lib.encode_mask_png(stored if stored is not None else empty)
             example[f"has_{kind}"] = stored is not None

@@ -17,8 +17,14 @@ Since the cut-out carries the photo's pixels, alignment is checked, not assumed 
 ratio must match the photo's (a 90-degree error shows up here), and inside the region the cut-out's colours must
 correlate with the photo resized to the mask's size (Pearson correlation of the per-channel-centred RGB values, at
 least `MIN_CORRELATION`). An aligned cut-out scores about 0.9-1.0 (same pixels up to resampling and JPEG noise); a
-flipped, rotated or shifted one scores near 0, because conjunctival texture at different places is uncorrelated. A
-region too flat to correlate falls back to the mean absolute difference (at most `MAX_FLAT_MAD` grey levels).
+flipped, rotated or far-shifted one scores near 0, because conjunctival texture at different places is uncorrelated.
+A cut-out that is only slightly off — made from a 90%-scale crop of the photo, or shifted by a few percent — can
+still score up to 0.98, because the region's broad colour gradient survives a small displacement. So the identity
+must also be the best fit: the correlation is computed again with the photo sampled under each of
+`ALTERNATIVE_GEOMETRIES` (scaled about the centre, shifted), and the cut-out is rejected when one of them matches
+better by more than `ALTERNATIVE_MARGIN` (the resampling noise of tiny masks). A genuine cut-out peaks at the
+identity; a wrong-scale one peaks at (or near) its own scale. A region too flat to correlate falls back to the mean
+absolute difference (at most `MAX_FLAT_MAD` grey levels).
 """
 
 from __future__ import annotations
@@ -45,6 +51,21 @@ MIN_PIXELS = 8
 MAX_FRACTION = 0.9
 # Relative aspect-ratio difference tolerated between mask and photo beyond one pixel of rounding.
 ASPECT_TOLERANCE = 0.01
+# (scale about the frame centre, shift as a fraction of the width, of the height): mask pixel (x, y) is compared with
+# the photo at (cx + scale * (x - cx) + dx * w, cy + scale * (y - cy) + dy * h). Scale < 1: a cut-out of a centred
+# crop stretched to the frame; > 1: of a zoomed-out frame.
+ALTERNATIVE_GEOMETRIES = ((0.8, 0.0, 0.0), (0.9, 0.0, 0.0), (1 / 0.9, 0.0, 0.0), (1 / 0.8, 0.0, 0.0),
+                          (1.0, 0.05, 0.0), (1.0, -0.05, 0.0), (1.0, 0.0, 0.05), (1.0, 0.0, -0.05))
+# An alternative geometry rejects the cut-out when its correlation exceeds the identity's by more than this. On the
+# test archives (photo via JPEG, masks 18x24 to 150x200 px) genuine cut-outs score at most +0.001 against the best
+# alternative (tiny masks: the alternatives move pixels by < 1 px and bilinear sampling smooths JPEG noise), 90%-crop
+# cut-outs with 30x40 or larger masks at least +0.036; larger masks separate far more (genuine <= -0.65 at 150x200).
+ALTERNATIVE_MARGIN = 0.02
+# An alternative geometry is only scored when at least this fraction of the region falls inside the photo.
+MIN_OVERLAP = 0.5
+# The alternatives are scored on an evenly strided subset of at most this many region pixels: a correlation from
+# 10^4 samples is accurate to ~0.01, and the eight geometries cost ~20 ms for a ~800x1067 mask.
+MAX_ALTERNATIVE_SAMPLES = 10_000
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -71,6 +92,9 @@ class Alignment:
     reason: str = ""
     correlation: float = float("nan")
     mad: float = float("nan")
+    # Best correlation under `ALTERNATIVE_GEOMETRIES` and the geometry that gave it (NaN / None if not computed).
+    best_alternative: float = float("nan")
+    best_geometry: tuple[float, float, float] | None = None
 
 
 def png_chunks(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
@@ -186,11 +210,59 @@ def decode_cutout(data: bytes) -> CutOut:
     return CutOut(mask=mask, rgb=rgb, encoding=encoding, iccp_removed=iccp_removed)
 
 
+def _correlation(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """(Pearson correlation, std of a, std of b) of two [n, 3] colour arrays, each centred per channel."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    std_a, std_b = np.sqrt((a * a).mean()), np.sqrt((b * b).mean())
+    if std_a == 0 or std_b == 0:
+        return float("nan"), float(std_a), float(std_b)
+    return float((a * b).mean() / (std_a * std_b)), float(std_a), float(std_b)
+
+
+def _bilinear(image: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``image`` [h, w, c] sampled at (y, x) [n] (all inside the image) with bilinear weights -> [n, c]."""
+    h, w = image.shape[:2]
+    y0 = np.minimum(np.floor(y).astype(np.int64), h - 2) if h > 1 else np.zeros(y.shape, np.int64)
+    x0 = np.minimum(np.floor(x).astype(np.int64), w - 2) if w > 1 else np.zeros(x.shape, np.int64)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (y - y0)[:, None], (x - x0)[:, None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _best_alternative(small: np.ndarray, region: np.ndarray, colours: np.ndarray
+                      ) -> tuple[float, tuple[float, float, float] | None]:
+    """Highest correlation of ``colours`` (the cut-out's [n, 3] pixels at ``region``, in np.nonzero order) with
+    ``small`` (photo at mask size, [h, w, 3] float) sampled under each of `ALTERNATIVE_GEOMETRIES`, and that
+    geometry; (NaN, None) if no geometry keeps `MIN_OVERLAP` of the region inside the photo."""
+    h, w = region.shape
+    ys, xs = np.nonzero(region)
+    stride = max(1, -(-len(ys) // MAX_ALTERNATIVE_SAMPLES))
+    ys, xs, colours = ys[::stride], xs[::stride], colours[::stride]
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    best, best_geometry = -np.inf, None
+    for geometry in ALTERNATIVE_GEOMETRIES:
+        scale, dx, dy = geometry
+        y = cy + scale * (ys - cy) + dy * h
+        x = cx + scale * (xs - cx) + dx * w
+        inside = (y >= 0) & (y <= h - 1) & (x >= 0) & (x <= w - 1)
+        if inside.mean() < MIN_OVERLAP:
+            continue
+        corr = _correlation(colours[inside], _bilinear(small, y[inside], x[inside]))[0]
+        if corr > best:
+            best, best_geometry = corr, geometry
+    return (float(best), best_geometry) if best_geometry is not None else (float("nan"), None)
+
+
 def check_alignment(photo: Image.Image, cutout: CutOut) -> Alignment:
     """Whether ``cutout`` lines up with ``photo`` (RGB, EXIF orientation applied, any resolution).
 
     The photo is resized (box filter) to the mask's size; the comparison uses the region shrunk by one pixel when
-    enough of it remains, since edge pixels mix region and background.
+    enough of it remains, since edge pixels mix region and background. Checks, in order: aspect ratio, correlation
+    at least `MIN_CORRELATION` (or, for a flat region, mean absolute difference), and the identity fitting better
+    than every alternative geometry (see the module docstring).
     """
     mh, mw = cutout.mask.shape
     pw, ph = photo.size
@@ -208,20 +280,24 @@ def check_alignment(photo: Image.Image, cutout: CutOut) -> Alignment:
     a = cutout.rgb[region].astype(np.float64)
     b = small[region]
     mad = float(np.abs(a - b).mean())
-    a -= a.mean(axis=0)
-    b -= b.mean(axis=0)
-    std_a, std_b = np.sqrt((a * a).mean()), np.sqrt((b * b).mean())
+    corr, std_a, std_b = _correlation(a, b)
     if std_a < MIN_TEXTURE or std_b < MIN_TEXTURE:
         if mad <= MAX_FLAT_MAD:
             return Alignment(True, correlation=float("nan"), mad=mad)
         return Alignment(False, f"flat region whose colours differ from the photo's by {mad:.1f} levels on average "
                          f"(> {MAX_FLAT_MAD})", mad=mad)
-    corr = float((a * b).mean() / (std_a * std_b))
-    if corr >= MIN_CORRELATION:
-        return Alignment(True, correlation=corr, mad=mad)
-    return Alignment(False, f"the cut-out's pixels do not match the photo there (correlation {corr:.2f} < "
-                     f"{MIN_CORRELATION}): flipped, rotated, shifted or another patient's mask",
-                     correlation=corr, mad=mad)
+    if corr < MIN_CORRELATION:
+        return Alignment(False, f"the cut-out's pixels do not match the photo there (correlation {corr:.2f} < "
+                         f"{MIN_CORRELATION}): flipped, rotated, shifted or another patient's mask",
+                         correlation=corr, mad=mad)
+    alt, geometry = _best_alternative(small, region, a)
+    if alt > corr + ALTERNATIVE_MARGIN:
+        scale, dx, dy = geometry
+        return Alignment(False, f"the photo matches the cut-out better scaled by {scale:.2f} and shifted by "
+                         f"({dx:+.0%}, {dy:+.0%}) of the frame (correlation {alt:.2f}) than as is ({corr:.2f}): "
+                         "the mask was made from a cropped, zoomed or shifted copy of the photo",
+                         correlation=corr, mad=mad, best_alternative=alt, best_geometry=geometry)
+    return Alignment(True, correlation=corr, mad=mad, best_alternative=alt, best_geometry=geometry)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -7,6 +7,11 @@ Order of preference:
 3. ``kagglehub.dataset_download('harshwardhanfartale/eyes-defy-anemia')`` when kagglehub is installed (public set:
    no credentials needed) and the machine is online.
 4. Otherwise `SourceNotFoundError`, whose message says what to download and where to put it.
+
+Whatever the source, the scanned totals are compared with the known public archive (`compare_with_known_archive`):
+a partial or different download (a kagglehub cache holding another version, an interrupted unzip, a subset) is then
+named in the build summary and logged as a warning instead of passing unnoticed. The comparison uses only totals and
+patient numbers, so no listing of the dataset's files ships with this package.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import os
 import pathlib
 import zipfile
+from typing import Sequence
 
 from anemia_jax.datasets.eyes_defy_anemia import archive as archive_lib
 
@@ -22,6 +28,14 @@ KAGGLE_URL = "https://www.kaggle.com/datasets/harshwardhanfartale/eyes-defy-anem
 # Deep enough for <manual>/<folder>/dataset anemia/<Country>/<n>/<file>, shallow enough not to crawl a manual_dir
 # shared with other datasets.
 _MAX_DEPTH = 6
+
+# The public archive (Dimauro et al., 2023; Kaggle copy): patient folders per country, folders with a photo, and mask
+# files per kind. Italy 1, 35, 54, 58, 75 and 109 have no forniceal (nor forniceal_palpebral) mask.
+KNOWN_PATIENTS = {"India": range(1, 96), "Italy": range(1, 124)}
+KNOWN_PHOTOS = 218
+KNOWN_MASKS = {"palpebral": 218, "forniceal": 212, "forniceal_palpebral": 212}
+# Patient ids listed in a difference message before it is abbreviated.
+_MAX_LISTED = 10
 
 
 class SourceNotFoundError(FileNotFoundError):
@@ -48,6 +62,44 @@ def _search_manual_dir(manual_dir: pathlib.Path) -> pathlib.Path | None:
             if holds_dataset(zpath):
                 return zpath
     return None
+
+
+def _listed(ids: list[str]) -> str:
+    more = ", ..." if len(ids) > _MAX_LISTED else ""
+    return ", ".join(ids[:_MAX_LISTED]) + more
+
+
+def compare_with_known_archive(patients: Sequence[archive_lib.PatientFiles]) -> list[str]:
+    """How the scanned patient folders differ from the known public archive (`KNOWN_PATIENTS`, `KNOWN_PHOTOS`,
+    `KNOWN_MASKS`).
+
+    Args:
+      patients: `archive.scan(...).patients`.
+
+    Returns:
+      One human-readable line per difference (missing or unexpected patient folders, photo and per-kind mask
+      totals); empty when the source matches the known archive.
+    """
+    def order(pid: str) -> tuple[str, int]:
+        country, number = pid.split("/")
+        return country, int(number)
+
+    expected = {f"{c}/{n}" for c, numbers in KNOWN_PATIENTS.items() for n in numbers}
+    found = {p.patient_id for p in patients}
+    differences = []
+    missing, unexpected = sorted(expected - found, key=order), sorted(found - expected, key=order)
+    if missing:
+        differences.append(f"known patient folders missing ({len(missing)} of {len(expected)}): {_listed(missing)}")
+    if unexpected:
+        differences.append(f"patient folders not in the known archive ({len(unexpected)}): {_listed(unexpected)}")
+    photos = sum(p.photo is not None for p in patients)
+    if photos != KNOWN_PHOTOS:
+        differences.append(f"photos: {photos} found, {KNOWN_PHOTOS} in the known archive")
+    for kind, known in KNOWN_MASKS.items():
+        count = sum(kind in p.masks for p in patients)
+        if count != known:
+            differences.append(f"{kind} masks: {count} found, {known} in the known archive")
+    return differences
 
 
 def manual_instructions(manual_dir: str | os.PathLike | None) -> str:

@@ -27,6 +27,9 @@ class BuildSummary:
 
     source: str = ""
     source_found_by: str = ""
+    # Whether the scanned totals equal the known public archive's (None until checked) and, if not, how they differ.
+    source_matches_known_archive: bool | None = None
+    source_differences: list[str] = dataclasses.field(default_factory=list)
     config: str = ""
     long_side: int = 0
     examples_written: int = 0
@@ -50,6 +53,14 @@ class BuildSummary:
         """Records (and warns about) a file that was not used."""
         logging.warning("eyes_defy_anemia: skipping %s: %s", path, reason)
         self.files_skipped.append({"path": path, "reason": reason})
+
+    def check_source(self, differences: list[str]) -> None:
+        """Records (and warns about) how the source differs from the known archive; empty: it matches."""
+        self.source_matches_known_archive = not differences
+        self.source_differences = list(differences)
+        if differences:
+            logging.warning("eyes_defy_anemia: the source %s differs from the known public archive (a partial or "
+                            "different download?): %s", self.source, "; ".join(differences))
 
     def mask_missing(self, kind: str, patient_id: str, reason: str) -> None:
         self.masks_missing[kind][patient_id] = reason
@@ -78,12 +89,13 @@ class BuildSummary:
             logging.warning("eyes_defy_anemia: %s %s mask not stored (misaligned): %s", m["patient_id"], m["kind"],
                             m["reason"])
         logging.info(
-            "eyes_defy_anemia build summary (%s, long side %d) from %s [%s]:\n"
+            "eyes_defy_anemia build summary (%s, long side %d) from %s [%s]; matches the known archive: %s\n"
             "  examples written: %d; masks present: %s; missing: %s\n"
             "  misaligned masks: %d; files skipped: %d %s; patients skipped: %d\n"
             "  misnamed files accepted: %d; identical duplicates ignored: %d; iCCP chunks removed: %d\n"
             "  ignored: %s; patients without metadata: %d; Hgb missing: %s; spreadsheet problems: %d",
-            self.config, self.long_side, self.source, self.source_found_by, self.examples_written, self.masks_present,
+            self.config, self.long_side, self.source, self.source_found_by, self.source_matches_known_archive,
+            self.examples_written, self.masks_present,
             {k: len(v) for k, v in self.masks_missing.items()}, len(self.misaligned_masks), len(self.files_skipped),
             self.to_dict()["files_skipped_by_reason"], len(self.patients_skipped), len(self.misnamed_files_accepted),
             len(self.duplicates_ignored), len(self.iccp_chunks_removed), self.files_ignored,

@@ -68,6 +68,8 @@ class ImageMaskFolderConfig(tfds.core.BuilderConfig):
       country: value of the ``country`` feature.
       jpeg_quality: quality of re-encoded images (JPEG sources kept at full size are stored byte for byte).
       manual_subdir: folder under TFDS's manual_dir holding this set; None means the config name.
+      homepage: the data set's web page, reported as the TFDS homepage; None: the project README
+        (`features.PROJECT_HOMEPAGE`).
     """
 
     images_dir: str = "images"
@@ -80,6 +82,7 @@ class ImageMaskFolderConfig(tfds.core.BuilderConfig):
     country: str = ""
     jpeg_quality: int = 90
     manual_subdir: str | None = None
+    homepage: str | None = None
 
     def __post_init__(self):
         if not 1 <= self.mask_threshold <= 255:
@@ -91,6 +94,7 @@ class ImageMaskFolderConfig(tfds.core.BuilderConfig):
             raise ValueError(f"Unsupported mask extensions {bad}; use some of {IMAGE_EXTENSIONS}.")
 
 
+KVASIR_SEG_HOMEPAGE = "https://datasets.simula.no/kvasir-seg/"
 _KVASIR_SPLITS = {"train": "splits_official_medico2020/train.txt", "test": "splits_official_medico2020/val.txt"}
 _KVASIR_HELP = (
     "Kvasir-SEG: download Kvasir-SEG.zip from https://datasets.simula.no/kvasir-seg/ and unzip it (images/ and "
@@ -213,6 +217,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             long_side=512,
             manual_subdir="kvasir_seg",
             description="Kvasir-SEG polyps, official 880/120 split (val.txt -> 'test'), long side 512.",
+            homepage=KVASIR_SEG_HOMEPAGE,
         ),
         ImageMaskFolderConfig(
             name="kvasir_seg_256",
@@ -220,6 +225,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             long_side=256,
             manual_subdir="kvasir_seg",
             description="Kvasir-SEG polyps, official 880/120 split (val.txt -> 'test'), long side 256.",
+            homepage=KVASIR_SEG_HOMEPAGE,
         ),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "kvasir_seg"
@@ -239,6 +245,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             # Released (1.0.0) without feature descriptions: adding them would change prepared features.json.
             features=features_lib.example_features(["mask"], documented=False),
+            # Without it TFDS reports a non-existent tensorflow.org catalog page.
+            homepage=self.builder_config.homepage or features_lib.PROJECT_HOMEPAGE,
             # Example i of a split is the i-th id of its split file (or of the sorted image names).
             disable_shuffling=True,
         )
