@@ -18,7 +18,7 @@ devices restores on 1 or 2.
 
 from __future__ import annotations
 
-import pathlib
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -29,7 +29,10 @@ import logging as pylogging
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ppl
+
+from anemia_jax import reporting
 
 PyTree = Any
 
@@ -65,7 +68,8 @@ class CheckpointManager:
     Every process must create it and call `save`/`restore`/`close` in the same order (Orbax synchronises them).
 
     Args:
-        directory: where step directories live (created if missing), e.g. ``<workdir>/checkpoints``.
+        directory: where step directories live (created if missing), e.g. ``<workdir>/checkpoints``; local or on
+            shared/cloud storage (``gs://bucket/runs/x/checkpoints``, kept as given: see `reporting.as_path`).
         max_to_keep: how many of the latest checkpoints to keep (>= 1).
         best_metric: key of the metrics dict passed to `save` that ranks checkpoints (higher is better); the best
             one is kept in addition to the latest ``max_to_keep``.
@@ -80,7 +84,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | pathlib.Path,
+        directory: str | os.PathLike,
         *,
         max_to_keep: int,
         best_metric: str = "dice/mean",
@@ -94,7 +98,7 @@ class CheckpointManager:
         if read_only and cleanup_tmp:
             raise ValueError("cleanup_tmp=True deletes files, which a read_only manager must not do; only the trainer "
                              "that writes the checkpoints may clean up.")
-        self.directory = pathlib.Path(directory).expanduser().absolute()
+        self.directory: epath.Path = reporting.as_path(directory)
         self.best_metric = best_metric
         self.read_only = read_only
 
@@ -117,8 +121,9 @@ class CheckpointManager:
             create=not read_only,
             save_interval_steps=0 if read_only else 1,
         )
+        # Before the manager exists: creating a read-only one is what warns. Idempotent (a logger holds a filter once).
+        logging.get_absl_logger().addFilter(_EXPECTED_WARNINGS_FILTER)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
-        logging.get_absl_logger().addFilter(_EXPECTED_WARNINGS_FILTER)  # Idempotent: a logger holds a filter once.
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None if there is none."""

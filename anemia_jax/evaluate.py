@@ -1,7 +1,15 @@
 """Evaluation of a trained run: per-image metrics (CSV) and their summary (JSON + markdown).
 
-    python -m anemia_jax.evaluate --workdir=runs/unetpp [--split=val|test|train] [--checkpoint=best|latest|<step>]
-        [--tta [--tta_flips=none,h] [--tta_scales=1]] [--prune_level=k] [--out=DIR]
+    python -m anemia_jax.evaluate --workdir=runs/unetpp [--split=val|test|train]
+        [--checkpoint=auto|best|latest|<step>] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--prune_level=k]
+        [--out=DIR]
+
+Which checkpoint: ``--checkpoint=auto`` (the default) takes the latest checkpoint on ``--split=val`` and the best
+one on any other split. The trainer picks 'best' by mean Dice on the validation split -- for K-fold runs, the very
+fold being scored -- so the best checkpoint's validation score is optimistic; the latest was not selected on it.
+On the test split (and train) selection saw none of the images and 'best' is the honest choice. The choice and its
+reason are logged and recorded in the summary (``checkpoint.chosen_as`` and ``.reason``). ``--workdir`` may be local or on
+shared/cloud storage (``gs://bucket/runs/x``).
 
 Restores the chosen checkpoint (`run_lib.load_run`), rebuilds the run's split exactly as training cut it, predicts
 every image at the training resolution (optionally with test-time augmentation or a pruned UNet++), thresholds the
@@ -24,9 +32,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
-import pathlib
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +43,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from anemia_jax import input_pipeline, metrics, parallel, reporting, run_lib
 
@@ -118,7 +128,8 @@ def format_markdown(summary: Mapping[str, Any]) -> str:
         how = summary["checkpoint"]
         tta = ", ".join(summary["tta"]) if summary.get("tta") else "off"
         lines += [f"# Evaluation of {summary['workdir']}", "",
-                  f"- checkpoint: step {how['step']} ({how['chosen_as']}); split: {summary['split']} "
+                  f"- checkpoint: step {how['step']} ({how['chosen_as']}"
+                  + (f": {how['reason']}" if how.get("reason") else "") + f"); split: {summary['split']} "
                   f"({summary['num_images']} images of TFDS split '{summary['tfds_split']}')",
                   f"- model: {summary['model']}" + (f", pruned to L{summary['prune_level']}"
                                                     if summary.get("prune_level") else "") + f"; TTA: {tta}",
@@ -131,12 +142,13 @@ def format_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_per_image_csv(path: str | pathlib.Path, per_image: Mapping[str, np.ndarray], targets: Sequence[str]) -> None:
-    """Writes the per-image CSV described in the module docstring."""
+def write_per_image_csv(path: str | os.PathLike, per_image: Mapping[str, np.ndarray], targets: Sequence[str]) -> None:
+    """Writes the per-image CSV described in the module docstring (``path`` local or a URL)."""
     columns = ["index", "patient_id", "country"]
     for t in targets:
         columns += [f"has_mask/{t}"] + [f"{name}/{t}" for name in SCORES + DISTANCES if name in per_image]
-    with open(path, "w", newline="") as f:
+    # Built in memory and written as bytes: the csv module's line endings stay exact on any storage.
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for i in range(len(per_image["index"])):
@@ -149,6 +161,7 @@ def write_per_image_csv(path: str | pathlib.Path, per_image: Mapping[str, np.nda
                         value = float(per_image[name][i, c])
                         row.append(("inf" if math.isinf(value) else f"{value:.6g}") if has else "")
             writer.writerow(row)
+        reporting.as_path(path).write_bytes(f.getvalue().encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -216,7 +229,7 @@ def evaluate_run(run, *, split: str = "val", transforms=None, prune_level: int |
 
     summary: dict[str, Any] = {
         "workdir": str(run.workdir), "config_name": config.get("name", ""), "config_arg": config.get("arg", ""),
-        "model": config.model.name, "checkpoint": {"step": run.step, "chosen_as": run.checkpoint},
+        "model": config.model.name, "checkpoint": {"step": run.step, "chosen_as": run.checkpoint, "reason": run.checkpoint_reason},
         "split": split, "tfds_split": tfds_split, "num_images": int(len(per_image["index"])),
         "image_size": list(run.image_size), "threshold": 0.5, "prune_level": prune_level,
         "tta": [t.name for t in transforms] if transforms else None, "num_devices": run.mesh.size,
@@ -226,16 +239,17 @@ def evaluate_run(run, *, split: str = "val", transforms=None, prune_level: int |
     return per_image, summary
 
 
-def default_out_dir(run, split: str, *, tta: bool, prune_level: int | None) -> pathlib.Path:
+def default_out_dir(run, split: str, *, tta: bool, prune_level: int | None) -> epath.Path:
     """``<workdir>/eval/<split>_step<step>[_tta][_L<k>]``."""
     name = f"{split}_step{run.step}" + ("_tta" if tta else "") + (f"_L{prune_level}" if prune_level else "")
-    return run.workdir / "eval" / name
+    return reporting.as_path(run.workdir) / "eval" / name
 
 
-def write_outputs(out: str | pathlib.Path, per_image: Mapping[str, np.ndarray], summary: Mapping[str, Any],
-                  targets: Sequence[str]) -> pathlib.Path:
-    """Writes ``per_image.csv``, ``summary.json`` and ``summary.md`` into ``out`` (created); returns it."""
-    out = pathlib.Path(out)
+def write_outputs(out: str | os.PathLike, per_image: Mapping[str, np.ndarray], summary: Mapping[str, Any],
+                  targets: Sequence[str]) -> epath.Path:
+    """Writes ``per_image.csv``, ``summary.json`` and ``summary.md`` into ``out`` (created; local or a URL);
+    returns it."""
+    out = reporting.as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_per_image_csv(out / "per_image.csv", per_image, targets)
     (out / "summary.json").write_text(json.dumps(reporting.jsonable(summary), indent=2, sort_keys=True) + "\n")
@@ -245,7 +259,11 @@ def write_outputs(out: str | pathlib.Path, per_image: Mapping[str, np.ndarray], 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m anemia_jax.evaluate", description=__doc__.split("\n\n")[0])
-    run_lib.add_run_arguments(p, verb="evaluate")
+    run_lib.add_run_arguments(
+        p, verb="evaluate", checkpoint_default="auto",
+        checkpoint_help="'auto' (default): 'latest' on --split=val, where 'best' was selected and would score "
+                        "optimistically (K-fold: the same fold), 'best' on test/train; or 'best' (validation mean "
+                        "Dice), 'latest' or a step number.")
     p.add_argument("--split", default="val", choices=("val", "test", "train"))
     p.add_argument("--no_distances", action="store_true", help="Skip HD95/ASSD (faster on large sets).")
     p.add_argument("--out", default=None, help="Output directory (default <workdir>/eval/<split>_step<N>...).")
@@ -256,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 bad arguments or run)."""
     args = _parser().parse_args(argv)
     try:
-        run, transforms = run_lib.load_run_from_args(args)
+        run, transforms = run_lib.load_run_from_args(args, split=args.split)
         per_image, summary = evaluate_run(run, split=args.split, transforms=transforms, prune_level=args.prune_level,
                                           distances=not args.no_distances)
     except (FileNotFoundError, ValueError) as e:

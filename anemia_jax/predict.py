@@ -18,6 +18,8 @@ Outputs in ``--out``: ``<stem>_<target>.png`` (8-bit, 0 background / 255 mask, p
 Stems that repeat across folders get ``_2``, ``_3``... appended. A file that cannot be read as an image is reported
 with a warning and skipped; the command then ends with exit status 1 and the list of failures.
 
+Photos, folders and ``--out`` may be local or on shared/cloud storage (``gs://...``, through `etils.epath`).
+
 It runs in one process (over that process's devices); photos are batched ``--batch_size`` at a time at the
 training resolution, so memory does not grow with the photos' size beyond one decoded photo per batch slot.
 """
@@ -27,7 +29,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import pathlib
+import io
+import os
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -37,6 +40,7 @@ import PIL.Image
 import PIL.ImageFilter
 import PIL.ImageOps
 from absl import logging
+from etils import epath
 
 from anemia_jax import parallel, reporting, run_lib, tta
 
@@ -55,12 +59,12 @@ class PredictionReport:
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def collect_inputs(inputs: Iterable[str | pathlib.Path]) -> tuple[list[pathlib.Path], dict[str, str]]:
+def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[epath.Path], dict[str, str]]:
     """Expands folders into their image files (by suffix, sorted, non-recursive); files are kept whatever their
     suffix. Returns ``(files, missing)`` where missing maps paths that do not exist to a reason."""
     files, missing = [], {}
     for item in inputs:
-        path = pathlib.Path(item).expanduser()
+        path = reporting.as_path(item)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
@@ -73,13 +77,13 @@ def collect_inputs(inputs: Iterable[str | pathlib.Path]) -> tuple[list[pathlib.P
     return files, missing
 
 
-def load_photo(path: str | pathlib.Path) -> np.ndarray:
+def load_photo(path: str | os.PathLike) -> np.ndarray:
     """The upright RGB photo as uint8 [H, W, 3] (EXIF orientation applied; alpha dropped, greyscale expanded).
 
     Raises:
         OSError / ValueError (PIL's `UnidentifiedImageError` is an OSError): the file is not a readable image.
     """
-    with PIL.Image.open(path) as im:
+    with reporting.as_path(path).open("rb") as f, PIL.Image.open(f) as im:
         im.load()
         upright = PIL.ImageOps.exif_transpose(im)
         return np.asarray(upright.convert("RGB"), np.uint8)
@@ -119,7 +123,12 @@ def overlay(photo: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _unique_stem(path: pathlib.Path, used: set[str]) -> str:
+def _save_png(image: np.ndarray, path: epath.Path) -> None:
+    with path.open("wb") as f:
+        PIL.Image.fromarray(image).save(f, format="PNG")
+
+
+def _unique_stem(path: epath.Path, used: set[str]) -> str:
     stem, k = path.stem, 2
     while stem in used:
         stem, k = f"{path.stem}_{k}", k + 1
@@ -127,7 +136,7 @@ def _unique_stem(path: pathlib.Path, used: set[str]) -> str:
     return stem
 
 
-def predict_photos(run: run_lib.Run, inputs: Sequence[str | pathlib.Path], out: str | pathlib.Path, *,
+def predict_photos(run: run_lib.Run, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                    threshold: float = 0.5, transforms: Sequence[tta.Transform] | None = None,
                    prune_level: int | None = None, batch_size: int | None = None) -> PredictionReport:
     """Segments every photo of ``inputs`` (files or folders) and writes masks and overlays into ``out``.
@@ -135,7 +144,7 @@ def predict_photos(run: run_lib.Run, inputs: Sequence[str | pathlib.Path], out: 
     Args:
         run: a restored run (`run_lib.load_run`).
         inputs: photo files and/or folders of photos.
-        out: output folder (created).
+        out: output folder (created; local or a URL).
         threshold: probability above which a pixel is in the mask.
         transforms: TTA views, or None.
         prune_level: UNet++ pruned network L^k, or None.
@@ -146,7 +155,7 @@ def predict_photos(run: run_lib.Run, inputs: Sequence[str | pathlib.Path], out: 
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must lie in [0, 1); got {threshold}.")
-    out = pathlib.Path(out)
+    out = reporting.as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     files, missing = collect_inputs(inputs)
     report = PredictionReport(failed=dict(missing))
@@ -158,20 +167,20 @@ def predict_photos(run: run_lib.Run, inputs: Sequence[str | pathlib.Path], out: 
     used: set[str] = set()
     rows = []
 
-    def flush(pending: list[tuple[pathlib.Path, np.ndarray]]) -> None:
+    def flush(pending: list[tuple[epath.Path, np.ndarray]]) -> None:
         inputs_u8 = np.stack([_resize_image(photo, size) for _, photo in pending])
         probs = run_lib.predict_images(run, inputs_u8, probability=probability, batch_size=batch)
         for i, (path, photo) in enumerate(pending):
             full = resize_probabilities(probs[i], photo.shape[:2]) > threshold
             stem = _unique_stem(path, used)
             for c, t in enumerate(targets):
-                PIL.Image.fromarray(full[..., c].astype(np.uint8) * 255).save(out / f"{stem}_{t}.png")
-            PIL.Image.fromarray(overlay(photo, full)).save(out / f"{stem}_overlay.png")
+                _save_png(full[..., c].astype(np.uint8) * 255, out / f"{stem}_{t}.png")
+            _save_png(overlay(photo, full), out / f"{stem}_overlay.png")
             report.written[str(path)] = stem
             rows.append([str(path), stem, photo.shape[1], photo.shape[0]] + [f"{full[..., c].mean():.6f}"
                                                                             for c in range(len(targets))])
 
-    pending: list[tuple[pathlib.Path, np.ndarray]] = []
+    pending: list[tuple[epath.Path, np.ndarray]] = []
     for path in files:
         try:
             photo = load_photo(path)
@@ -187,10 +196,11 @@ def predict_photos(run: run_lib.Run, inputs: Sequence[str | pathlib.Path], out: 
     if pending:
         flush(pending)
     if jax.process_index() == 0 and rows:
-        with open(out / "predictions.csv", "w", newline="") as f:
+        with io.StringIO(newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "stem", "width", "height"] + [f"fraction/{t}" for t in targets])
             writer.writerows(rows)
+            (out / "predictions.csv").write_bytes(f.getvalue().encode("utf-8"))
     return report
 
 

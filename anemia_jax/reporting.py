@@ -9,6 +9,11 @@ so multi-host runs produce one set of files. Files under the workdir:
 * ``panels/step_<step>.png``: one row per validation example: image | ground truth | prediction, each mask
   drawn as a coloured overlay (one colour per target, legend on top).
 * ``summary.json``: final and best metrics, wall time, steps.
+
+The workdir may be local or on shared/cloud storage (``gs://bucket/runs/x``): every path is an `etils.epath.Path`
+(`as_path`), which reads and writes either. Object stores cannot append to a file, so there ``metrics.jsonl`` is
+rewritten whole at each log call; locally it is appended to. The workdir itself is created by the first write, so a
+run that fails before writing anything (e.g. missing data) leaves no empty directory behind.
 """
 
 from __future__ import annotations
@@ -16,18 +21,44 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 # Overlay colours (RGB), one per target channel, in order; no red, which would vanish on conjunctiva.
 COLORS = ((255, 230, 0), (0, 190, 255), (255, 0, 255), (0, 255, 120), (255, 140, 0))
 _ALPHA = 0.45
 _MIN_TILE = 128  # Pixels; smaller images are enlarged to at least this.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# What `pathlib.Path('gs://b/x')` turns a URL into ('gs:/b/x'); a one-letter scheme would be a Windows drive.
+_COLLAPSED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names remote storage (``gs://``, ``s3://``...) rather than a local file."""
+    return bool(_URL.match(os.fspath(path)))
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A workdir (or a file in one) as an `etils.epath.Path`: local paths ``~``-expanded and made absolute; URLs
+    such as ``gs://bucket/runs/x`` kept exactly as they are (Orbax, TFDS and JAX's cache read epath paths too).
+
+    Raises:
+        ValueError: ``path`` is a URL whose ``//`` was collapsed (``gs:/bucket/x``), as `pathlib.Path` does; pass
+            the URL as a string or an `epath.Path` instead.
+    """
+    text = os.fspath(path)
+    if _URL.match(text):
+        return epath.Path(text)
+    if _COLLAPSED_URL.match(text):
+        raise ValueError(f"{text!r} looks like a URL whose '//' was lost (pathlib.Path does that to 'gs://...'); "
+                         "pass it as a plain string or an etils.epath.Path.")
+    return epath.Path(text).expanduser().absolute()
 
 
 def jsonable(value: Any) -> Any:
@@ -148,19 +179,25 @@ def make_panel(images: np.ndarray, truth: np.ndarray, probs: np.ndarray, targets
 class Reporter:
     """Writes a run's logs and files under ``workdir`` (no-ops, apart from returning values, off the main process).
 
+    Nothing is created until the first write (`write_config`, `log_metrics`, `save_panel`, `write_summary`).
+
     Args:
-        workdir: the run directory.
+        workdir: the run directory, local or a URL (see `as_path`).
         is_main: whether this process writes (normally ``jax.process_index() == 0``).
+        append: how ``metrics.jsonl`` grows: True appends each line (local files); False rewrites the whole file
+            at each call (object stores, where "append" is unsupported or silently overwrites). None: False for
+            URLs, True otherwise.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, is_main: bool):
-        self.workdir = pathlib.Path(workdir)
+    def __init__(self, workdir: str | os.PathLike, *, is_main: bool, append: bool | None = None):
+        self.workdir = as_path(workdir)
         self.is_main = is_main
-        if is_main:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+        self._append = (not is_url(self.workdir)) if append is None else append
+        self._lines: list[str] | None = None  # metrics.jsonl as written so far, when rewriting it whole.
+        self._created = False
 
     @property
-    def metrics_path(self) -> pathlib.Path:
+    def metrics_path(self) -> epath.Path:
         return self.workdir / "metrics.jsonl"
 
     def info(self, message: str, *args: Any) -> None:
@@ -168,11 +205,21 @@ class Reporter:
         if self.is_main:
             logging.info(message, *args)
 
-    def _write_json(self, name: str, value: Any) -> pathlib.Path:
+    def _ensure_workdir(self) -> None:
+        if not self._created:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._created = True
+
+    def _write_json(self, name: str, value: Any) -> epath.Path:
+        self._ensure_workdir()
         path = self.workdir / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(jsonable(value), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)  # Readers never see a half-written file.
+        text = json.dumps(jsonable(value), indent=2, sort_keys=True) + "\n"
+        if is_url(path):
+            path.write_text(text)  # An object upload is all-or-nothing already.
+        else:
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)  # Readers never see a half-written file.
         return path
 
     def write_config(self, config_dict: Mapping[str, Any]) -> None:
@@ -186,13 +233,26 @@ class Reporter:
             path = self._write_json("summary.json", summary)
             logging.info("Wrote %s", path)
 
+    def _read_metrics_lines(self) -> list[str]:
+        if not self.metrics_path.exists():
+            return []
+        return [line + "\n" for line in self.metrics_path.read_text().splitlines()]
+
     def log_metrics(self, step: int, split: str, values: Mapping[str, Any]) -> None:
         """Appends ``{"step", "split", **values}`` as one line of ``metrics.jsonl``."""
         if not self.is_main:
             return
         record = {"step": int(step), "split": split, **jsonable(dict(values))}
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True) + "\n"
+        self._ensure_workdir()
+        if self._append:
+            with self.metrics_path.open("a") as f:
+                f.write(line)
+            return
+        if self._lines is None:
+            self._lines = self._read_metrics_lines()  # A resumed run continues the file it finds.
+        self._lines.append(line)
+        self.metrics_path.write_text("".join(self._lines))
 
     def truncate_metrics(self, after_step: int) -> int:
         """Drops ``metrics.jsonl`` lines with a step beyond ``after_step`` (left by a run that died after its last
@@ -209,16 +269,21 @@ class Reporter:
             if step > after_step:
                 dropped += 1
             else:
-                kept.append(line)
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+                kept.append(line + "\n")
+        self.metrics_path.write_text("".join(kept))
+        if not self._append:
+            self._lines = kept
         return dropped
 
     def save_panel(self, step: int, images: np.ndarray, truth: np.ndarray, probs: np.ndarray,
-                   targets: Sequence[str], *, truth_weights: np.ndarray | None = None) -> pathlib.Path | None:
+                   targets: Sequence[str], *, truth_weights: np.ndarray | None = None) -> epath.Path | None:
         """Writes ``panels/step_<step>.png`` (see `make_panel`); returns its path on the main process."""
         if not self.is_main or len(images) == 0:
             return None
+        self._ensure_workdir()
         path = self.workdir / "panels" / f"step_{int(step):07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        make_panel(images, truth, probs, targets, truth_weights=truth_weights, title=f"step {step}").save(path)
+        panel = make_panel(images, truth, probs, targets, truth_weights=truth_weights, title=f"step {step}")
+        with path.open("wb") as f:
+            panel.save(f, format="PNG")
         return path

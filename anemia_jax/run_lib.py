@@ -6,8 +6,12 @@ everything inference needs, reusing the trainer's own builders so that nothing c
 
 * the config (`load_config`), the flax model (`train.build_model`) and the 1-D ``data`` mesh (`parallel.make_mesh`,
   every device here; a checkpoint written on 8 devices restores on 1);
-* the state of a chosen checkpoint (``'best'`` by validation mean Dice, ``'latest'``, or a step number), restored
-  with `checkpointing.CheckpointManager.restore` into `train.abstract_train_state` (shapes only, no compute).
+* the state of a chosen checkpoint (``'best'`` by validation mean Dice, ``'latest'``, a step number, or ``'auto'``:
+  see `auto_checkpoint`), restored with `checkpointing.CheckpointManager.restore` into
+  `train.abstract_train_state` (shapes only, no compute).
+
+The run directory may be local or on shared/cloud storage (``gs://bucket/runs/x``): paths are `etils.epath.Path`s
+(`reporting.as_path`).
 
 `make_probability_fn` is the one inference function of evaluation and prediction: uint8 images in, per-pixel
 sigmoid probabilities out, optionally a pruned UNet++ (`steps.make_predict_fn(prune_level=k)`) and optionally
@@ -19,9 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import json
-import pathlib
+import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,13 +33,17 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 
-from anemia_jax import augment, checkpointing, input_pipeline, optim, parallel, steps, train, tta
+from anemia_jax import augment, checkpointing, input_pipeline, optim, parallel, reporting, steps, train, tta
 
-__all__ = ["Run", "add_run_arguments", "eval_split", "load_config", "load_run", "load_run_from_args",
-           "make_probability_fn", "mesh_batch_size", "model_multiple", "parse_tta", "predict_images",
-           "resolve_checkpoint"]
+__all__ = ["SELECTION_SPLIT", "Run", "add_run_arguments", "auto_checkpoint", "eval_split", "load_config", "load_run",
+           "load_run_from_args", "make_probability_fn", "mesh_batch_size", "model_multiple", "parse_tta",
+           "predict_images", "resolve_checkpoint"]
+
+# The split the trainer ranks checkpoints on ('best' = highest mean Dice there), whatever the protocol.
+SELECTION_SPLIT = "val"
 
 
 @dataclasses.dataclass
@@ -50,15 +58,17 @@ class Run:
         state: the restored `steps.TrainState` (replicated).
         step: the checkpoint's step.
         checkpoint: how it was chosen: 'best', 'latest' or 'step'.
+        checkpoint_reason: why (for ``checkpoint='auto'``, `auto_checkpoint`'s reason), for reports.
     """
 
-    workdir: pathlib.Path
+    workdir: epath.Path
     config: ml_collections.ConfigDict
     model: Any
     mesh: Mesh
     state: steps.TrainState
     step: int
     checkpoint: str
+    checkpoint_reason: str = ""
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -71,13 +81,13 @@ class Run:
         return int(h), int(w)
 
 
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config a run was trained with (``<workdir>/config.json``).
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a run was trained with (``<workdir>/config.json``; local or a URL).
 
     Raises:
         FileNotFoundError: ``workdir`` is not a run directory.
     """
-    path = pathlib.Path(workdir).expanduser() / "config.json"
+    path = reporting.as_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training run directory. Train one with "
                                 "`python -m anemia_jax.main --config=... --workdir=DIR` and pass that DIR.")
@@ -89,15 +99,34 @@ def model_multiple(config: ml_collections.ConfigDict) -> int:
     return 2 ** int(config.model.get("depth", 4))
 
 
-def resolve_checkpoint(manager: checkpointing.CheckpointManager, which: str | int) -> tuple[int, str]:
-    """The step of checkpoint ``which`` ('best', 'latest' or a step number) and what it turned out to be.
+def auto_checkpoint(split: str | None) -> tuple[str, str]:
+    """What ``--checkpoint=auto`` means for scoring ``split``: ``('latest' or 'best', why)``.
 
-    'best' falls back to 'latest' (with a warning) when no checkpoint was saved with validation metrics.
+    'best' is the checkpoint with the highest mean Dice on the validation split (`SELECTION_SPLIT`), so its score
+    on that same split is optimistic: there 'auto' is 'latest', which nothing selected. On any other split (test,
+    train) or on new photos (``split`` None) selection saw none of the data, and 'auto' is 'best'.
+    """
+    if split == SELECTION_SPLIT:
+        return "latest", (f"'best' was selected by mean Dice on this same {split!r} split, so its score here would "
+                          "be optimistic; the latest checkpoint was not selected on it")
+    where = f"the {split!r} split" if split else "new images"
+    return "best", f"model selection used the {SELECTION_SPLIT!r} split, not {where}"
+
+
+def resolve_checkpoint(manager: checkpointing.CheckpointManager, which: str | int, *, split: str | None = None
+                       ) -> tuple[int, str]:
+    """The step of checkpoint ``which`` ('best', 'latest', a step number or 'auto') and what it turned out to be.
+
+    'auto' becomes `auto_checkpoint` (``split``)'s choice, logged with the reason. 'best' falls back to 'latest'
+    (with a warning) when no checkpoint was saved with validation metrics.
     """
     available = manager.all_steps()
     if not available:
         raise FileNotFoundError(f"No checkpoint in {manager.directory}; has the run saved one yet?")
     text = str(which).strip().lower()
+    if text == "auto":
+        text, why = auto_checkpoint(split)
+        logging.info("--checkpoint=auto: using the %s checkpoint (%s).", text, why)
     if text == "best":
         best = manager.best_step()
         if best is not None:
@@ -109,46 +138,57 @@ def resolve_checkpoint(manager: checkpointing.CheckpointManager, which: str | in
     try:
         step = int(text)
     except ValueError:
-        raise ValueError(f"checkpoint must be 'best', 'latest' or a step number; got {which!r}.") from None
+        raise ValueError(f"checkpoint must be 'auto', 'best', 'latest' or a step number; got {which!r}.") from None
     if step not in available:
         raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; available: {available}.")
     return step, "step"
 
 
-def load_run(workdir: str | pathlib.Path, *, checkpoint: str | int = "best", mesh: Mesh | None = None) -> Run:
+def load_run(workdir: str | os.PathLike, *, checkpoint: str | int = "best", mesh: Mesh | None = None,
+             split: str | None = None) -> Run:
     """Restores checkpoint ``checkpoint`` of the run in ``workdir`` on ``mesh`` (default: every device).
 
     Args:
-        workdir: a run directory (``config.json`` plus ``checkpoints/``).
-        checkpoint: 'best' (highest validation mean Dice among those kept), 'latest', or a step number.
+        workdir: a run directory (``config.json`` plus ``checkpoints/``), local or a URL (``gs://...``).
+        checkpoint: 'best' (highest validation mean Dice among those kept), 'latest', a step number, or 'auto'
+            (`auto_checkpoint`: 'latest' when ``split`` is the validation split, 'best' otherwise).
         mesh: the mesh to replicate the state over; default `parallel.make_mesh()`.
+        split: the split the restored state will be scored on ('val', 'test', 'train'; None for new images);
+            only 'auto' reads it.
     """
-    workdir = pathlib.Path(workdir).expanduser().absolute()
+    workdir = reporting.as_path(workdir)
     config = load_config(workdir)
     mesh = mesh if mesh is not None else parallel.make_mesh()
     model = train.build_model(config)
-    # Only the optimizer state's structure matters for the restore target, and that does not depend on the run
-    # length, so a one-step schedule stands in for the real one.
-    tx, _ = optim.make_optimizer(config.optimizer, total_steps=1, warmup_steps=0)
+    # Only the optimizer state's structure matters for the restore target, and it does not depend on the schedule's
+    # lengths. Both phases get one step: a zero-step warm-up would make optax log a "non-positive transition_steps"
+    # message on every load.
+    tx, _ = optim.make_optimizer(config.optimizer, total_steps=2, warmup_steps=1)
     template = train.abstract_train_state(model, tx, tuple(config.image_size), mesh)
     # Read-only: the run may still be training; its trainer alone creates, cleans and prunes checkpoints/.
     manager = checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=max(1, config.keep_checkpoints),
                                               read_only=True)
     try:
-        step, how = resolve_checkpoint(manager, checkpoint)
+        step, how = resolve_checkpoint(manager, checkpoint, split=split)
         state, _ = manager.restore(step, template)
     finally:
         manager.close()
     logging.info("Restored %s checkpoint step %d of %s.", how, step, workdir)
-    return Run(workdir, config, model, mesh, state, int(step), how)
+    if str(checkpoint).strip().lower() == "auto":
+        reason = f"--checkpoint=auto: {auto_checkpoint(split)[1]}"
+    else:
+        reason = f"requested as {checkpoint!r}"
+    return Run(workdir, config, model, mesh, state, int(step), how, reason)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, verb: str) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, *, verb: str, checkpoint_default: str = "best",
+                      checkpoint_help: str = "'best' (validation mean Dice), 'latest' or a step.") -> None:
     """Adds the flags of a command that restores a run (read back by `load_run_from_args`): ``--workdir``,
-    ``--checkpoint``, ``--tta``, ``--tta_flips``, ``--tta_scales`` and ``--prune_level``; ``verb`` (e.g.
-    'evaluate') completes the help of ``--prune_level``."""
-    parser.add_argument("--workdir", required=True, help="Training run directory (config.json + checkpoints/).")
-    parser.add_argument("--checkpoint", default="best", help="'best' (validation mean Dice), 'latest' or a step.")
+    ``--checkpoint`` (default ``checkpoint_default``, described by ``checkpoint_help``), ``--tta``, ``--tta_flips``,
+    ``--tta_scales`` and ``--prune_level``; ``verb`` (e.g. 'evaluate') completes the help of ``--prune_level``."""
+    parser.add_argument("--workdir", required=True,
+                        help="Training run directory (config.json + checkpoints/), local or gs://...")
+    parser.add_argument("--checkpoint", default=checkpoint_default, help=checkpoint_help)
     parser.add_argument("--tta", action="store_true", help="Average over test-time augmentation views.")
     parser.add_argument("--tta_flips", default=",".join(tta.DEFAULT_FLIPS),
                         help="Comma-separated flips of the TTA views (none, h, v, hv).")
@@ -157,10 +197,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, verb: str) -> None:
     parser.add_argument("--prune_level", type=int, default=None, help=f"UNet++: {verb} with the pruned network L^k.")
 
 
-def load_run_from_args(args: argparse.Namespace, *, mesh: Mesh | None = None
+def load_run_from_args(args: argparse.Namespace, *, mesh: Mesh | None = None, split: str | None = None
                        ) -> tuple[Run, tuple[tta.Transform, ...] | None]:
     """The command-line start of evaluation and prediction: INFO logging (without Orbax's INFO chatter), then
-    ``(run, transforms)`` from the flags of `add_run_arguments` (transforms None without ``--tta``).
+    ``(run, transforms)`` from the flags of `add_run_arguments` (transforms None without ``--tta``); ``split`` is
+    what the run will be scored on (for ``--checkpoint=auto``; None for new images).
 
     Raises:
         FileNotFoundError / ValueError: a bad run directory, checkpoint or TTA flag (the message says which).
@@ -170,7 +211,7 @@ def load_run_from_args(args: argparse.Namespace, *, mesh: Mesh | None = None
     logging.set_verbosity(logging.INFO)
     logging.get_absl_logger().addFilter(QuietLibraries())
     transforms = parse_tta(args.tta_flips, args.tta_scales) if args.tta else None
-    return load_run(args.workdir, checkpoint=args.checkpoint, mesh=mesh), transforms
+    return load_run(args.workdir, checkpoint=args.checkpoint, mesh=mesh, split=split), transforms
 
 
 def mesh_batch_size(batch_size: int | None, mesh: Mesh) -> int:

@@ -25,7 +25,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
 from anemia_jax import (augment, checkpointing, config_lib, datasets, input_pipeline, losses, metrics, models,
                         optim, parallel, reporting, splits, steps)
@@ -64,16 +64,25 @@ class Data:
 
 
 def enable_compilation_cache(path: str) -> None:
-    """Points JAX's persistent compilation cache at ``path`` ('' leaves it off), so reruns skip compilation."""
+    """Points JAX's persistent compilation cache at ``path``, so that a rerun skips compilation.
+
+    ``''`` leaves JAX's setting as it is. Otherwise ``path`` (local, created if missing, or a URL such as
+    ``gs://bucket/jax_cache``) becomes the cache in effect even if another directory was set earlier in this process
+    (another run, a library): JAX opens its cache once, at the first compilation, so it is reset to reopen here.
+    """
     if not path:
         return
-    path = os.path.abspath(os.path.expanduser(path))
+    target = reporting.as_path(path)
     current = getattr(jax.config, "jax_compilation_cache_dir", None)
-    if current and os.path.abspath(current) != path:
-        logging.info("Compilation cache already set to %s; keeping it (config asked for %s).", current, path)
+    if current and str(reporting.as_path(current)) == str(target):
         return
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
+    if current:
+        logging.info("Switching the persistent compilation cache from %s to %s (config.compilation_cache_dir).",
+                     current, target)
+    if not reporting.is_url(target):
+        target.mkdir(parents=True, exist_ok=True)
+    compilation_cache.set_cache_dir(str(target))
+    compilation_cache.reset_cache()
 
 
 def get_builder(config: ml_collections.ConfigDict):
@@ -258,8 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Args:
         config: a config from ``configs/`` (validated here).
-        workdir: the run directory (created); holds ``checkpoints/``, ``metrics.jsonl``, ``config.json``,
-            ``panels/`` and, at the end, ``summary.json``.
+        workdir: the run directory, local or on shared/cloud storage (``gs://bucket/runs/x``, used as given; see
+            `reporting.as_path`); holds ``checkpoints/``, ``metrics.jsonl``, ``config.json``, ``panels/`` and, at
+            the end, ``summary.json``. It is created only once the data are loaded, so a run that fails on its
+            config or its data leaves nothing behind; an existing one is resumed, never cleared.
 
     Returns:
         The summary dict (also written to ``summary.json`` when training completed); ``status`` is 'completed',
@@ -269,10 +280,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         config_lib.ConfigError: invalid config. NonFiniteError: the loss or a gradient became non-finite.
     """
     start_time = time.time()
-    workdir = pathlib.Path(workdir).expanduser().absolute()
+    workdir = reporting.as_path(workdir)
     config_lib.validate(config, num_devices=jax.device_count())
     enable_compilation_cache(config.compilation_cache_dir)
     mesh = parallel.make_mesh()
+    # The reporter creates the workdir at its first write, after the data have loaded.
     reporter = reporting.Reporter(workdir, is_main=jax.process_index() == 0)
     reporter.info("JAX %s: %d process(es), %d %s device(s); workdir %s", jax.__version__, jax.process_count(),
                   jax.device_count(), jax.devices()[0].platform, workdir)

@@ -4,6 +4,7 @@ The state is a real `steps.TrainState` with small hand-made parameters and AdamW
 checkpoint written here on 8 fake devices is restored in subprocesses that see 1 and 2 devices.
 """
 
+import logging
 import os
 import pathlib
 import subprocess
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import logging as absl_logging
+from etils import epath
 
 from anemia_jax import checkpointing, optim, parallel, steps
 
@@ -114,6 +117,44 @@ def test_read_only_reader_leaves_the_writers_files_alone(tmp_path):
     with checkpointing.CheckpointManager(tmp_path, max_to_keep=1, cleanup_tmp=True) as writer:
         writer.save(4, state)
     assert not in_progress.exists() and writer.all_steps() == [2, 4]  # 2 kept as the best
+
+
+def test_url_directory_reaches_orbax_unchanged(monkeypatch):
+    # --workdir=gs://bucket/... on a TPU VM: Orbax must get the URL, not ./gs:/bucket/... (no GCS here: a stand-in
+    # records what the real manager would have been given).
+    given = []
+
+    class Recorder:
+        def __init__(self, directory, **kwargs):
+            given.append(directory)
+
+    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", Recorder)
+    for directory in ("gs://bucket/runs/unetpp/checkpoints", epath.Path("gs://bucket/runs/unetpp/checkpoints")):
+        manager = checkpointing.CheckpointManager(directory, max_to_keep=1, read_only=True)
+        assert str(manager.directory) == "gs://bucket/runs/unetpp/checkpoints"
+    assert [str(d) for d in given] == ["gs://bucket/runs/unetpp/checkpoints"] * 2
+    assert all(isinstance(d, epath.Path) for d in given)
+
+
+def test_opening_read_only_logs_no_warning(tmp_path):
+    # Evaluation and prediction open a run read-only by design; Orbax's warning about it must not reach the user,
+    # including from the first manager of the process (the filter is installed before the manager is created).
+    absl_logger = absl_logging.get_absl_logger()
+    absl_logger.removeFilter(checkpointing._EXPECTED_WARNINGS_FILTER)  # as in a fresh process
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    absl_logger.addHandler(handler)
+    try:
+        with checkpointing.CheckpointManager(tmp_path, max_to_keep=1, read_only=True) as reader:
+            assert reader.all_steps() == []
+    finally:
+        absl_logger.removeHandler(handler)
+    assert not [r for r in records if "read only" in r], records
 
 
 @pytest.mark.parametrize("num_devices", [1, 2])

@@ -1,7 +1,9 @@
 """Tests of anemia_jax.evaluate and anemia_jax.run_lib on a tiny UNet++ run (see _tiny_run.py).
 
 Checked: the summary statistics against hand-computed values (missing masks excluded and counted, infinite
-distances counted, per-country breakdown); checkpoint choice (best / latest / step); that plain evaluation scores
+distances counted, per-country breakdown); checkpoint choice (best / latest / step, and 'auto': latest on the
+validation split that selected 'best', best elsewhere); that loading logs no Orbax or optax noise; that run and output
+paths on object storage (gs://) stay URLs; that plain evaluation scores
 exactly what the trainer's own `train.evaluate` (jitted eval_step) scores; the CSV and summary files of the command
 line with test-time augmentation; pruned UNet++ evaluation; and the errors for misuse.
 """
@@ -11,15 +13,40 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from absl import logging as absl_logging
+from etils import epath
 
+from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
-from anemia_jax import augment, evaluate, input_pipeline, run_lib, steps, train
+from anemia_jax import augment, checkpointing, evaluate, input_pipeline, run_lib, steps, train
+
+
+class Collect(logging.Handler):
+    """Every absl record (INFO and up) while installed, with absl's verbosity at INFO."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        self._verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.INFO)
+        absl_logging.get_absl_logger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        absl_logging.get_absl_logger().removeHandler(self)
+        absl_logging.set_verbosity(self._verbosity)
 
 
 def test_summarize_by_hand():
@@ -70,6 +97,53 @@ def test_checkpoint_choice(workdir, best_run):
         run_lib.load_run(workdir, checkpoint="newest")
     with pytest.raises(FileNotFoundError, match="not a training run"):
         run_lib.load_run(workdir / "checkpoints")
+
+
+def test_auto_checkpoint_is_latest_on_the_selection_split_and_best_elsewhere(workdir):
+    # 'best' (step 2) was selected on the validation split: scoring it there is optimistic, so 'auto' takes the
+    # latest (step 4); on the test split (and train) nothing was selected and 'auto' takes the best.
+    with Collect() as log:
+        on_val = run_lib.load_run(workdir, checkpoint="auto", split="val")
+    assert (on_val.step, on_val.checkpoint) == (4, "latest") and "optimistic" in on_val.checkpoint_reason
+    assert any("--checkpoint=auto: using the latest checkpoint" in line and "optimistic" in line
+               for line in log.lines), log.lines
+    with Collect() as log:
+        on_test = run_lib.load_run(workdir, checkpoint="auto", split="test")
+    assert (on_test.step, on_test.checkpoint) == (2, "best") and "'test'" in on_test.checkpoint_reason
+    assert any("--checkpoint=auto: using the best checkpoint" in line for line in log.lines), log.lines
+    assert run_lib.auto_checkpoint("train")[0] == "best" and run_lib.auto_checkpoint(None)[0] == "best"
+    parser = evaluate._parser()
+    assert parser.parse_args(["--workdir=x"]).checkpoint == "auto"
+    assert "'auto' (default): 'latest' on --split=val" in " ".join(parser.format_help().split())
+    assert "--checkpoint=auto" in evaluate.__doc__
+
+
+def test_loading_logs_no_library_noise(workdir):
+    # As in a fresh `python -m anemia_jax.evaluate`: no Orbax read-only warning (the filter must be in place before
+    # the first manager exists) and no optax message about a zero-length schedule phase.
+    absl_logging.get_absl_logger().removeFilter(checkpointing._EXPECTED_WARNINGS_FILTER)
+    with Collect() as log:
+        run_lib.load_run(workdir, checkpoint="latest")
+    noise = [line for line in log.lines if "read only" in line or "transition_steps" in line]
+    assert not noise and any(line.startswith("Restored latest checkpoint step 4") for line in log.lines), noise
+
+
+def test_run_paths_on_object_storage_stay_urls(workdir, fake_gcs):
+    bucket_run = epath.Path("gs://bucket/runs/tiny")
+    bucket_run.mkdir(parents=True)
+    (bucket_run / "config.json").write_text((workdir / "config.json").read_text())
+    assert run_lib.load_config("gs://bucket/runs/tiny").to_dict() == run_lib.load_config(workdir).to_dict()
+    with pytest.raises(FileNotFoundError, match="gs://bucket/runs/missing/config.json"):
+        run_lib.load_config("gs://bucket/runs/missing")
+    per_image = {"index": np.array([0]), "patient_id": np.array(["P/1"], object), "country": np.array(["A"], object),
+                 "weights": np.ones((1, 1)), **{k: np.ones((1, 1)) for k in ("tp", "fp", "fn")},
+                 **{k: np.full((1, 1), 0.5) for k in evaluate.SCORES}}
+    summary = evaluate.summarize(per_image, ("t",))
+    out = evaluate.write_outputs("gs://bucket/runs/tiny/eval/val_step4", per_image, summary, ("t",))
+    assert str(out) == "gs://bucket/runs/tiny/eval/val_step4"
+    assert {"/bucket/runs/tiny/eval/val_step4/" + n for n in ("per_image.csv", "summary.json", "summary.md")} <= set(
+        fake_gcs.store)
+    assert (out / "per_image.csv").read_text().splitlines()[1] == "0,P/1,A,1,0.5,0.5,0.5,0.5"
 
 
 def test_load_run_opens_checkpoints_read_only(workdir, tmp_path):
@@ -125,10 +199,12 @@ def test_matches_the_trainers_evaluation(best_run):
 
 def test_command_line_with_tta(workdir, tmp_path):
     out = tmp_path / "eval"
-    assert evaluate.main([f"--workdir={workdir}", "--split=val", "--checkpoint=latest", "--tta",
-                          "--tta_flips=none,h", "--tta_scales=1,0.5", f"--out={out}"]) == 0
+    # The default checkpoint, on the validation split: 'auto' -> the latest.
+    assert evaluate.main([f"--workdir={workdir}", "--split=val", "--tta", "--tta_flips=none,h",
+                          "--tta_scales=1,0.5", f"--out={out}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["checkpoint"] == {"step": 4, "chosen_as": "latest"}
+    assert summary["checkpoint"]["step"] == 4 and summary["checkpoint"]["chosen_as"] == "latest"
+    assert summary["checkpoint"]["reason"].startswith("--checkpoint=auto: 'best' was selected")
     assert summary["tta"] == ["flip=none,scale=1", "flip=h,scale=1", "flip=none,scale=0.5", "flip=h,scale=0.5"]
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
@@ -138,7 +214,8 @@ def test_command_line_with_tta(workdir, tmp_path):
         assert np.mean(dice) == pytest.approx(summary["targets"][t]["dice"]["mean"], abs=1e-5)
         assert all(r[f"has_mask/{t}"] == "1" and r[f"hd95/{t}"] for r in rows)
     assert rows[0]["patient_id"].startswith("Phantom") and rows[0]["country"] in ("PhantomA", "PhantomB")
-    assert "| palpebral |" in (out / "summary.md").read_text()
+    markdown = (out / "summary.md").read_text()
+    assert "| palpebral |" in markdown and "- checkpoint: step 4 (latest: --checkpoint=auto:" in markdown
 
 
 def test_pruned_unetpp(best_run):

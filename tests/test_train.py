@@ -14,15 +14,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import logging as absl_logging
+from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
-from anemia_jax import checkpointing, config_lib, input_pipeline, optim, parallel, steps, train
+from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
+from anemia_jax import checkpointing, config_lib, input_pipeline, optim, parallel, reporting, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/unetpp.py:data=phantom,test"
@@ -237,10 +241,106 @@ def test_abstract_state_matches_created_state(shared):
         assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)
 
 
-def test_compilation_cache_is_enabled(reference, shared):
-    # Another test in this process may have set its own cache directory first; JAX then keeps that one.
-    cache = getattr(jax.config, "jax_compilation_cache_dir", None)
-    assert cache and os.listdir(cache), "the persistent compilation cache stayed empty"
+def test_compilation_cache_is_enabled(reference, shared, tmp_path):
+    cache = shared["cache"]
+    # The runs of this module set their configured directory, whatever an earlier test had set; it filled up.
+    assert jax.config.jax_compilation_cache_dir == cache
+    assert os.listdir(cache), "the run's persistent compilation cache stayed empty"
+    # A cache another library set and opened (JAX opens it at the first compilation) in this process gives way too.
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    other = tmp_path / "other_cache"
+    other.mkdir()
+    unique = float(time.time_ns() % 997) + 0.5  # a constant no earlier program holds: each compile is new
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even these tiny programs
+    try:
+        compilation_cache.set_cache_dir(str(other))
+        compilation_cache.reset_cache()
+        jax.jit(lambda x: x * unique - 1.0)(jnp.ones(5)).block_until_ready()
+        assert os.listdir(other), "set-up: the other cache should have opened"
+        train.enable_compilation_cache(cache)
+        assert jax.config.jax_compilation_cache_dir == cache
+        before_run, before_other = set(os.listdir(cache)), set(os.listdir(other))
+        jax.jit(lambda x: x * unique + 2.0)(jnp.ones(7)).block_until_ready()
+        assert set(os.listdir(cache)) > before_run, "the new compilation was not written to the configured cache"
+        assert set(os.listdir(other)) == before_other
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        train.enable_compilation_cache(cache)
+
+
+def test_workdir_paths_keep_urls():
+    assert str(reporting.as_path("gs://bucket/runs/unetpp")) == "gs://bucket/runs/unetpp"
+    assert str(reporting.as_path(epath.Path("gs://bucket/runs/x")) / "checkpoints") == "gs://bucket/runs/x/checkpoints"
+    assert str(reporting.as_path("s3://b/r")) == "s3://b/r" and reporting.is_url("gs://b") and not reporting.is_url("/b")
+    assert reporting.as_path("runs/x") == pathlib.Path.cwd() / "runs" / "x"
+    assert reporting.as_path("~/runs") == pathlib.Path.home() / "runs"
+    with pytest.raises(ValueError, match="URL"):
+        reporting.as_path(pathlib.Path("gs://bucket/x"))  # pathlib made it 'gs:/bucket/x'
+
+
+def test_url_workdir_reaches_no_local_path_and_nothing_before_data(shared, tmp_path, monkeypatch, fake_gcs):
+    # A TPU VM run: --workdir=gs://... must stay a URL (not ./gs:/bucket/...), and a run that fails on its data
+    # must not have created anything there.
+    monkeypatch.chdir(tmp_path)
+
+    def no_data(config, mesh):
+        raise train.DataNotFoundError("no data here")
+
+    monkeypatch.setattr(train, "load_data", no_data)
+    collect = Collect()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.get_absl_logger().addHandler(collect)
+    try:
+        with pytest.raises(train.DataNotFoundError):
+            train.train_and_evaluate(make_config(shared), "gs://bucket/runs/unetpp")
+    finally:
+        absl_logging.get_absl_logger().removeHandler(collect)
+        absl_logging.set_verbosity(verbosity)
+    assert any(line.endswith("workdir gs://bucket/runs/unetpp") for line in collect.lines), collect.lines[:3]
+    assert list(tmp_path.iterdir()) == [] and fake_gcs.store == {}
+
+
+def test_missing_data_leaves_no_workdir_and_keeps_an_existing_one(shared, tmp_path):
+    config = config_lib.load_config_file(str(ROOT / "configs/unetpp.py:data=eyes,test"))
+    config.dataset.data_dir = str(tmp_path / "tfds")
+    config.dataset.builder_kwargs.archive_path = str(tmp_path / "no_such_archive.zip")
+    config.compilation_cache_dir = shared["cache"]
+    with pytest.raises(train.DataNotFoundError, match="archive_path"):
+        train.train_and_evaluate(config, tmp_path / "runs" / "new")
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "runs" / "old"
+    (existing / "checkpoints").mkdir(parents=True)
+    (existing / "metrics.jsonl").write_text('{"split": "train", "step": 4}\n')
+    listing = sorted((p.relative_to(existing), p.stat().st_mtime_ns) for p in existing.rglob("*"))
+    with pytest.raises(train.DataNotFoundError):
+        train.train_and_evaluate(config, existing)
+    assert sorted((p.relative_to(existing), p.stat().st_mtime_ns) for p in existing.rglob("*")) == listing
+
+
+def test_reporter_on_object_storage(fake_gcs):
+    reporter = reporting.Reporter("gs://bucket/runs/x", is_main=True)
+    reporter.info("logging creates nothing")
+    assert fake_gcs.store == {}
+    reporter.write_config({"a": 1})
+    for step in (2, 4, 6):  # the fake bucket, like GCS, cannot append: the file is rewritten
+        reporter.log_metrics(step, "train", {"loss": float(step)})
+    assert reporter.truncate_metrics(4) == 1
+    reporter.log_metrics(6, "val", {"dice/mean": 0.5})
+    reporter.save_panel(6, np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 8, 1), np.uint8),
+                        np.zeros((1, 8, 8, 1), np.float32), ["t"])
+    reporter.write_summary({"status": "completed"})
+    assert sorted(fake_gcs.store) == ["/bucket/runs/x/config.json", "/bucket/runs/x/metrics.jsonl",
+                                      "/bucket/runs/x/panels/step_0000006.png", "/bucket/runs/x/summary.json"]
+    run = epath.Path("gs://bucket/runs/x")
+    assert [(r["step"], r["split"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [
+        (2, "train"), (4, "train"), (6, "val")]
+    assert json.loads((run / "config.json").read_text()) == {"a": 1}
+    with (run / "panels" / "step_0000006.png").open("rb") as f:
+        assert Image.open(f).format == "PNG"
+    # A resumed run (new reporter) continues the file it finds.
+    reporting.Reporter("gs://bucket/runs/x", is_main=True).log_metrics(8, "train", {"loss": 1.0})
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
 
 
 def test_reporting_helpers(tmp_path):
@@ -259,6 +359,20 @@ def test_reporting_helpers(tmp_path):
     silent = reporting.Reporter(tmp_path / "other", is_main=False)
     silent.log_metrics(1, "train", {"loss": 1.0})
     assert not (tmp_path / "other").exists()
+    lazy = reporting.Reporter(tmp_path / "lazy", is_main=True)
+    lazy.info("nothing written yet")
+    assert not (tmp_path / "lazy").exists()
+    # Rewriting the whole file (object stores) leaves the same file as appending.
+    rewriting = reporting.Reporter(tmp_path / "rewrite", is_main=True, append=False)
+    for step in (2, 4, 6):
+        rewriting.log_metrics(step, "train", {"loss": np.float32(step)})
+    assert rewriting.truncate_metrics(4) == 1
+    rewriting.log_metrics(6, "val", {"dice/mean": 0.5})
+    appending = reporting.Reporter(tmp_path / "append", is_main=True)
+    for step, split, values in ((2, "train", {"loss": 2.0}), (4, "train", {"loss": 4.0}),
+                                (6, "val", {"dice/mean": 0.5})):
+        appending.log_metrics(step, split, values)
+    assert rewriting.metrics_path.read_text() == appending.metrics_path.read_text()
     # Panel: nested masks keep both colours visible; a missing truth mask is not drawn.
     images = np.full((2, 16, 16, 3), 100, np.uint8)
     truth = np.zeros((2, 16, 16, 2), np.uint8)
