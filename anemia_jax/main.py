@@ -6,7 +6,8 @@
 rerunning the same command resumes from the workdir's latest checkpoint.
 
 Multi-host (Cloud TPU pod slices, GPU clusters): run the same command on every host with ``--distributed`` and a
-``--workdir`` on storage every host can write (Orbax writes each host's checkpoint shards there).
+``--workdir`` on storage every host can write (Orbax writes each host's checkpoint shards there). Where JAX detects
+no cluster, also pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``.
 
 Exit status: 0 when training completed; 143 (128 + SIGTERM) after a preemption checkpoint (rerun to resume);
 1 on a non-finite loss; 2 for an invalid config or command line, or missing dataset files.
@@ -33,7 +34,14 @@ _WORKDIR = flags.DEFINE_string(
     "runs/<config name>[_<config argument>]. An existing one is resumed.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs; the cluster is detected from "
-    "the environment: Cloud TPU, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS and friends).")
+    "the environment: Cloud TPU, SLURM, Open MPI, Kubernetes; elsewhere give the three flags below).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed where no cluster is detected: host:port of process 0, "
+    "e.g. 10.0.0.1:1234 (default: the JAX_COORDINATOR_ADDRESS environment variable).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes, if not "
+                                      "detected.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index in "
+                                   "[0, num_processes), if not detected.", lower_bound=0)
 flags.mark_flag_as_required("config")
 
 EXIT_PREEMPTED = 128 + 15
@@ -96,7 +104,8 @@ def main(argv: list[str]) -> None:
     import jax  # Deferred: --help and flag errors stay fast.
 
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     from anemia_jax import train
 
     config = _CONFIG.value

@@ -23,11 +23,15 @@ flax's BatchNorm `pmean` its batch moments, so the running statistics come out
 unvarying (identical on every device) and equal to a 1-device run on the same
 global batch.
 
-Randomness: the per-step key is `fold_in(state.rng, state.step)`, and each
-device folds in its `axis_index('data')`, so a step is a pure function of
-(state, batch). With augmentation or dropout on, results therefore depend on
-the device count (each device draws its own transforms); with both off a step
-is device-count independent to float tolerance.
+Randomness: by default the per-step key is `fold_in(state.rng, state.step)`,
+so a step is a pure function of (state, batch) and a resumed run draws the
+same keys as an uninterrupted one. `train_step(state, batch, key)` takes the
+step key from the caller instead (issue 4's signature; e.g. for experiments
+that resample augmentation independently of the step counter). Either way
+each device folds in its `axis_index('data')`, so with augmentation or dropout
+on, results depend on the device count (each device draws its own
+transforms); with both off a step is device-count independent to float
+tolerance.
 
 Non-finite steps: if the loss or any gradient is NaN/inf, `train_step` returns
 the *input* state unchanged (step counter included) and
@@ -94,6 +98,10 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: PyTree
     opt_state: PyTree
     rng: jax.Array
+
+
+# `train_step(state, batch, key=None) -> (state, metrics)`, see `make_train_step`.
+TrainStep = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
 def _check_model(model: nn.Module) -> None:
@@ -204,7 +212,7 @@ def make_train_step(
     *,
     augment_config: ml_collections.ConfigDict | None = None,
     compute_dtype: Any = jnp.float32,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> TrainStep:
     """Builds the jitted data-parallel training step (state donated).
 
     Args:
@@ -222,19 +230,27 @@ def make_train_step(
             precision). Losses and metrics are computed in float32.
 
     Returns:
-        `train_step(state, batch) -> (new_state, metrics)`. `batch` holds
-        global arrays sharded P('data'): image uint8 [B,H,W,3], masks uint8
-        [B,H,W,C], mask_weights f32 [B,C], valid bool [B]. An example counts
-        in the loss when it is valid and has at least one mask. Metrics are
-        replicated: 'loss' (global mean), 'grad_norm', 'dice' f32 [C] (mean
-        over examples having that mask of the per-image Dice of the final
-        output at probability 0.5; NaN for a target absent from the batch)
-        and 'finite' (bool). If not finite, `new_state` is `state`.
+        `train_step(state, batch, key=None) -> (new_state, metrics)`. `batch`
+        holds global arrays sharded P('data'): image uint8 [B,H,W,3], masks
+        uint8 [B,H,W,C], mask_weights f32 [B,C], valid bool [B]. `key` is the
+        step's augmentation/dropout key: None (the default) derives it as
+        `fold_in(wrap_key_data(state.rng), state.step)`, so the step is a
+        pure function of (state, batch) and resumes reproducibly; a typed key
+        (`jax.random.key`; raw uint32 key data is wrapped) replaces that
+        derived key, and the caller must then pass a fresh one each step
+        (e.g. `fold_in(base, step)`) and save what it needs to resume. Every
+        process must pass the same key. `state.rng` (never consumed) and the
+        step counter behave the same in both modes; each mode (and raw key
+        data) compiles once. An example counts in the loss when it is valid
+        and has at least one mask. Metrics are replicated: 'loss' (global
+        mean), 'grad_norm', 'dice' f32 [C] (mean over examples having that
+        mask of the per-image Dice of the final output at probability 0.5;
+        NaN for a target absent from the batch) and 'finite' (bool). If not
+        finite, `new_state` is `state`.
     """
     _check_model(model)
 
-    def per_device(state: TrainState, batch: Batch):
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    def per_device(state: TrainState, batch: Batch, step_key: jax.Array):
         device_key = jax.random.fold_in(step_key, jax.lax.axis_index(DATA_AXIS))
         aug_key, dropout_key = jax.random.split(device_key)
         if augment_config is None:
@@ -289,12 +305,22 @@ def make_train_step(
         }
         return new_state, out
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
                             out_specs=(P(), P()), check_vma=True)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, key: jax.Array | None = None):
         _check_batch(batch, _TRAIN_KEYS, mesh)
-        return sharded(state, {k: batch[k] for k in _TRAIN_KEYS})
+        if key is None:
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        elif not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.dtype != jnp.uint32 or key.shape != state.rng.shape:
+                raise TypeError(f"key must be a typed PRNG key (jax.random.key) or uint32 key data of shape "
+                                f"{state.rng.shape}; got {key.dtype}{list(key.shape)}.")
+            key = jax.random.wrap_key_data(key)
+        elif key.shape:
+            raise TypeError(f"key must be a single PRNG key; got a batch of keys of shape {key.shape}. "
+                            f"Pass one key per step (e.g. jax.random.fold_in(base_key, step)).")
+        return sharded(state, {k: batch[k] for k in _TRAIN_KEYS}, key)
 
     return jax.jit(train_step, donate_argnums=0)
 

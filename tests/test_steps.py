@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from anemia_jax import losses, metrics, parallel, steps
+from anemia_jax import augment, losses, metrics, parallel, steps
 from anemia_jax.models.unet import UNet
 from anemia_jax.models.unetpp import UNetPlusPlus
 
@@ -217,6 +217,50 @@ def test_non_finite_gradient_with_finite_loss_is_detected(tiny_state):
     m = parallel.fetch(m)
     assert np.isfinite(m["loss"]) and not m["finite"]
     tree_allclose(parallel.fetch(new_state), before, rtol=0, atol=0)
+
+
+def test_explicit_key_replaces_derived_key(tiny_state):
+    """train_step(state, batch, key): the derived key reproduces the default; another key draws other
+    augmentations; neither mode retraces from step to step."""
+    mesh, state = tiny_state
+    host = parallel.fetch(state)
+    aug = augment.default_config()
+    for name in ("scale_prob", "translate_prob", "contrast_prob", "saturation_prob", "hue_prob", "gamma_prob",
+                 "blur_prob", "noise_prob", "rotate_prob"):
+        aug[name] = 0.0  # flips and brightness suffice, and compile quickly
+    traces = []
+
+    def counting_loss(*args):
+        traces.append(1)  # runs at trace time only
+        return loss_fn(*args)
+
+    step = steps.make_train_step(TINY, optax.sgd(0.1), counting_loss, mesh, augment_config=aug)
+    batches = [parallel.host_local_to_global(make_batch(seed), mesh) for seed in (0, 1)]
+    base = jax.random.wrap_key_data(host.rng)
+
+    def two_steps(keys):
+        s, out = parallel.replicate(host, mesh), []
+        for batch, key in zip(batches, keys):
+            s, m = step(s, batch) if key is None else step(s, batch, key)
+            out.append((parallel.fetch(s), parallel.fetch(m)))
+        return out
+
+    default = two_steps([None, None])
+    derived = two_steps([jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)])
+    other = two_steps([jax.random.key(7), jax.random.key(8)])
+    # One trace per mode (derived key, given key), none per step.
+    assert len(traces) == 2 and step._cache_size() == 2
+    raw = two_steps([jax.random.key_data(jax.random.fold_in(base, 0)), None])
+    for (s_d, m_d), (s_k, m_k), (s_r, m_r) in zip(default, derived, raw):
+        tree_allclose(s_k, s_d, rtol=0, atol=0)
+        tree_allclose(m_k, m_d, rtol=0, atol=0)
+        tree_allclose(s_r, s_d, rtol=0, atol=0)
+    assert int(default[-1][0].step) == int(other[-1][0].step) == 2
+    np.testing.assert_array_equal(other[-1][0].rng, host.rng)  # state.rng is never consumed
+    # Another key, other flips/brightness: another loss from the very first step on the same batch.
+    assert abs(float(other[0][1]["loss"]) - float(default[0][1]["loss"])) > 1e-4
+    with pytest.raises(TypeError, match="single PRNG key"):
+        step(parallel.replicate(host, mesh), batches[0], jax.random.split(base, 2))
 
 
 def test_batch_norm_model_without_axis_name_is_rejected():
