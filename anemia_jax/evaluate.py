@@ -189,10 +189,11 @@ def evaluate_run(run, *, split: str = "val", transforms=None, prune_level: int |
     builder, tfds_split, indices = run_lib.eval_split(config, split, builder)
     if len(indices) == 0:
         raise ValueError(f"Split {split!r} of this run is empty; nothing to evaluate.")
-    host = input_pipeline.read_examples(builder, tfds_split, indices, image_size=run.image_size, targets=targets)
     metadata = input_pipeline.read_metadata(builder, tfds_split)
     batch_size = run_lib.mesh_batch_size(config.get("eval_batch_size", 0) or config.batch_size, run.mesh)
-    dataset = input_pipeline.DeviceDataset.from_host(host, run.mesh, batch_size=batch_size)
+    # Each process decodes only its own share of the images, as the trainer's `load_data` does.
+    dataset = input_pipeline.DeviceDataset.from_builder(builder, tfds_split, indices, run.mesh, batch_size=batch_size,
+                                                        image_size=run.image_size, targets=targets)
     probability = run_lib.make_probability_fn(run, prune_level=prune_level, transforms=transforms)
 
     @jax.jit

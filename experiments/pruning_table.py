@@ -57,7 +57,7 @@ def parameter_count(params: Any, level: int | None) -> int:
 
 def time_inference(run: run_lib.Run, probability, *, batch: int, repeats: int) -> tuple[float, float]:
     """(images/s median over ``repeats`` calls, FLOPs per image) of ``probability`` on a resident batch."""
-    batch = max(run.mesh.size, -(-batch // run.mesh.size) * run.mesh.size)
+    batch = run_lib.mesh_batch_size(batch, run.mesh)
     rng = np.random.default_rng(0)
     images = parallel.host_local_to_global(
         rng.integers(0, 256, (batch, *run.image_size, 3), dtype=np.uint8), run.mesh)
