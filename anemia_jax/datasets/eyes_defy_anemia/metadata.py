@@ -156,24 +156,22 @@ def parse_sheet(rows: Sequence[Sequence[xlsx.Cell]], *, source: str = "sheet") -
             problems.append(f"{source} row {r}: patient {number} appears again, keeping the first row")
             continue
 
-        hgb_cell, gender_cell, age_cell = cell(row, "hgb"), cell(row, "gender"), cell(row, "age")
-        hgb = parse_number(hgb_cell)
-        if hgb is None:
-            hgb = math.nan
-            if not _is_missing(hgb_cell):
-                problems.append(
-                    f"{source} row {r}: Hgb {hgb_cell!r} of patient {number} is not a number, stored as NaN")
+        def number_or_nan(field: str, label: str) -> float:
+            value = parse_number(cell(row, field))
+            if value is not None:
+                return value
+            if not _is_missing(cell(row, field)):
+                problems.append(f"{source} row {r}: {label} {cell(row, field)!r} of patient {number} "
+                                "is not a number, stored as NaN")
+            return math.nan
+
+        hgb, age = number_or_nan("hgb", "Hgb"), number_or_nan("age", "age")
+        gender_cell = cell(row, "gender")
         gender = parse_gender(gender_cell)
         if gender is None:
             problems.append(
                 f"{source} row {r}: gender {gender_cell!r} of patient {number} not recognised, stored as ''")
             gender = ""
-        age = parse_number(age_cell)
-        if age is None:
-            age = math.nan
-            if not _is_missing(age_cell):
-                problems.append(
-                    f"{source} row {r}: age {age_cell!r} of patient {number} is not a number, stored as NaN")
         patients[number] = PatientMetadata(hgb=hgb, gender=gender, age=age)
     return SheetMetadata(patients=patients, problems=problems)
 

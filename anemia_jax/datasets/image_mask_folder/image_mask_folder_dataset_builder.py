@@ -205,29 +205,24 @@ def _encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _kvasir_config(name: str, long_side: int) -> ImageMaskFolderConfig:
+    """Kvasir-SEG with its official 880/120 split, stored at ``long_side``."""
+    return ImageMaskFolderConfig(
+        name=name,
+        split_files=_KVASIR_SPLITS,
+        long_side=long_side,
+        manual_subdir="kvasir_seg",
+        description=f"Kvasir-SEG polyps, official 880/120 split (val.txt -> 'test'), long side {long_side}.",
+        homepage=KVASIR_SEG_HOMEPAGE,
+    )
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
     """Image/mask folder builder; configs 'kvasir_seg' (long side 512) and 'kvasir_seg_256'."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
-        ImageMaskFolderConfig(
-            name="kvasir_seg",
-            split_files=_KVASIR_SPLITS,
-            long_side=512,
-            manual_subdir="kvasir_seg",
-            description="Kvasir-SEG polyps, official 880/120 split (val.txt -> 'test'), long side 512.",
-            homepage=KVASIR_SEG_HOMEPAGE,
-        ),
-        ImageMaskFolderConfig(
-            name="kvasir_seg_256",
-            split_files=_KVASIR_SPLITS,
-            long_side=256,
-            manual_subdir="kvasir_seg",
-            description="Kvasir-SEG polyps, official 880/120 split (val.txt -> 'test'), long side 256.",
-            homepage=KVASIR_SEG_HOMEPAGE,
-        ),
-    ]
+    BUILDER_CONFIGS = [_kvasir_config("kvasir_seg", 512), _kvasir_config("kvasir_seg_256", 256)]
     DEFAULT_BUILDER_CONFIG_NAME = "kvasir_seg"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the source folder (images/, masks/ and any split files) at <manual_dir>/<config name>/ or pass "
