@@ -26,11 +26,6 @@ import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
 
-# Names the registries of `anemia_jax.models` and `anemia_jax.losses` accept (checked against them in tests, so
-# validating a config never has to import JAX).
-MODEL_NAMES = ("unet", "unetpp", "attention_unet")
-LOSS_NAMES = ("sigmoid_cross_entropy", "softmax_cross_entropy", "dice", "jaccard", "tversky", "focal",
-              "focal_tversky", "lovasz_hinge", "combo")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EYE_MASKS = ("palpebral", "forniceal", "forniceal_palpebral")
 
@@ -343,9 +338,13 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
         check(all(int(s) % multiple == 0 for s in size),
               f"image_size={size} must be a multiple of {multiple} (2**model.depth with depth={depth}).")
 
-    for field, names in (("model", MODEL_NAMES), ("loss", LOSS_NAMES)):
+    # The registries, read where they are declared (imported here: loading a config file needs no JAX).
+    from anemia_jax import losses, models  # noqa: PLC0415
+
+    for field, registry in (("model", models.MODELS), ("loss", losses.LOSSES)):
         name = config[field].name
-        check(name in names, f"{field}.name={name!r} is unknown.{_close(name, names)} Valid: {', '.join(names)}.")
+        check(name in registry, f"{field}.name={name!r} is unknown.{_close(name, registry.all_names())} "
+                                f"Valid: {', '.join(registry.names())}.")
     if config.model.get("deep_supervision", False):
         weights = tuple(config.loss.get("deep_supervision_weights", ()))
         check(len(weights) in (0, depth), f"loss.deep_supervision_weights has {len(weights)} entries; UNet++ with "

@@ -36,6 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from anemia_jax.registry import Registry
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 LossFn = Callable[..., Array]
@@ -44,10 +46,14 @@ LossFn = Callable[..., Array]
 # too and the loss is exactly 0); real weights sum to far more.
 EPS = 1e-8
 
+# Name -> loss, declared beside each definition with `register_loss`; configs name losses from here.
+LOSSES: Registry[LossFn] = Registry("loss")
+register_loss = LOSSES.register
+
 __all__ = [
     "EPS", "sigmoid_cross_entropy", "softmax_cross_entropy", "focal_loss", "dice_loss", "jaccard_loss",
     "tversky_loss", "focal_tversky_loss", "lovasz_hinge_loss", "combo_loss", "deep_supervision_loss",
-    "get_loss", "loss_names",
+    "LOSSES", "get_loss", "loss_names", "register_loss",
 ]
 
 
@@ -132,6 +138,7 @@ def _tversky_index(logits: Array, labels: Array, w: Array, *, alpha: float, beta
 # ----------------------------------------------------------------------------------------- pixel-wise losses
 
 
+@register_loss("sigmoid_cross_entropy")
 def sigmoid_cross_entropy(
     logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLike | None = None, pos_weight: ArrayLike | None = None
 ) -> Array:
@@ -148,6 +155,7 @@ def sigmoid_cross_entropy(
     return _pixel_mean(pw * y * jax.nn.softplus(-x) + (1.0 - y) * jax.nn.softplus(x), w)
 
 
+@register_loss("softmax_cross_entropy")
 def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLike | None = None) -> Array:
     """Cross-entropy of a softmax over the channel (class) axis, for one-hot (or soft) labels -> [B].
 
@@ -168,6 +176,7 @@ def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, weights: Arra
     return jnp.sum(-w * y * log_p, axis=axes) / jnp.maximum(jnp.sum(w * y, axis=axes), EPS)
 
 
+@register_loss("focal")
 def focal_loss(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -203,6 +212,7 @@ _REGION_DOC = """
     prediction against an empty label (or an excluded channel) is loss 0 even with ``smooth=0``."""
 
 
+@register_loss("dice")
 def dice_loss(
     logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLike | None = None, smooth: float = 1.0
 ) -> Array:
@@ -213,6 +223,7 @@ def dice_loss(
     return _channel_mean(1.0 - _tversky_index(x, y, w, alpha=0.5, beta=0.5, smooth=smooth / 2), w)
 
 
+@register_loss("jaccard")
 def jaccard_loss(
     logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLike | None = None, smooth: float = 1.0
 ) -> Array:
@@ -223,6 +234,7 @@ def jaccard_loss(
     return _channel_mean(1.0 - _tversky_index(x, y, w, alpha=1.0, beta=1.0, smooth=smooth), w)
 
 
+@register_loss("tversky")
 def tversky_loss(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -243,6 +255,7 @@ def tversky_loss(
     return _channel_mean(1.0 - _tversky_index(x, y, w, alpha=alpha, beta=beta, smooth=smooth), w)
 
 
+@register_loss("focal_tversky")
 def focal_tversky_loss(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -273,6 +286,7 @@ for _fn in (dice_loss, jaccard_loss, tversky_loss, focal_tversky_loss):
 del _fn
 
 
+@register_loss("lovasz_hinge")
 def lovasz_hinge_loss(logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLike | None = None) -> Array:
     """Binary Lovasz hinge loss (Berman et al. 2018, "The Lovasz-Softmax loss"), per image and channel -> [B].
 
@@ -306,6 +320,7 @@ def lovasz_hinge_loss(logits: ArrayLike, labels: ArrayLike, *, weights: ArrayLik
 # -------------------------------------------------------------------------------------------- combinations
 
 
+@register_loss("combo")
 def combo_loss(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -367,35 +382,21 @@ def deep_supervision_loss(
 
 # -------------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, LossFn] = {
-    "sigmoid_cross_entropy": sigmoid_cross_entropy,
-    "softmax_cross_entropy": softmax_cross_entropy,
-    "dice": dice_loss,
-    "jaccard": jaccard_loss,
-    "tversky": tversky_loss,
-    "focal": focal_loss,
-    "focal_tversky": focal_tversky_loss,
-    "lovasz_hinge": lovasz_hinge_loss,
-    "combo": combo_loss,
-}
-
 
 def loss_names() -> tuple[str, ...]:
     """The names `get_loss` accepts."""
-    return tuple(_REGISTRY)
+    return LOSSES.names()
 
 
 def get_loss(name: str, **kwargs: Any) -> LossFn:
     """Looks a loss up by name and binds its hyper-parameters -> ``fn(logits, labels, *, weights=None) -> [B]``.
 
-    Names: 'sigmoid_cross_entropy', 'softmax_cross_entropy', 'dice', 'jaccard', 'tversky', 'focal',
-    'focal_tversky', 'lovasz_hinge', 'combo'. ``kwargs`` are the keyword hyper-parameters of that function
+    Names: those of `LOSSES` ('sigmoid_cross_entropy', 'softmax_cross_entropy', 'dice', 'jaccard', 'tversky',
+    'focal', 'focal_tversky', 'lovasz_hinge', 'combo'). ``kwargs`` are the keyword hyper-parameters of that function
     (e.g. ``get_loss('tversky', alpha=0.3, beta=0.7)``); an unknown name raises ValueError, an unknown or
     misspelt hyper-parameter TypeError, both listing what is valid.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown loss {name!r}; valid names: {', '.join(_REGISTRY)}.")
-    fn = _REGISTRY[name]
+    fn = LOSSES.get(name)
     valid = [p.name for p in inspect.signature(fn).parameters.values()
              if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "weights"]
     bad = sorted(set(kwargs) - set(valid))

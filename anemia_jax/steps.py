@@ -183,11 +183,6 @@ def _variables(state: TrainState) -> dict[str, PyTree]:
     return variables
 
 
-def _final_output(outputs: Any) -> jax.Array:
-    # Deep-supervised models return (shallowest, ..., deepest).
-    return outputs[-1] if isinstance(outputs, (tuple, list)) else outputs
-
-
 def _check_batch(batch: Batch, keys: tuple[str, ...], mesh: Mesh) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
@@ -219,8 +214,8 @@ def make_train_step(
         model: flax module; BatchNorm models must have `bn_axis_name='data'`.
         tx: optax transformation; its update runs identically on every device.
         loss_fn: `loss_fn(outputs, labels, weights) -> [b]` per-example losses,
-            where `outputs` is the model's logits (or tuple of logits for deep
-            supervision) cast to float32, `labels` float32 [b, H, W, C] and
+            where `outputs` is the model's `SegmentationOutput` (every head
+            cast to float32), `labels` float32 [b, H, W, C] and
             `weights` float32 [b, 1, 1, C] (mask_weights; missing masks 0).
         mesh: 1-D mesh from `parallel.make_mesh`.
         augment_config: `augment.augment_batch` config, or None for no
@@ -285,7 +280,7 @@ def make_train_step(
         # `grads` is already the all-device sum (see module docstring).
         loss = jax.lax.psum(loss, DATA_AXIS)
 
-        pred = metrics.binarize(_final_output(outputs))
+        pred = metrics.binarize(outputs.logits)
         dice = metrics.dice_score(pred, labels, weights=weights[:, None, None, :])
         dice_sum = jax.lax.psum(jnp.sum(dice * weights, axis=0), DATA_AXIS)
         dice_den = jax.lax.psum(jnp.sum(weights, axis=0), DATA_AXIS)
@@ -329,7 +324,7 @@ def _apply_eval(model: nn.Module, state: TrainState, images_01: jax.Array,
                 prune_level: int | None) -> jax.Array:
     kwargs = {} if prune_level is None else {"prune_level": prune_level}
     outputs = model.apply(_variables(state), normalize(images_01), train=False, **kwargs)
-    return _final_output(outputs).astype(jnp.float32)
+    return outputs.logits.astype(jnp.float32)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:

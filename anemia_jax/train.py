@@ -166,16 +166,16 @@ def build_model(config: ml_collections.ConfigDict):
 
 
 def build_loss(config: ml_collections.ConfigDict) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """``loss_fn(outputs, labels, weights) -> [B]`` from ``config.loss``; a tuple of outputs (deep supervision) gets
-    `losses.deep_supervision_loss` with ``loss.deep_supervision_weights`` (empty: the average)."""
+    """``loss_fn(outputs, labels, weights) -> [B]`` from ``config.loss``; a model output with several heads (deep
+    supervision) gets `losses.deep_supervision_loss` with ``loss.deep_supervision_weights`` (empty: the average)."""
     kwargs = {k: v for k, v in config.loss.items() if k not in ("name", "deep_supervision_weights")}
     base = losses.get_loss(config.loss.name, **kwargs)
     output_weights = tuple(config.loss.get("deep_supervision_weights", ())) or None
 
     def loss_fn(outputs, labels, weights):
-        if isinstance(outputs, (tuple, list)):
-            return losses.deep_supervision_loss(base, outputs, labels, output_weights, pixel_weights=weights)
-        return base(outputs, labels, weights=weights)
+        if len(outputs.heads) > 1:
+            return losses.deep_supervision_loss(base, outputs.heads, labels, output_weights, pixel_weights=weights)
+        return base(outputs.logits, labels, weights=weights)
 
     return loss_fn
 

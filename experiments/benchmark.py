@@ -68,7 +68,7 @@ def _measure(args: argparse.Namespace) -> dict:
     }
     batch = parallel.host_local_to_global(host_batch, mesh)
     state = steps.create_train_state(model, tx, jax.random.key(0), host_batch["image"], mesh)
-    train_step = steps.make_train_step(model, tx, lambda out, y, w: loss(out, y, weights=w), mesh,
+    train_step = steps.make_train_step(model, tx, lambda out, y, w: loss(out.logits, y, weights=w), mesh,
                                        compute_dtype=dtype)
     t_compile = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()

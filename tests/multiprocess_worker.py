@@ -39,7 +39,7 @@ def augment_config():
 
 
 def loss_fn(outputs, labels, weights):
-    return losses.combo_loss(outputs, labels, weights=weights)
+    return losses.combo_loss(outputs.logits, labels, weights=weights)
 
 
 def global_batch(step: int) -> dict[str, np.ndarray]:

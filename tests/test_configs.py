@@ -69,8 +69,8 @@ def test_test_flag_is_tiny():
 
 
 def test_registries_match_the_libraries():
-    assert set(config_lib.MODEL_NAMES) <= set(models.MODELS)
-    assert set(config_lib.LOSS_NAMES) == set(losses.loss_names())
+    assert {"unet", "unetpp", "attention_unet"} <= set(models.MODELS.names())
+    assert set(losses.LOSSES.names()) == set(losses.loss_names())
     for spec in config_lib.DATASETS.values():
         assert spec.builder in datasets.BUILDER_NAMES
 
@@ -88,7 +88,7 @@ def test_parse_arg():
 
 @pytest.mark.parametrize("field, value, message", [
     ("batch_size", 12, r"batch_size=12 is not divisible by the 8 devices.*multiple of 8 \(e\.g\. 16\)"),
-    ("model.name", "unetplus", r"model.name='unetplus' is unknown.*Valid: unet, unetpp, attention_unet"),
+    ("model.name", "unetplus", r"model.name='unetplus' is unknown.*Valid: attention_unet, unet, unetpp"),
     ("loss.name", "dice_los", r"loss.name='dice_los' is unknown. Did you mean 'dice'"),
     ("dataset.name", "kvasir", r"dataset.name='kvasir' is unknown.*Valid: eyes_defy_anemia, phantom, kvasir_seg"),
     ("targets", ("palpebral", "mask"), r"target 'mask' is not a mask of dataset 'eyes_defy_anemia'"),

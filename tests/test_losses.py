@@ -233,7 +233,7 @@ def test_special_cases_coincide():
 def test_get_loss_registry_and_errors():
     assert set(losses.loss_names()) == {"sigmoid_cross_entropy", "softmax_cross_entropy", "dice", "jaccard",
                                         "tversky", "focal", "focal_tversky", "lovasz_hinge", "combo"}
-    with pytest.raises(ValueError, match="valid names: sigmoid_cross_entropy.*combo"):
+    with pytest.raises(ValueError, match="Valid loss names: sigmoid_cross_entropy.*combo"):
         losses.get_loss("dcie")
     with pytest.raises(TypeError, match="'smoth'.*valid: smooth"):
         losses.get_loss("dice", smoth=1.0)

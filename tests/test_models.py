@@ -18,6 +18,7 @@ from anemia_jax.models import (
     AttentionUNet,
     ConvTranspose2x2,
     SegmentationModel,
+    SegmentationOutput,
     UNet,
     UNetPlusPlus,
     get_model,
@@ -186,7 +187,8 @@ def test_shapes_for_every_norm_and_upsample(cls):
         assert up["kernel"].shape[:2] == ((2, 2) if upsample == "transpose" else (3, 3))
         out, state = jax.eval_shape(
             lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, images)
-        assert out.shape == (2, 32, 16, 1) and out.dtype == jnp.float32, (norm, upsample)
+        assert isinstance(out, SegmentationOutput) and len(out.heads) == 1
+        assert out.logits.shape == (2, 32, 16, 1) and out.logits.dtype == jnp.float32, (norm, upsample)
         assert jax.tree.structure(state) == jax.tree.structure({k: variables[k] for k in state})
 
 
@@ -195,7 +197,7 @@ def test_shapes_for_every_norm_and_upsample(cls):
 def test_multiclass_output_with_other_layers(cls, norm, upsample):
     model = cls(num_classes=3, norm=norm, upsample=upsample, **TINY)
     images = _images()
-    out = model.apply(_init(model, images), images, train=False)
+    out = model.apply(_init(model, images), images, train=False).logits
     assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all() and float(jnp.std(out)) > 0
 
@@ -206,7 +208,7 @@ def test_bfloat16_computation_with_float32_params(cls):
     images = _images((2, 16, 16, 3))
     variables = _init(model, images)
     assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-    fn = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]  # noqa: E731
+    fn = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0].logits  # noqa: E731
     jaxpr = jax.make_jaxpr(fn)(variables, images).jaxpr
     convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     concats = [e for e in jaxpr.eqns if e.primitive.name == "concatenate"]
@@ -218,7 +220,8 @@ def test_bfloat16_computation_with_float32_params(cls):
         return
     out = jax.jit(fn)(variables, images)
     f32 = model.clone(dtype=jnp.float32)
-    reference = jax.jit(lambda v, x: f32.apply(v, x, train=True, mutable=["batch_stats"])[0])(variables, images)
+    reference = jax.jit(lambda v, x: f32.apply(v, x, train=True, mutable=["batch_stats"])[0].logits)(variables,
+                                                                                                      images)
     # bfloat16 keeps ~3 significant digits: compare the error to the spread of the logits.
     assert float(jnp.sqrt(jnp.mean((out - reference) ** 2)) / jnp.std(reference)) < 0.05
 
@@ -262,8 +265,8 @@ def test_batchnorm_statistics_update_only_in_train_mode():
     np.testing.assert_allclose(after["var"], 0.9 + 0.1 * conv.var((0, 1, 2)), rtol=1e-4)
     assert not np.allclose(before["mean"], after["mean"])
     # Evaluation uses the running statistics: an image's logits do not depend on its batch.
-    out1 = model.apply(variables, images, train=False)
-    out2 = model.apply(variables, images.at[1:].set(0.0), train=False)
+    out1 = model.apply(variables, images, train=False).logits
+    out2 = model.apply(variables, images.at[1:].set(0.0), train=False).logits
     np.testing.assert_allclose(out1[:1], out2[:1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(out1[1:], out2[1:])
 
@@ -281,7 +284,7 @@ def test_batchnorm_statistics_sync_over_data_axis_under_shard_map():
                                     out_specs=(P("data"), P())))
     out, updates = sharded(variables, images)
     ref_out, ref_updates = UNet(**TINY).apply(variables, images, train=True, mutable=["batch_stats"])
-    np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.logits, ref_out.logits, rtol=1e-4, atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), updates, ref_updates)
 
 
@@ -290,12 +293,12 @@ def test_dropout_only_in_train_mode(cls):
     model = cls(dropout_rate=0.5, **TINY)
     images = _images()
     variables = _init(model, images)
-    eval1 = model.apply(variables, images, train=False)  # no 'dropout' rng needed
-    np.testing.assert_array_equal(eval1, model.apply(variables, images, train=False))
+    eval1 = model.apply(variables, images, train=False).logits  # no 'dropout' rng needed
+    np.testing.assert_array_equal(eval1, model.apply(variables, images, train=False).logits)
 
     def train(seed):
         return model.apply(variables, images, train=True, mutable=["batch_stats"],
-                           rngs={"dropout": jax.random.key(seed, impl="rbg")})[0]
+                           rngs={"dropout": jax.random.key(seed, impl="rbg")})[0].logits
 
     np.testing.assert_array_equal(train(0), train(0))
     assert not np.allclose(train(0), train(1))
@@ -316,7 +319,7 @@ def test_models_are_differentiable():
     def grad(params):
         def loss(params):
             out, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
-            return jnp.mean(out**2)
+            return jnp.mean(out.logits**2)
         return jax.grad(loss)(params)
 
     norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grad(variables["params"]))]
@@ -326,23 +329,24 @@ def test_models_are_differentiable():
 # ------------------------------------------------------------------------------ UNet++ specifics
 
 
-def test_deep_supervision_returns_shallowest_first_tuple():
+def test_deep_supervision_returns_every_head_shallowest_first():
     model = UNetPlusPlus(num_classes=2, deep_supervision=True, features=4, depth=3)
     images = _images()
     variables = _init(model, images)
     assert {f"head_{j}" for j in (1, 2, 3)} <= set(variables["params"])
     for train in (True, False):
-        outs, _ = model.apply(variables, images, train=train, mutable=["batch_stats"])
-        assert isinstance(outs, tuple) and len(outs) == 3
-        assert all(o.shape == (2, 16, 16, 2) and o.dtype == jnp.float32 for o in outs)
-    outs = model.apply(variables, images, train=False)
+        out, _ = model.apply(variables, images, train=train, mutable=["batch_stats"])
+        assert isinstance(out.heads, tuple) and len(out.heads) == 3 and out.logits is out.heads[-1]
+        assert all(o.shape == (2, 16, 16, 2) and o.dtype == jnp.float32 for o in out.heads)
+    outs = model.apply(variables, images, train=False).heads
     assert len({float(jnp.abs(o).sum()) for o in outs}) == 3  # distinct heads, not one repeated
     for k in (1, 2, 3):
-        np.testing.assert_allclose(model.apply(variables, images, train=False, prune_level=k), outs[k - 1],
-                                   rtol=1e-5, atol=1e-5)
+        pruned = model.apply(variables, images, train=False, prune_level=k)
+        assert len(pruned.heads) == 1
+        np.testing.assert_allclose(pruned.logits, outs[k - 1], rtol=1e-5, atol=1e-5)
     # Variables of the single-output model are the deep-supervised ones minus the extra heads.
     single = UNetPlusPlus(num_classes=2, features=4, depth=3)
-    np.testing.assert_allclose(single.apply(variables, images, train=False), outs[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(single.apply(variables, images, train=False).logits, outs[-1], rtol=1e-5, atol=1e-5)
     assert set(_init(single, images)["params"]) == set(variables["params"]) - {"head_1", "head_2"}
 
 
@@ -354,7 +358,8 @@ def test_pruned_inference_is_cheaper():
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     convs, flops = [], []
     for k in (4, 3, 2, 1):
-        lowered = jax.jit(lambda v, x, k=k: model.apply(v, x, train=False, prune_level=k)).lower(variables, images)
+        lowered = jax.jit(lambda v, x, k=k: model.apply(v, x, train=False, prune_level=k).logits).lower(variables,
+                                                                                                         images)
         assert lowered.out_info.shape == (1, 32, 32, 1)
         convs.append(lowered.as_text().count("stablehlo.convolution"))
         cost = lowered.cost_analysis()
@@ -376,8 +381,8 @@ def test_prune_level_errors():
     single = UNetPlusPlus(**TINY)
     with pytest.raises(ValueError, match="deep_supervision=True"):
         single.apply(variables, images, train=False, prune_level=1)
-    np.testing.assert_allclose(single.apply(variables, images, train=False, prune_level=2),
-                               single.apply(variables, images, train=False), rtol=1e-6)
+    np.testing.assert_allclose(single.apply(variables, images, train=False, prune_level=2).logits,
+                               single.apply(variables, images, train=False).logits, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- Attention U-Net
@@ -403,11 +408,12 @@ def test_registry_names_aliases_and_errors():
     for alias in ("unetpp", "unet++", "nested_unet", "UNetPP"):
         assert type(get_model(alias)) is UNetPlusPlus
     assert type(get_model("attention_unet")) is AttentionUNet
-    assert all(issubclass(c, SegmentationModel) for c in MODELS.values())
+    assert all(issubclass(c, SegmentationModel) for _, c in MODELS.items() if c.__module__.startswith(
+        ("anemia_jax.models.unet", "anemia_jax.models.attention")))
     model = get_model("unetpp", num_classes=3, deep_supervision=True, dtype="bfloat16", features=8)
     assert (model.num_classes, model.deep_supervision, model.dtype, model.features) == (3, True, jnp.bfloat16, 8)
-    with pytest.raises(ValueError, match=r"Unknown model 'segformer'.*attention_unet.*unet.*unetpp"):
-        get_model("segformer")
+    with pytest.raises(ValueError, match=r"Unknown model 'unte'.*Did you mean 'unet'.*names: attention_unet, unet, unetpp"):
+        get_model("unte")
     with pytest.raises(TypeError, match=r"\['base_width'\].*num_classes.*features.*depth"):
         get_model("unet", base_width=32)
     with pytest.raises(TypeError, match="deep_supervision"):

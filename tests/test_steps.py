@@ -36,7 +36,7 @@ def make_batch(seed: int, batch: int = GLOBAL_BATCH) -> dict[str, np.ndarray]:
 
 
 def loss_fn(outputs, labels, weights):
-    return losses.combo_loss(outputs, labels, weights=weights)
+    return losses.combo_loss(outputs.logits, labels, weights=weights)
 
 
 def global_mean_loss(per_example, batch):
@@ -134,7 +134,8 @@ def test_gradient_is_global_mean_gradient(runs):
                                mutable=["batch_stats"])
         return global_mean_loss(loss_fn(out, batch["masks"].astype(jnp.float32), weights), batch), (out, upd)
 
-    (loss, (logits, updated)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(init.params)
+    (loss, (out, updated)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(init.params)
+    logits = out.logits
     w = batch["mask_weights"] * batch["valid"][:, None]
     dice = metrics.mean_over_images(metrics.dice_score(metrics.binarize(logits), batch["masks"],
                                                        weights=w[:, None, None, :]), w)
@@ -209,7 +210,7 @@ def test_non_finite_gradient_with_finite_loss_is_detected(tiny_state):
     tx = optax.sgd(0.1)
 
     def sqrt_loss(outputs, labels, weights):  # value 0, gradient of sqrt at 0 is inf
-        return jnp.sqrt(0.0 * losses.sigmoid_cross_entropy(outputs, labels, weights=weights))
+        return jnp.sqrt(0.0 * losses.sigmoid_cross_entropy(outputs.logits, labels, weights=weights))
 
     before = parallel.fetch(state)
     new_state, m = steps.make_train_step(TINY, tx, sqrt_loss, mesh)(
@@ -276,7 +277,7 @@ def test_eval_step_per_example_outputs(runs):
     out = parallel.fetch(out)
     host = parallel.fetch(state)
     logits = MODEL.apply({"params": host.params, "batch_stats": host.batch_stats},
-                         steps.normalize(batch["image"] / 255.0), train=False)
+                         steps.normalize(batch["image"] / 255.0), train=False).logits
     weights = batch["mask_weights"] * batch["valid"][:, None]
     counts = metrics.confusion_counts(metrics.binarize(logits), batch["masks"],
                                       weights=weights[:, None, None, :])
@@ -306,9 +307,9 @@ def test_predict_fn_unetpp_prune_level():
     images = np.random.default_rng(0).uniform(size=(GLOBAL_BATCH, SIZE, SIZE, 3)).astype(np.float32)
     variables = {"params": host.params, "batch_stats": host.batch_stats}
     x = steps.normalize(images)
-    full = model.apply(variables, x, train=False)
-    assert isinstance(full, tuple) and len(full) == 2
-    for prune_level, expected in ((None, full[-1]), (1, model.apply(variables, x, train=False, prune_level=1))):
+    full = model.apply(variables, x, train=False).heads
+    assert len(full) == 2
+    for prune_level, expected in ((None, full[-1]), (1, model.apply(variables, x, train=False, prune_level=1).logits)):
         probs = steps.make_predict_fn(model, mesh, prune_level=prune_level)(
             state, parallel.host_local_to_global(images, mesh))
         assert probs.shape == (GLOBAL_BATCH, SIZE, SIZE, TARGETS) and probs.dtype == jnp.float32

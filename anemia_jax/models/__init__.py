@@ -1,28 +1,41 @@
-"""Segmentation networks (flax.linen): `UNet`, `UNetPlusPlus`, `AttentionUNet`, and `get_model`.
+"""Segmentation networks (flax.linen), registered by name: `get_model`, `MODELS`, `SegmentationOutput`.
 
-Every model maps NHWC floating-point images ``[B, H, W, C_in]`` (H, W multiples of
-``2**depth``) to float32 logits ``[B, H, W, num_classes]`` and is used functionally::
+Every model maps NHWC floating-point images ``[B, H, W, C_in]`` to a `SegmentationOutput` whose ``logits`` are
+float32 ``[B, H, W, num_classes]`` (``heads`` holds every supervised head, the final one last), and is used
+functionally::
 
     model = get_model("unetpp", num_classes=1, dtype=jnp.bfloat16, bn_axis_name="data")
     variables = model.init(jax.random.key(0), images, train=False)
-    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                  rngs={"dropout": key})   # the rng only if dropout_rate > 0
+    output, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": key})   # the rng only if the model has dropout
+    logits = output.logits
 
-Common fields (see `SegmentationModel`): ``num_classes``, ``features``, ``depth``, ``norm``,
-``norm_groups``, ``upsample``, ``dropout_rate``, ``bn_axis_name``, ``dtype``, ``param_dtype``.
+Adding a model: write ``anemia_jax/models/<name>.py`` with the class decorated ``@register_model("<name>")``
+(`anemia_jax.models.base`); every module of this package is imported here, so the registry, ``get_model`` and config
+validation know it at once.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from anemia_jax.models.attention_unet import AttentionGate, AttentionUNet
-from anemia_jax.models.layers import ConvBlock, ConvTranspose2x2, SegmentationModel, field_names
-from anemia_jax.models.unet import UNet
-from anemia_jax.models.unetpp import UNetPlusPlus
+from anemia_jax.models.base import MODELS, SegmentationOutput, register_model
+from anemia_jax.models.layers import field_names
+
+# Every module of the package registers its models on import.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from anemia_jax.models.attention_unet import AttentionGate, AttentionUNet  # noqa: E402
+from anemia_jax.models.layers import ConvBlock, ConvTranspose2x2, SegmentationModel  # noqa: E402
+from anemia_jax.models.unet import UNet  # noqa: E402
+from anemia_jax.models.unetpp import UNetPlusPlus  # noqa: E402
 
 __all__ = [
     "AttentionGate",
@@ -31,29 +44,22 @@ __all__ = [
     "ConvTranspose2x2",
     "MODELS",
     "SegmentationModel",
+    "SegmentationOutput",
     "UNet",
     "UNetPlusPlus",
     "get_model",
+    "register_model",
 ]
-
-# Registry names used by configs; aliases map to the same classes.
-MODELS: dict[str, type[SegmentationModel]] = {
-    "unet": UNet,
-    "unetpp": UNetPlusPlus,
-    "unet++": UNetPlusPlus,
-    "nested_unet": UNetPlusPlus,
-    "attention_unet": AttentionUNet,
-}
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
     """Builds a registered model from its name and constructor fields.
 
     Args:
-        name: ``'unet'``, ``'unetpp'`` (aliases ``'unet++'``, ``'nested_unet'``) or
-            ``'attention_unet'``; case-insensitive.
-        **kwargs: fields of the model class, e.g. ``num_classes=2, dtype='bfloat16'``. ``dtype``
-            and ``param_dtype`` may be given as strings (as configs store them).
+        name: a name or alias of `MODELS` (e.g. ``'unet'``, ``'unetpp'`` alias ``'unet++'``, ``'attention_unet'``);
+            case-insensitive.
+        **kwargs: fields of the model class, e.g. ``num_classes=2, dtype='bfloat16'``. ``dtype`` and ``param_dtype``
+            may be given as strings (as configs store them).
 
     Returns:
         The unbound Flax module.
@@ -62,17 +68,12 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
         ValueError: unknown name (the message lists the valid names) or a bad field value.
         TypeError: a keyword that is not a field of the model (the message lists the fields).
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; valid names: {sorted(MODELS)}.")
-    cls = MODELS[key]
+    cls = MODELS.get(name)
     fields = field_names(cls)
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
-        raise TypeError(
-            f"get_model({name!r}) got unknown argument(s) {unknown}; {cls.__name__} accepts: "
-            f"{', '.join(fields)}."
-        )
+        raise TypeError(f"get_model({name!r}) got unknown argument(s) {unknown}; {cls.__name__} accepts: "
+                        f"{', '.join(fields)}.")
     for dtype_field in ("dtype", "param_dtype"):
         if isinstance(kwargs.get(dtype_field), str):
             kwargs[dtype_field] = jnp.dtype(kwargs[dtype_field])

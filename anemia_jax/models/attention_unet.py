@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from anemia_jax.models.base import SegmentationOutput, register_model
 from anemia_jax.models.layers import Dtype, SegmentationModel, check_images
 
 
@@ -53,8 +54,9 @@ class AttentionGate(nn.Module):
         return x * alpha
 
 
+@register_model("attention_unet")
 class AttentionUNet(SegmentationModel):
-    """Attention U-Net: ``images [B, H, W, C_in] -> logits [B, H, W, num_classes]`` (float32).
+    """Attention U-Net: ``images [B, H, W, C_in] -> SegmentationOutput`` (one head of float32 logits).
 
     A `UNet` (same encoder, decoder, widths and fields) in which, at decoder level ``i``, the
     encoder skip ``X_i`` is first gated by an `AttentionGate` whose gating signal is the coarser
@@ -69,7 +71,7 @@ class AttentionUNet(SegmentationModel):
     """
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool) -> SegmentationOutput:
         """Segments a batch; arguments and result as in `UNet.__call__`."""
         check_images(images, self.depth, type(self).__name__)
         widths = self.widths
@@ -81,4 +83,4 @@ class AttentionUNet(SegmentationModel):
             skip = gate(skips[i], x)
             x = jnp.concatenate([self.up(x, widths[i], f"up_{i}"), skip], axis=-1)
             x = self.block(widths[i], f"decoder_{i}")(x, train=train)
-        return self.head(x, "head")
+        return SegmentationOutput.single(self.head(x, "head"))

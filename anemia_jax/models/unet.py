@@ -12,11 +12,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from anemia_jax.models.base import SegmentationOutput, register_model
 from anemia_jax.models.layers import SegmentationModel, check_images
 
 
+@register_model("unet")
 class UNet(SegmentationModel):
-    """U-Net: ``images [B, H, W, C_in] -> logits [B, H, W, num_classes]`` (float32).
+    """U-Net: ``images [B, H, W, C_in] -> SegmentationOutput`` (one head of float32 logits ``[B, H, W, classes]``).
 
     Encoder level ``i`` (``i = 0..depth``) is a `ConvBlock` of ``features * 2**i`` channels
     (levels ``i > 0`` after a 2x2 max pool); decoder level ``i`` upsamples the level below to
@@ -35,11 +37,12 @@ class UNet(SegmentationModel):
 
         model = UNet(num_classes=1, dtype=jnp.bfloat16)
         variables = model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
-        logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+        output, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+        logits = output.logits
     """
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool) -> SegmentationOutput:
         """Segments a batch.
 
         Args:
@@ -48,7 +51,7 @@ class UNet(SegmentationModel):
                 updates) batch statistics, dropout is active (needs a ``'dropout'`` rng).
 
         Returns:
-            float32 logits ``[B, H, W, num_classes]``.
+            `SegmentationOutput` with one head: float32 logits ``[B, H, W, num_classes]``.
         """
         check_images(images, self.depth, type(self).__name__)
         widths = self.widths
@@ -57,4 +60,4 @@ class UNet(SegmentationModel):
         for i in reversed(range(self.depth)):
             x = jnp.concatenate([self.up(x, widths[i], f"up_{i}"), skips[i]], axis=-1)
             x = self.block(widths[i], f"decoder_{i}")(x, train=train)
-        return self.head(x, "head")
+        return SegmentationOutput.single(self.head(x, "head"))

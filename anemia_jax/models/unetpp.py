@@ -21,28 +21,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from anemia_jax.models.base import SegmentationOutput, register_model
 from anemia_jax.models.layers import SegmentationModel, check_images
 
 
+@register_model("unetpp", aliases=("unet++", "nested_unet"))
 class UNetPlusPlus(SegmentationModel):
-    """UNet++: ``images [B, H, W, C_in] -> logits [B, H, W, num_classes]`` (float32), or a tuple.
+    """UNet++: ``images [B, H, W, C_in] -> SegmentationOutput`` (float32 logits of one head, or of every level).
 
     Levels ``i = 0..depth`` have ``features * 2**i`` channels (default 32-64-128-256-512); every
     node is a `ConvBlock`; ``Up`` is a 2x2 transposed convolution (or resize + 3x3 conv) from
     level ``i+1`` to level ``i`` channels, one per node (weights are not shared between nodes).
 
-    Outputs:
+    Outputs (a `SegmentationOutput`; ``output.logits`` is always the final prediction):
 
-    * ``deep_supervision=False`` (default): only ``X^{0,depth}`` has a head; ``__call__`` returns
-      its logits.
-    * ``deep_supervision=True``: heads on ``X^{0,1}..X^{0,depth}``; ``__call__`` returns the tuple
-      of their logits, shallowest first, in training and in evaluation alike (average them, or
-      pick one, for a single prediction).
+    * ``deep_supervision=False`` (default): only ``X^{0,depth}`` has a head; ``output.heads`` is that one head.
+    * ``deep_supervision=True``: heads on ``X^{0,1}..X^{0,depth}``; ``output.heads`` holds their logits,
+      shallowest first, in training and in evaluation alike, and ``output.logits`` is ``X^{0,depth}``'s.
     * ``prune_level=k`` (inference only, ``train=False``): computes only the nodes ``X^{i,j}`` with
-      ``i + j <= k`` (encoder levels ``0..k`` included) and returns the single logits of
-      ``X^{0,k}``. The same variables (from ``init`` of the full network) serve every level.
-      Levels ``k < depth`` need the heads of a ``deep_supervision=True`` model, because a head on
-      ``X^{0,k}`` is only trained with deep supervision; ``k = depth`` works for both.
+      ``i + j <= k`` (encoder levels ``0..k`` included); the one head is ``X^{0,k}``'s. The same variables (from
+      ``init`` of the full network) serve every level. Levels ``k < depth`` need the heads of a
+      ``deep_supervision=True`` model, because a head on ``X^{0,k}`` is only trained with deep supervision;
+      ``k = depth`` works for both.
 
     Parameter counts with the defaults (``features=32, depth=4``, BatchNorm, transposed-conv
     upsampling, 3 input channels, ``num_classes=1``): **9,045,825** with
@@ -65,7 +65,7 @@ class UNetPlusPlus(SegmentationModel):
     @nn.compact
     def __call__(
         self, images: jax.Array, *, train: bool, prune_level: int | None = None
-    ) -> jax.Array | tuple[jax.Array, ...]:
+    ) -> SegmentationOutput:
         """Segments a batch.
 
         Args:
@@ -75,8 +75,9 @@ class UNetPlusPlus(SegmentationModel):
                 ``train=False``); None evaluates the full network.
 
         Returns:
-            float32 logits ``[B, H, W, num_classes]``; with ``deep_supervision=True`` and no
-            ``prune_level``, a tuple of ``depth`` such logits for ``X^{0,1}..X^{0,depth}``.
+            `SegmentationOutput`: float32 logits ``[B, H, W, num_classes]`` of ``X^{0,depth}`` (or of
+            ``X^{0,k}`` when pruned); with ``deep_supervision=True`` and no ``prune_level``, ``depth`` heads for
+            ``X^{0,1}..X^{0,depth}``.
 
         Raises:
             ValueError: for a bad input shape or an unsupported ``prune_level``.
@@ -98,10 +99,10 @@ class UNetPlusPlus(SegmentationModel):
                 )
 
         if prune_level is not None:
-            return self.head(nodes[0, top], f"head_{top}")
+            return SegmentationOutput.single(self.head(nodes[0, top], f"head_{top}"))
         if self.deep_supervision:
-            return tuple(self.head(nodes[0, j], f"head_{j}") for j in range(1, self.depth + 1))
-        return self.head(nodes[0, self.depth], f"head_{self.depth}")
+            return SegmentationOutput(tuple(self.head(nodes[0, j], f"head_{j}") for j in range(1, self.depth + 1)))
+        return SegmentationOutput.single(self.head(nodes[0, self.depth], f"head_{self.depth}"))
 
     def _check_prune_level(self, prune_level: int, train: bool) -> int:
         name = type(self).__name__
