@@ -13,9 +13,9 @@ Colour spaces (all float64, channel-last):
   ``H = theta if B <= G else 360 - theta``; greys (R = G = B) get H = 0.
 
 `colour_features(image, mask)` summarises the pixels of one photo inside one mask (bool, or numeric with > 0.5
-inside). Every feature is computed on the sRGB-encoded pixel values as stored in the photo (no white balance or
-camera calibration: Collings et al. calibrate with an in-frame colour card, which the public archives do not provide).
-Features (`FEATURE_NAMES`):
+inside). Every feature is computed on sRGB-encoded pixel values: as stored in the photo (``constancy='none'``), or
+after a colour-constancy correction estimated from the same photo (no camera calibration is possible: Collings et
+al. calibrate with an in-frame colour card, which the public archives do not provide). Features (`FEATURE_NAMES`):
 
 * ``lab_l``, ``lab_a``, ``lab_b``: mean CIELAB L*, a*, b* over the mask's pixels (mean of per-pixel values). Dimauro
   et al. 2018 estimate Hgb from the a* (red-green) component of the palpebral conjunctiva.
@@ -32,6 +32,35 @@ Features (`FEATURE_NAMES`):
 
 An empty mask yields NaN for every feature and ``num_pixels = 0`` (never a silent 0), so downstream statistics must
 exclude it (`screening` does, and counts it).
+
+Colour constancy (``constancy=``, `CONSTANCY_METHODS`). Photos come from different phones and light; both methods
+estimate the colour of the light, an illuminant e = (eR, eG, eB) in LINEAR RGB, from reference pixels of the same
+photo, and apply the von Kries diagonal correction ``c' = c * Y(e) / e_c`` per channel (Y(e) = the luminance of e,
+the `SRGB_TO_XYZ` Y row), so the estimated light becomes a neutral grey of the same luminance: the correction
+changes the light's colour, not its brightness (exposure differences remain). Corrected linear values are clipped
+to [0, 1] and re-encoded to sRGB before the features. Reference pixels: ``reference_mask`` if given, else every
+pixel OUTSIDE the feature mask (the conjunctiva whose colour carries Hgb must not set its own correction), minus
+clipped pixels (any channel >= 250/255 or every channel <= 2/255), which say nothing about the light's colour.
+
+* ``grey_world`` (Buchsbaum 1980): e = the mean linear colour of the reference pixels, i.e. the scene is assumed
+  grey on average. Failure modes: scene content leaks into the correction -- a frame filled by skin (orange-red)
+  is "corrected" towards cyan, darker skin or more skin in the frame shifts the estimate, a pale conjunctiva next to
+  a red one reads differently depending on how much lid is in view. It needs no particular object in the photo and
+  never fails when any unclipped pixel is outside the mask.
+* ``white_patch`` (the robust max-RGB / white-patch Retinex of Land & McCann 1971; Funt & Shi 2010): e = the mean
+  linear colour of the brightest ``white_fraction`` (default 5%) of the reference pixels by luminance. In an
+  everted-lid photo the brightest unclipped pixels outside the conjunctiva are the sclera (the white of the eye)
+  and specular highlights on wet tissue, both of which reflect the light's own colour (a specular reflection is the
+  illuminant's colour under the dichromatic model), so no chart is needed. Failure modes: a photo cropped without
+  sclera (the brightest pixels are then skin or lid, and a red reference makes the conjunctiva look pale); a
+  discoloured sclera (jaundice, age-related yellowing, pinguecula, subconjunctival bleeding) biases the estimate
+  blue or green; an over-exposed photo whose sclera is clipped leaves only dimmer pixels (clipped ones are dropped);
+  flash glare on glasses or the lashes; a tight ``reference_mask`` with too few pixels. With no usable reference
+  pixel the features are NaN (the photo is excluded and counted), never computed uncorrected.
+
+References for colour constancy: Buchsbaum G. A spatial processor model for object colour perception. J. Franklin
+Inst. 310(1):1-26, 1980. Land E.H., McCann J.J. Lightness and retinex theory. JOSA 61(1):1-11, 1971. Funt B.,
+Shi L. The rehabilitation of MaxRGB. Color and Imaging Conference 18, 2010. Ebner M. Color Constancy. Wiley, 2007.
 
 References:
     Collings S. et al. Non-invasive detection of anaemia using digital photographs of the conjunctiva. PLoS ONE
@@ -52,12 +81,15 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "CONSTANCY_METHODS",
     "D65_WHITE",
     "FEATURE_NAMES",
     "SRGB_TO_XYZ",
     "ColourFeatures",
     "batch_colour_features",
     "colour_features",
+    "correct_colour",
+    "estimate_illuminant",
     "hsi_hue",
     "linear_to_srgb",
     "srgb_to_lab",
@@ -79,6 +111,12 @@ FEATURE_NAMES = (
     "erythema_index", "hhr",
 )
 DEFAULT_HHR_THRESHOLD_DEG = 342.0
+CONSTANCY_METHODS = ("none", "grey_world", "white_patch")
+DEFAULT_WHITE_FRACTION = 0.05
+# Encoded values at or beyond these are clipped by the camera: they carry no information about the light's colour.
+_CLIP_HIGH, _CLIP_LOW = 250.0 / 255.0, 2.0 / 255.0
+# Luminance weights summing to exactly 1 (the matrix row sums to 1.0000001), so a neutral light gets gains of 1.
+_LUMA = SRGB_TO_XYZ[1] / SRGB_TO_XYZ[1].sum()
 
 _DELTA = 6.0 / 29.0
 
@@ -156,8 +194,59 @@ def _mask_2d(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def _check_constancy(constancy: str) -> None:
+    if constancy not in CONSTANCY_METHODS:
+        raise ValueError(f"unknown colour constancy {constancy!r}; choose one of {CONSTANCY_METHODS}.")
+
+
+def estimate_illuminant(image: np.ndarray, reference_mask: np.ndarray, *, constancy: str,
+                        white_fraction: float = DEFAULT_WHITE_FRACTION) -> np.ndarray:
+    """The light's colour in linear RGB [3] estimated from a photo's reference pixels (module docstring).
+
+    Args:
+        image: [H, W, 3] sRGB-encoded photo, uint8 or float in [0, 1].
+        reference_mask: [H, W] pixels the estimate may use (bool, or numeric > 0.5); clipped pixels are dropped.
+        constancy: 'grey_world' or 'white_patch' ('none' returns (1, 1, 1): no correction).
+        white_fraction: share of the brightest reference pixels averaged by 'white_patch', in (0, 1].
+
+    Returns:
+        float64 [3] with positive entries, or NaN [3] when no usable reference pixel exists (or the estimate has a
+        zero channel, which no diagonal correction can undo).
+    """
+    _check_constancy(constancy)
+    if constancy == "none":
+        return np.ones(3)
+    if not 0.0 < white_fraction <= 1.0:
+        raise ValueError(f"white_fraction must be in (0, 1]; got {white_fraction}.")
+    rgb = to_unit_rgb(image)
+    if rgb.ndim != 3:
+        raise ValueError(f"image must be a single [H, W, 3] photo; got shape {rgb.shape}.")
+    pixels = rgb[_mask_2d(reference_mask, rgb.shape[:2])]
+    pixels = pixels[(pixels.max(axis=1) < _CLIP_HIGH) & (pixels.max(axis=1) > _CLIP_LOW)]
+    if pixels.shape[0] == 0:
+        return np.full(3, np.nan)
+    linear = srgb_to_linear(pixels)
+    if constancy == "white_patch":
+        luminance = linear @ _LUMA
+        count = max(1, int(round(white_fraction * len(linear))))
+        linear = linear[np.argsort(luminance, kind="stable")[-count:]]
+    light = linear.mean(axis=0)
+    return light if np.all(light > 0.0) else np.full(3, np.nan)
+
+
+def correct_colour(image: np.ndarray, illuminant: np.ndarray) -> np.ndarray:
+    """Von Kries correction of sRGB-encoded pixels [..., 3] for a linear illuminant [3]: light -> neutral grey of
+    the same luminance; returns sRGB-encoded float64 [..., 3] in [0, 1] (NaN if the illuminant is NaN)."""
+    illuminant = np.asarray(illuminant, np.float64)
+    gains = (illuminant @ _LUMA) / illuminant
+    # The outer clip absorbs the last-ulp overshoot of the transfer function at 1.
+    return np.clip(linear_to_srgb(np.clip(srgb_to_linear(to_unit_rgb(image)) * gains, 0.0, 1.0)), 0.0, 1.0)
+
+
 def colour_features(image: np.ndarray, mask: np.ndarray, *,
-                    hhr_threshold_deg: float = DEFAULT_HHR_THRESHOLD_DEG) -> dict[str, float]:
+                    hhr_threshold_deg: float = DEFAULT_HHR_THRESHOLD_DEG, constancy: str = "none",
+                    reference_mask: np.ndarray | None = None,
+                    white_fraction: float = DEFAULT_WHITE_FRACTION) -> dict[str, float]:
     """Colour features of the pixels of one photo inside one mask.
 
     Args:
@@ -165,18 +254,29 @@ def colour_features(image: np.ndarray, mask: np.ndarray, *,
         mask: [H, W] (or [H, W, 1]) bool, or numeric with values > 0.5 inside (so {0, 1} masks and
             probability maps both work).
         hhr_threshold_deg: HSI hue threshold (degrees) of the high hue ratio.
+        constancy: one of `CONSTANCY_METHODS` (module docstring): 'none' (the photo's own values), 'grey_world' or
+            'white_patch'.
+        reference_mask: [H, W] pixels the illuminant is estimated from (default: every pixel outside ``mask``).
+        white_fraction: share of the brightest reference pixels used by 'white_patch'.
 
     Returns:
         ``{name: float}`` for every name in `FEATURE_NAMES` (see the module docstring for definitions) plus
         ``num_pixels`` (the mask's pixel count; not a model feature). An empty mask gives NaN for every feature and
-        ``num_pixels = 0.0``.
+        ``num_pixels = 0.0``; a photo without usable reference pixels gives NaN features with its pixel count.
     """
+    _check_constancy(constancy)
     rgb = to_unit_rgb(image)
     if rgb.ndim != 3:
         raise ValueError(f"image must be a single [H, W, 3] photo; got shape {rgb.shape}.")
     inside = _mask_2d(mask, rgb.shape[:2])
     pixels = rgb[inside]  # [P, 3]
     count = pixels.shape[0]
+    if constancy != "none" and count:
+        reference = ~inside if reference_mask is None else _mask_2d(reference_mask, rgb.shape[:2])
+        light = estimate_illuminant(rgb, reference, constancy=constancy, white_fraction=white_fraction)
+        if not np.all(np.isfinite(light)):
+            return {**{name: float("nan") for name in FEATURE_NAMES}, "num_pixels": float(count)}
+        pixels = correct_colour(pixels, light)
     if count == 0:
         return {**{name: float("nan") for name in FEATURE_NAMES}, "num_pixels": 0.0}
     lab = srgb_to_lab(pixels).mean(axis=0)
@@ -205,12 +305,15 @@ class ColourFeatures:
     Attributes:
         values: float64 [N, F], column j is feature ``names[j]``; rows of empty masks are all NaN.
         names: the F feature names (`FEATURE_NAMES` by default).
-        num_pixels: int64 [N] mask pixel counts (0 marks an empty or missing mask).
+        num_pixels: int64 [N] mask pixel counts (0 marks an empty or missing mask; a positive count with NaN
+            values marks a photo whose colour constancy found no reference pixels).
+        constancy: the colour-constancy method the values were computed with (`CONSTANCY_METHODS`).
     """
 
     values: np.ndarray
     names: tuple[str, ...]
     num_pixels: np.ndarray
+    constancy: str = "none"
 
     @property
     def valid(self) -> np.ndarray:
@@ -229,23 +332,31 @@ class ColourFeatures:
         if None in columns:
             raise KeyError(f"unknown features {[n for n, c in zip(names, columns) if c is None]}; "
                            f"available: {self.names}.")
-        return ColourFeatures(self.values[:, columns], tuple(names), self.num_pixels)
+        return ColourFeatures(self.values[:, columns], tuple(names), self.num_pixels, self.constancy)
 
 
 def batch_colour_features(images: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, *,
-                          hhr_threshold_deg: float = DEFAULT_HHR_THRESHOLD_DEG) -> ColourFeatures:
+                          hhr_threshold_deg: float = DEFAULT_HHR_THRESHOLD_DEG, constancy: str = "none",
+                          reference_masks: Sequence[np.ndarray] | np.ndarray | None = None,
+                          white_fraction: float = DEFAULT_WHITE_FRACTION) -> ColourFeatures:
     """`colour_features` of N examples.
 
     Args:
         images: [N, H, W, 3] array or a sequence of N [H_i, W_i, 3] photos (sizes may differ), uint8 or float [0, 1].
         masks: [N, H, W] / [N, H, W, 1] array or a sequence of N masks matching their photos. To score one channel of
             a multi-target mask stack use ``masks[..., c]``.
-        hhr_threshold_deg: see `colour_features`.
+        hhr_threshold_deg, constancy, white_fraction: see `colour_features`.
+        reference_masks: N reference masks for the colour constancy (default: outside each mask).
     """
-    if len(images) != len(masks):
-        raise ValueError(f"got {len(images)} images but {len(masks)} masks; pass one mask per image.")
-    rows = [colour_features(img, m, hhr_threshold_deg=hhr_threshold_deg) for img, m in zip(images, masks)]
+    if len(images) != len(masks) or (reference_masks is not None and len(reference_masks) != len(images)):
+        raise ValueError(f"got {len(images)} images, {len(masks)} masks and "
+                         f"{'no' if reference_masks is None else len(reference_masks)} reference masks; pass one "
+                         "mask (and at most one reference mask) per image.")
+    _check_constancy(constancy)
+    refs = [None] * len(images) if reference_masks is None else reference_masks
+    rows = [colour_features(img, m, hhr_threshold_deg=hhr_threshold_deg, constancy=constancy, reference_mask=ref,
+                            white_fraction=white_fraction) for img, m, ref in zip(images, masks, refs)]
     values = np.array([[row[n] for n in FEATURE_NAMES] for row in rows], np.float64).reshape(len(rows),
                                                                                              len(FEATURE_NAMES))
     num_pixels = np.array([row["num_pixels"] for row in rows], np.int64)
-    return ColourFeatures(values, FEATURE_NAMES, num_pixels)
+    return ColourFeatures(values, FEATURE_NAMES, num_pixels, constancy)

@@ -25,9 +25,14 @@ Protocol (everything fitted on a fold's training part only; the test part is onl
   midpoints between consecutive distinct scores, ties go to the lowest threshold (the more sensitive rule, as suits
   screening), and a score at or above the threshold is called anemic. ROC AUC is the Mann-Whitney statistic (ties
   count one half) of the pooled out-of-fold probabilities; sensitivity and specificity pool the per-fold decisions.
+* Screening operating point: a second threshold per fold, the highest one whose sensitivity reaches
+  ``target_sensitivity`` (default 0.9) on the same inner out-of-fold probabilities of the training part
+  (`clinical_stats.sensitivity_threshold`): the rule a screening programme would fix before seeing new patients.
 
-`screening_table` runs both for several mask sources (e.g. ground-truth and predicted masks) on the same examples
-and folds, and `format_markdown` renders the comparison.
+`screening_table` runs both for several feature sources (e.g. ground-truth and predicted masks, with and without
+colour constancy) on the same examples and folds and adds the clinical statistics of `anemia_jax.clinical_stats`
+(Bland-Altman bias and limits of agreement, MAE, RMSE, r and AUC with patient-bootstrap 95% intervals, sensitivity
+and specificity at the screening operating point with Wilson intervals); `format_markdown` renders the comparison.
 """
 
 from __future__ import annotations
@@ -36,15 +41,21 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import scipy.special
-import scipy.stats
+
+from anemia_jax import clinical_stats
+# Re-exported: these lived here before the clinical statistics and the linear models got their own modules.
+from anemia_jax.clinical_stats import roc_auc, youden_threshold
+from anemia_jax.linear_models import LinearModel, fit_logistic, fit_ridge
 
 __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_L2S",
+    "DEFAULT_TARGET_SENSITIVITY",
     "DetectionResult",
     "LinearModel",
     "RegressionResult",
+    "choose_l2",
+    "choose_alpha",
     "cross_validate_anemia",
     "cross_validate_hgb",
     "fit_logistic",
@@ -58,150 +69,8 @@ __all__ = [
 
 DEFAULT_ALPHAS = tuple(10.0 ** k for k in range(-3, 4))
 DEFAULT_L2S = tuple(10.0 ** k for k in range(-2, 4))
+DEFAULT_TARGET_SENSITIVITY = 0.9
 Folds = Sequence[tuple[np.ndarray, np.ndarray]]
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearModel:
-    """A linear model on standardised features: ``z = ((x - mean) / scale) @ coef + intercept``.
-
-    For ridge `predict` returns z (Hgb); for logistic regression `predict` returns sigmoid(z) (probability).
-    """
-
-    mean: np.ndarray
-    scale: np.ndarray
-    coef: np.ndarray
-    intercept: float
-    logistic: bool = False
-
-    def decision(self, x: np.ndarray) -> np.ndarray:
-        """Linear score z [N] of features x [N, F]."""
-        return ((np.asarray(x, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Hgb (ridge) or anemia probability (logistic) [N] of features x [N, F]."""
-        z = self.decision(x)
-        return scipy.special.expit(z) if self.logistic else z
-
-
-def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    return mean, np.where(scale > 1e-12 * np.maximum(np.abs(mean), 1.0), scale, 1.0)
-
-
-def _check_xy(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
-        raise ValueError(f"expected features [N, F] and targets [N] with N > 0; got {x.shape} and {y.shape}.")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("features and targets must be finite; drop examples with missing masks or labels first.")
-    return x, y
-
-
-def fit_ridge(x: np.ndarray, y: np.ndarray, *, alpha: float) -> LinearModel:
-    """Ridge regression ``min ||y - ybar - Z w||^2 + alpha ||w||^2`` on standardised features Z.
-
-    Args:
-        x: features [N, F]; y: targets [N]; alpha >= 0 (0 is ordinary least squares, minimum-norm if rank-deficient).
-    """
-    x, y = _check_xy(x, y)
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0; got {alpha}.")
-    mean, scale = _standardiser(x)
-    z = (x - mean) / scale
-    # The augmented least-squares form is the ridge normal equations without squaring Z's condition number.
-    a = np.concatenate([z, np.sqrt(alpha) * np.eye(z.shape[1])])
-    b = np.concatenate([y - y.mean(), np.zeros(z.shape[1])])
-    coef = np.linalg.lstsq(a, b, rcond=None)[0]
-    return LinearModel(mean, scale, coef, float(y.mean()))
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float, max_iter: int = 100, tol: float = 1e-10) -> LinearModel:
-    """L2-penalised logistic regression by Newton's method (IRLS) with backtracking.
-
-    Minimises ``sum_i log(1 + exp(z_i)) - y_i z_i + l2 / 2 ||w||^2`` with z = Z w + b on standardised features Z
-    (the intercept b is not penalised). With a single class in ``y`` the intercept has no finite optimum; the model
-    then predicts the smoothed prevalence ``(n_pos + 0.5) / (n + 1)`` with w = 0.
-
-    Args:
-        x: features [N, F]; y: labels [N] in {0, 1}; l2 > 0.
-    """
-    x, y = _check_xy(x, y)
-    if l2 <= 0:
-        raise ValueError(f"l2 must be > 0 so that separable data have a finite optimum; got {l2}.")
-    if not np.all((y == 0) | (y == 1)):
-        raise ValueError("logistic labels must be 0 or 1; drop unknown (-1) labels first.")
-    mean, scale = _standardiser(x)
-    n, f = x.shape
-    if y.min() == y.max():
-        prevalence = (y.sum() + 0.5) / (n + 1.0)
-        return LinearModel(mean, scale, np.zeros(f), float(scipy.special.logit(prevalence)), logistic=True)
-    design = np.concatenate([np.ones((n, 1)), (x - mean) / scale], axis=1)
-    penalty = np.full(f + 1, l2)
-    penalty[0] = 0.0
-
-    def objective(w):
-        z = design @ w
-        return np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(penalty * w * w)
-
-    w = np.zeros(f + 1)
-    w[0] = scipy.special.logit(y.mean())
-    value = objective(w)
-    for _ in range(max_iter):
-        p = scipy.special.expit(design @ w)
-        grad = design.T @ (p - y) + penalty * w
-        hess = (design * (p * (1.0 - p))[:, None]).T @ design + np.diag(penalty)
-        step = np.linalg.solve(hess + 1e-12 * np.eye(f + 1), grad)
-        t = 1.0
-        while True:
-            new_w = w - t * step
-            new_value = objective(new_w)
-            if new_value <= value or t < 1e-10:
-                break
-            t *= 0.5
-        if new_value > value:  # no descent left at machine precision: w is the optimum
-            break
-        decrease, w, value = value - new_value, new_w, new_value
-        if decrease <= tol * max(1.0, abs(value)):
-            break
-    return LinearModel(mean, scale, w[1:], float(w[0]), logistic=True)
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC: the Mann-Whitney U statistic / (n_pos n_neg), tied scores counting one half.
-
-    Args:
-        scores: [N], higher = more likely positive; labels: [N] in {0, 1}.
-
-    Returns:
-        P(score_pos > score_neg) + P(tie) / 2, or NaN when a class is absent.
-    """
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
-    n_pos = int(np.sum(labels == 1))
-    n_neg = int(np.sum(labels == 0))
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = scipy.stats.rankdata(scores)  # average ranks make ties count one half
-    u = ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold t maximising Youden's J of the rule ``score >= t`` (see the module docstring for ties).
-
-    Args:
-        scores: [N] training scores; labels: [N] in {0, 1}, both classes present.
-    """
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
-    pos, neg = labels == 1, labels == 0
-    if not pos.any() or not neg.any():
-        raise ValueError("Youden's J needs both classes among the training labels.")
-    unique = np.unique(scores)
-    candidates = np.concatenate([[-np.inf], (unique[:-1] + unique[1:]) / 2.0, [np.inf]])
-    called = scores[None, :] >= candidates[:, None]  # [T, N]
-    j = called[:, pos].mean(axis=1) + (~called[:, neg]).mean(axis=1) - 1.0
-    return float(candidates[np.flatnonzero(j >= j.max() - 1e-12)[0]])
 
 
 def grouped_folds(groups: np.ndarray, num_folds: int, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -259,11 +128,47 @@ def _inner_oof(x, y, groups, fit, inner_folds: int, seed: int) -> np.ndarray:
     return out
 
 
+def _select(values, scores) -> float:
+    """The last value with the lowest score (values are ascending, so ties go to the stronger penalty)."""
+    scores = np.asarray(scores)
+    return float(values[np.flatnonzero(scores <= scores.min() + 1e-12 * max(1.0, abs(scores.min())))[-1]])
+
+
+def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                 inner_folds: int = 5, seed: int = 0) -> tuple[float, np.ndarray]:
+    """The ridge penalty of lowest inner out-of-fold MSE (ties: larger), and those inner predictions [N].
+
+    Args:
+        x: [N, F] finite features; y: [N] Hgb; groups: [N] patient ids (the inner folds are patient-grouped).
+    """
+    alphas = sorted(alphas)
+    oof = [_inner_oof(x, y, groups, lambda a, b, s=alpha: fit_ridge(a, b, alpha=s), inner_folds, seed)
+           for alpha in alphas]
+    best = alphas.index(_select(alphas, [np.mean((o - y) ** 2) for o in oof]))
+    return alphas[best], oof[best]
+
+
+def choose_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, l2s: Sequence[float] = DEFAULT_L2S,
+              inner_folds: int = 5, seed: int = 0) -> tuple[float, np.ndarray]:
+    """The logistic penalty of lowest inner out-of-fold log loss (ties: larger), and those inner probabilities [N].
+
+    Args:
+        x: [N, F] finite features; y: [N] labels in {0, 1}; groups: [N] patient ids.
+    """
+    l2s = sorted(l2s)
+    oof = [np.clip(_inner_oof(x, y, groups, lambda a, b, s=l2: fit_logistic(a, b, l2=s), inner_folds, seed),
+                   1e-12, 1 - 1e-12) for l2 in l2s]
+    losses = [-np.mean(y * np.log(o) + (1 - y) * np.log1p(-o)) for o in oof]
+    best = l2s.index(_select(l2s, losses))
+    return l2s[best], oof[best]
+
+
 @dataclasses.dataclass(frozen=True)
 class RegressionResult:
     """Out-of-fold Hgb regression. ``predictions`` [N] is NaN where an example was not predicted (not in a test set,
-    unknown Hgb or missing features); ``alphas`` [K] the ridge penalty chosen per fold. Counts are over test sets.
-    ``pearson_r`` is NaN when the predictions or the targets are constant (e.g. a useless feature set)."""
+    unknown Hgb or missing features); ``alphas`` [K] the ridge penalty chosen per fold and ``models`` the K fitted
+    fold models (fold k's model predicted fold k's test part). Counts are over test sets. ``pearson_r`` is NaN when
+    the predictions or the targets are constant (e.g. a useless feature set)."""
 
     predictions: np.ndarray
     alphas: np.ndarray
@@ -273,12 +178,15 @@ class RegressionResult:
     n: int
     n_unknown_hgb: int
     n_missing_features: int
+    models: tuple[LinearModel, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class DetectionResult:
     """Out-of-fold anemia detection. ``scores`` [N] are probabilities (NaN where not scored), ``predicted`` [N] 1/0
-    (-1 where not scored); ``thresholds``/``l2s`` [K] were chosen per fold on its training part."""
+    at the Youden threshold and ``screening_predicted`` [N] at the screening threshold (-1 where not scored);
+    ``thresholds`` (Youden), ``screening_thresholds`` and ``l2s`` [K] were chosen per fold on its training part;
+    ``sensitivity``/``specificity`` are those of ``predicted``."""
 
     scores: np.ndarray
     predicted: np.ndarray
@@ -291,6 +199,10 @@ class DetectionResult:
     n_positive: int
     n_unknown_label: int
     n_missing_features: int
+    screening_predicted: np.ndarray | None = None
+    screening_thresholds: np.ndarray | None = None
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
+    models: tuple[LinearModel, ...] = ()
 
 
 def _usable(features: np.ndarray, target_known: np.ndarray, test_sets) -> tuple[np.ndarray, int, int]:
@@ -300,12 +212,6 @@ def _usable(features: np.ndarray, target_known: np.ndarray, test_sets) -> tuple[
     for test in test_sets:
         tested[test] = True
     return target_known & finite, int(np.sum(tested & ~target_known)), int(np.sum(tested & target_known & ~finite))
-
-
-def _select(values, scores) -> float:
-    """The last value with the lowest score (values are ascending, so ties go to the stronger penalty)."""
-    scores = np.asarray(scores)
-    return float(values[np.flatnonzero(scores <= scores.min() + 1e-12 * max(1.0, abs(scores.min())))[-1]])
 
 
 def cross_validate_hgb(features: np.ndarray, hgb: np.ndarray, folds: Folds, *, groups=None,
@@ -326,17 +232,15 @@ def cross_validate_hgb(features: np.ndarray, hgb: np.ndarray, folds: Folds, *, g
     folds = _check_folds(folds, n, groups)
     usable, n_unknown, n_missing = _usable(features, np.isfinite(hgb), [t for _, t in folds])
     predictions = np.full(n, np.nan)
-    chosen = []
-    alphas = sorted(alphas)
+    chosen, models = [], []
     for train, test in folds:
         train, test = train[usable[train]], test[usable[test]]
-        x, y, g = features[train], hgb[train], groups[train]
-        errors = [np.mean((_inner_oof(x, y, g, lambda a, b, s=alpha: fit_ridge(a, b, alpha=s), inner_folds, seed)
-                           - y) ** 2) for alpha in alphas]
-        alpha = _select(alphas, errors)
+        x, y = features[train], hgb[train]
+        alpha, _ = choose_alpha(x, y, groups[train], alphas=alphas, inner_folds=inner_folds, seed=seed)
         chosen.append(alpha)
+        models.append(fit_ridge(x, y, alpha=alpha))
         if test.size:
-            predictions[test] = fit_ridge(x, y, alpha=alpha).predict(features[test])
+            predictions[test] = models[-1].predict(features[test])
     done = np.isfinite(predictions)
     err = predictions[done] - hgb[done]
     r = (float(np.corrcoef(predictions[done], hgb[done])[0, 1])
@@ -345,18 +249,19 @@ def cross_validate_hgb(features: np.ndarray, hgb: np.ndarray, folds: Folds, *, g
         predictions=predictions, alphas=np.asarray(chosen), pearson_r=r,
         mae=float(np.mean(np.abs(err))) if err.size else float("nan"),
         rmse=float(np.sqrt(np.mean(err ** 2))) if err.size else float("nan"),
-        n=int(done.sum()), n_unknown_hgb=n_unknown, n_missing_features=n_missing)
+        n=int(done.sum()), n_unknown_hgb=n_unknown, n_missing_features=n_missing, models=tuple(models))
 
 
 def cross_validate_anemia(features: np.ndarray, anemic: np.ndarray, folds: Folds, *, groups=None,
-                          l2s: Sequence[float] = DEFAULT_L2S, inner_folds: int = 5,
-                          seed: int = 0) -> DetectionResult:
+                          l2s: Sequence[float] = DEFAULT_L2S, inner_folds: int = 5, seed: int = 0,
+                          target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> DetectionResult:
     """Out-of-fold anemia detection by logistic regression (protocol in the module docstring).
 
     Args:
         features: [N, F]; NaN rows are excluded and counted.
         anemic: [N] int, 1 anemic, 0 not, -1 unknown (excluded and counted).
         folds, groups, inner_folds, seed: as in `cross_validate_hgb`; l2s: ascending candidate penalties.
+        target_sensitivity: the sensitivity the screening threshold must reach on each training part.
 
     Raises:
         ValueError: if a fold's training part lacks one of the classes (no detector can be trained).
@@ -366,25 +271,23 @@ def cross_validate_anemia(features: np.ndarray, anemic: np.ndarray, folds: Folds
     groups = _groups(groups, n)
     folds = _check_folds(folds, n, groups)
     usable, n_unknown, n_missing = _usable(features, anemic >= 0, [t for _, t in folds])
-    scores, predicted = np.full(n, np.nan), np.full(n, -1, np.int64)
-    thresholds, chosen = [], []
-    l2s = sorted(l2s)
+    scores, predicted, screened = np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    thresholds, screening_thresholds, chosen, models = [], [], [], []
     for k, (train, test) in enumerate(folds):
         train, test = train[usable[train]], test[usable[test]]
-        x, y, g = features[train], anemic[train].astype(np.float64), groups[train]
+        x, y = features[train], anemic[train].astype(np.float64)
         if y.size == 0 or y.min() == y.max():
             raise ValueError(f"fold {k}: the training part has {int(y.sum())} anemic of {y.size} usable examples; "
                              "detection needs both classes in every training part (use stratified folds).")
-        oof = {l2: np.clip(_inner_oof(x, y, g, lambda a, b, s=l2: fit_logistic(a, b, l2=s), inner_folds, seed),
-                           1e-12, 1 - 1e-12) for l2 in l2s}
-        losses = [-np.mean(y * np.log(oof[l2]) + (1 - y) * np.log1p(-oof[l2])) for l2 in l2s]
-        l2 = _select(l2s, losses)
-        threshold = youden_threshold(oof[l2], y)
+        l2, oof = choose_l2(x, y, groups[train], l2s=l2s, inner_folds=inner_folds, seed=seed)
         chosen.append(l2)
-        thresholds.append(threshold)
+        thresholds.append(clinical_stats.youden_threshold(oof, y))
+        screening_thresholds.append(clinical_stats.sensitivity_threshold(oof, y, target_sensitivity))
+        models.append(fit_logistic(x, y, l2=l2))
         if test.size:
-            scores[test] = fit_logistic(x, y, l2=l2).predict(features[test])
-            predicted[test] = scores[test] >= threshold
+            scores[test] = models[-1].predict(features[test])
+            predicted[test] = scores[test] >= thresholds[-1]
+            screened[test] = scores[test] >= screening_thresholds[-1]
     done = predicted >= 0
     truth, call = anemic[done], predicted[done]
     pos, neg = truth == 1, truth == 0
@@ -393,43 +296,59 @@ def cross_validate_anemia(features: np.ndarray, anemic: np.ndarray, folds: Folds
         auc=roc_auc(scores[done], truth),
         sensitivity=float(np.mean(call[pos] == 1)) if pos.any() else float("nan"),
         specificity=float(np.mean(call[neg] == 0)) if neg.any() else float("nan"),
-        n=int(done.sum()), n_positive=int(pos.sum()), n_unknown_label=n_unknown, n_missing_features=n_missing)
+        n=int(done.sum()), n_positive=int(pos.sum()), n_unknown_label=n_unknown, n_missing_features=n_missing,
+        screening_predicted=screened, screening_thresholds=np.asarray(screening_thresholds),
+        target_sensitivity=float(target_sensitivity), models=tuple(models))
 
 
 def screening_table(features_by_source: Mapping[str, np.ndarray], *, hgb: np.ndarray, anemic: np.ndarray,
                     folds: Folds, groups=None, common_examples: bool = True, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                    l2s: Sequence[float] = DEFAULT_L2S, inner_folds: int = 5, seed: int = 0) -> list[dict]:
-    """Hgb regression and anemia detection for each mask source, on the same folds.
+                    l2s: Sequence[float] = DEFAULT_L2S, inner_folds: int = 5, seed: int = 0,
+                    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, num_bootstrap: int = 2000,
+                    confidence: float = 0.95) -> list[dict]:
+    """Hgb regression and anemia detection for each feature source, on the same folds, with clinical statistics.
 
     Args:
         features_by_source: ``{source name: features [N, F]}`` (or `ColourFeatures`), e.g. ``{'ground truth': ...,
             'predicted': ...}``, every source computed on the same N photos in the same order.
-        hgb, anemic, folds, groups, alphas, l2s, inner_folds, seed: as in `cross_validate_hgb` /
+        hgb, anemic, folds, groups, alphas, l2s, inner_folds, seed, target_sensitivity: as in `cross_validate_hgb` /
             `cross_validate_anemia`.
         common_examples: if True, an example whose features are missing under ANY source (e.g. an empty predicted
-            mask) is dropped from every source, so rows differ only by the masks; it counts in ``n_missing_features``.
+            mask) is dropped from every source, so rows differ only by the features; it counts in
+            ``n_missing_features``.
+        num_bootstrap, confidence: the patient-level bootstrap of the intervals (`clinical_stats`; 0 = none), whose
+            replicates are the same for every source (one seed), so rows are compared on the same resamples.
 
     Returns:
         One dict per source (in input order) with keys ``source``, ``pearson_r``, ``mae``, ``rmse``, ``n_hgb``,
-        ``auc``, ``sensitivity``, ``specificity``, ``n_anemia``, ``n_positive``, ``n_unknown_hgb``,
+        ``auc``, ``sensitivity``, ``specificity`` (Youden), ``n_anemia``, ``n_positive``, ``n_unknown_hgb``,
         ``n_unknown_anemic``, ``n_missing_features`` (examples of the test sets without usable features: the larger of
-        the regression's and the detection's count) and the full ``regression`` / ``detection`` results.
+        the regression's and the detection's count), ``agreement`` (`clinical_stats.Agreement` of the out-of-fold
+        Hgb), ``screening`` (`clinical_stats.Detection` at the screening threshold, with the AUC interval) and the
+        full ``regression`` / ``detection`` results.
     """
     matrices = {name: np.asarray(getattr(f, "values", f), np.float64) for name, f in features_by_source.items()}
     if not matrices:
-        raise ValueError("features_by_source is empty; pass at least one mask source.")
+        raise ValueError("features_by_source is empty; pass at least one feature source.")
     if common_examples:
         keep = np.logical_and.reduce([np.all(np.isfinite(m), axis=1) for m in matrices.values()])
         matrices = {name: np.where(keep[:, None], m, np.nan) for name, m in matrices.items()}
+    hgb, anemic = np.asarray(hgb, np.float64), np.asarray(anemic, np.int64)
+    group_ids = _groups(groups, len(hgb))
     rows = []
     for name, x in matrices.items():
         reg = cross_validate_hgb(x, hgb, folds, groups=groups, alphas=alphas, inner_folds=inner_folds, seed=seed)
-        det = cross_validate_anemia(x, anemic, folds, groups=groups, l2s=l2s, inner_folds=inner_folds, seed=seed)
+        det = cross_validate_anemia(x, anemic, folds, groups=groups, l2s=l2s, inner_folds=inner_folds, seed=seed,
+                                    target_sensitivity=target_sensitivity)
+        stats = dict(num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
         rows.append(dict(source=name, pearson_r=reg.pearson_r, mae=reg.mae, rmse=reg.rmse, n_hgb=reg.n, auc=det.auc,
                          sensitivity=det.sensitivity, specificity=det.specificity, n_anemia=det.n,
                          n_positive=det.n_positive, n_unknown_hgb=reg.n_unknown_hgb,
                          n_unknown_anemic=det.n_unknown_label,
                          n_missing_features=max(reg.n_missing_features, det.n_missing_features),
+                         agreement=clinical_stats.agreement(reg.predictions, hgb, group_ids, **stats),
+                         screening=clinical_stats.detection(det.scores, anemic, det.screening_predicted, group_ids,
+                                                            **stats),
                          regression=reg, detection=det))
     return rows
 
@@ -438,15 +357,41 @@ def _fmt(value: float, digits: int) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _ci(value: float, interval, digits: int) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    if not np.all(np.isfinite(interval)):
+        return _fmt(value, digits)
+    return f"{value:.{digits}f} ({interval[0]:.{digits}f}, {interval[1]:.{digits}f})"
+
+
 def format_markdown(rows: Sequence[Mapping]) -> str:
-    """Renders `screening_table` rows as a markdown table (one row per mask source)."""
-    lines = ["| mask source | n (Hgb) | Pearson r | MAE (g/dL) | RMSE (g/dL) | n (anemia: pos/all) | ROC AUC "
-             "| sensitivity | specificity | excluded: Hgb unknown / label unknown / no features |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Renders `screening_table` rows as two markdown tables (Hgb agreement, anemia detection), one row per source.
+
+    Intervals in parentheses are 95% (or the table's ``confidence``): patient-bootstrap percentile intervals, Wilson
+    intervals for sensitivity and specificity at the screening threshold.
+    """
+    lines = ["| source | n (Hgb) | Pearson r | MAE (g/dL) | RMSE (g/dL) | bias (g/dL) | 95% limits of agreement "
+             "(g/dL) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        a = r["agreement"]
+        loa = "n/a" if not np.all(np.isfinite(a.loa)) else (
+            f"{a.loa[0]:.2f} to {a.loa[1]:.2f} (lower {_ci(a.loa[0], a.loa_lo_ci, 2).split(' ', 1)[-1]}, "
+            f"upper {_ci(a.loa[1], a.loa_hi_ci, 2).split(' ', 1)[-1]})")
+        lines.append(f"| {r['source']} | {r['n_hgb']} | {_ci(a.pearson_r, a.pearson_r_ci, 3)} | "
+                     f"{_ci(a.mae, a.mae_ci, 2)} | {_ci(a.rmse, a.rmse_ci, 2)} | {_ci(a.bias, a.bias_ci, 2)} | "
+                     f"{loa} |")
+    target = rows[0]["detection"].target_sensitivity if rows else DEFAULT_TARGET_SENSITIVITY
+    lines += ["", f"| source | n (anemia: pos/all) | ROC AUC | sensitivity / specificity (Youden) | sensitivity "
+              f"(screening, target {target:g}) | specificity (screening) | Brier | excluded: Hgb unknown / label "
+              "unknown / no features |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s = r["screening"]
         lines.append(
-            f"| {r['source']} | {r['n_hgb']} | {_fmt(r['pearson_r'], 3)} | {_fmt(r['mae'], 2)} | "
-            f"{_fmt(r['rmse'], 2)} | {r['n_positive']}/{r['n_anemia']} | {_fmt(r['auc'], 3)} | "
-            f"{_fmt(r['sensitivity'], 3)} | {_fmt(r['specificity'], 3)} | "
-            f"{r['n_unknown_hgb']} / {r['n_unknown_anemic']} / {r['n_missing_features']} |")
+            f"| {r['source']} | {r['n_positive']}/{r['n_anemia']} | {_ci(r['auc'], s.auc_ci, 3)} | "
+            f"{_fmt(r['sensitivity'], 3)} / {_fmt(r['specificity'], 3)} | "
+            f"{_ci(s.sensitivity, s.sensitivity_ci, 3)} | {_ci(s.specificity, s.specificity_ci, 3)} | "
+            f"{_fmt(s.brier, 3)} | {r['n_unknown_hgb']} / {r['n_unknown_anemic']} / {r['n_missing_features']} |")
     return "\n".join(lines) + "\n"

@@ -258,7 +258,29 @@ def test_exclusions_counts_and_table():
                                          groups=groups, common_examples=False)
     assert separate[0]["n_missing_features"] == 0 and separate[0]["n_hgb"] == n - 2
     text = screening.format_markdown(rows)
-    assert text.count("\n") == 4 and "| ground truth |" in text and "| predicted |" in text
+    assert text.count("\n") == 9 and text.count("| ground truth |") == 2 and text.count("| predicted |") == 2
+    for row in rows:  # the clinical statistics describe the same out-of-fold predictions as the basic columns
+        assert row["agreement"].n == row["n_hgb"] and row["agreement"].mae == pytest.approx(row["mae"])
+        assert row["screening"].n == row["n_anemia"] and row["screening"].auc == pytest.approx(row["auc"])
+        assert row["agreement"].loa_lo_ci[0] < row["agreement"].loa[0] < row["agreement"].loa_lo_ci[1]
+        assert row["screening"].sensitivity_ci[0] <= row["screening"].sensitivity <= row["screening"].sensitivity_ci[1]
+
+
+def test_screening_threshold_reaches_target_sensitivity_on_training_parts():
+    images, masks, hgb, anemic, groups = _synthetic_cohort(seed=7)
+    x = colour.batch_colour_features(images, masks).values
+    folds = screening.grouped_folds(groups, 4, seed=4)
+    det = screening.cross_validate_anemia(x, anemic, folds, groups=groups, target_sensitivity=0.95)
+    for k, (train, test) in enumerate(folds):
+        _, oof = screening.choose_l2(x[train], anemic[train].astype(float), groups[train])
+        y = anemic[train]
+        t = det.screening_thresholds[k]
+        assert np.mean(oof[y == 1] >= t) >= 0.95  # reached on the training part's inner out-of-fold scores ...
+        higher = np.unique(oof)[np.unique(oof) > t]
+        if higher.size:  # ... by the highest such threshold: the next candidate up (score > next score) falls short
+            assert np.mean(oof[y == 1] > higher[0]) < 0.95
+        np.testing.assert_array_equal(det.screening_predicted[test], det.scores[test] >= t)
+    assert det.screening_thresholds.shape == (4,) and det.target_sensitivity == 0.95
 
 
 def test_fold_validation():
@@ -270,3 +292,59 @@ def test_fold_validation():
         screening.cross_validate_hgb(x, y, [([0, 1, 2, 3], [3, 4])])
     with pytest.raises(ValueError, match="both classes"):
         screening.cross_validate_anemia(x, np.array([0, 0, 0, 1, 1, 1]), [([0, 1, 2], [3, 4, 5])])
+
+
+def _cast_scene(cast, seed=0):
+    """A float photo: a neutral grey background with a bright sclera strip and a red conjunctiva patch, all under a
+    linear-RGB colour cast (gains with luminance 1), plus the patch mask."""
+    rng = np.random.default_rng(seed)
+    linear = np.full((24, 32, 3), 0.18) * rng.uniform(0.7, 1.3, (24, 32, 1))  # grey, uneven light
+    linear[2:6, :] = 0.8  # sclera
+    mask = np.zeros((24, 32), bool)
+    mask[12:20, 6:26] = True
+    linear[mask] = rng.uniform(0.9, 1.1, (mask.sum(), 1)) * [0.45, 0.08, 0.09]
+    luma = colour.SRGB_TO_XYZ[1] / colour.SRGB_TO_XYZ[1].sum()
+    gains = np.asarray(cast) / (np.asarray(cast) @ luma)  # luminance-preserving cast
+    return colour.linear_to_srgb(np.clip(linear * gains, 0, 1)), colour.linear_to_srgb(linear), mask
+
+
+@pytest.mark.parametrize("constancy", ["grey_world", "white_patch"])
+def test_colour_constancy_removes_a_synthetic_cast(constancy):
+    warm, neutral, mask = _cast_scene((1.15, 1.0, 0.75))
+    cool, _, _ = _cast_scene((0.9, 1.0, 1.25))
+    reference = colour.colour_features(neutral, mask)
+    # Under the cast the raw features move a lot ...
+    assert abs(colour.colour_features(warm, mask)["lab_b"] - colour.colour_features(cool, mask)["lab_b"]) > 5
+    for photo in (warm, cool, neutral):
+        corrected = colour.colour_features(photo, mask, constancy=constancy)
+        # ... and after the correction they are those of the uncast photo (its light was already neutral).
+        for name in colour.FEATURE_NAMES:
+            assert corrected[name] == pytest.approx(reference[name], abs=1e-6), name
+    batch = colour.batch_colour_features([warm, cool], [mask, mask], constancy=constancy)
+    assert batch.constancy == constancy
+    np.testing.assert_allclose(batch.values[0], batch.values[1], atol=1e-6)
+
+
+def test_constancy_reference_pixels_and_failures():
+    warm, _, mask = _cast_scene((1.15, 1.0, 0.75))
+    light = colour.estimate_illuminant(warm, ~mask, constancy="white_patch", white_fraction=0.05)
+    sclera = colour.srgb_to_linear(warm[3, 0])
+    np.testing.assert_allclose(light / light[1], sclera / sclera[1], rtol=1e-9)  # brightest pixels: the sclera
+    # The conjunctiva never sets its own correction: repainting it leaves the grey-world estimate alone.
+    repainted = warm.copy()
+    repainted[mask] = (0.2, 0.9, 0.2)
+    np.testing.assert_array_equal(colour.estimate_illuminant(repainted, ~mask, constancy="grey_world"),
+                                  colour.estimate_illuminant(warm, ~mask, constancy="grey_world"))
+    # Clipped pixels are no reference: a photo saturated outside the mask has NaN features, its pixels counted.
+    blown = warm.copy()
+    blown[~mask] = 1.0
+    feats = colour.colour_features(blown, mask, constancy="white_patch")
+    assert feats["num_pixels"] == mask.sum() and all(np.isnan(feats[n]) for n in colour.FEATURE_NAMES)
+    # An explicit reference mask is honoured (here: the sclera strip only).
+    strip = np.zeros_like(mask)
+    strip[2:6, :] = True
+    np.testing.assert_allclose(colour.estimate_illuminant(warm, strip, constancy="grey_world"),
+                               colour.srgb_to_linear(warm[3, 0]), rtol=1e-9)
+    np.testing.assert_array_equal(colour.estimate_illuminant(warm, strip, constancy="none"), [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown colour constancy"):
+        colour.colour_features(warm, mask, constancy="retinex")

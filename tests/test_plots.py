@@ -1,0 +1,47 @@
+"""Tests of anemia_jax.plots: the four screening figures are written as valid PNGs (skipped without matplotlib)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anemia_jax import plots, screening
+
+
+def test_screening_plots_are_valid_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(0)
+    n = 60
+    groups = np.repeat([f"P{i}" for i in range(30)], 2)
+    hgb = np.repeat(rng.uniform(8, 16, 30), 2)
+    anemic = (hgb < 12.5).astype(np.int64)
+    good = (hgb + rng.normal(0, 0.8, n))[:, None] + rng.normal(0, 0.1, (n, 2))
+    noisy = good + rng.normal(0, 2.0, (n, 2))
+    noisy[0] = np.nan  # an excluded photo must not break the figures
+    rows = screening.screening_table({"ground truth": good, "predicted": noisy}, hgb=hgb, anemic=anemic,
+                                     folds=screening.grouped_folds(groups, 3), groups=groups, num_bootstrap=50)
+    paths = plots.screening_plots(rows, hgb=hgb, anemic=anemic, out_dir=tmp_path / "figs", name="s",
+                                  groups=groups, num_bootstrap=50)
+    assert set(paths) == {"bland_altman", "roc", "calibration", "hgb_scatter"}
+    for kind, path in paths.items():
+        assert path == tmp_path / "figs" / f"s_{kind}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.size[0] > 200 and image.size[1] > 200
+            assert np.asarray(image.convert("L")).std() > 5  # something was drawn
+
+
+def test_missing_matplotlib_message(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match=r"anemia_jax\[report\]"):
+        plots.roc({"x": (np.array([0.1, 0.9]), np.array([0, 1]), None)}, "unused.png")
