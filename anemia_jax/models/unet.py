@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from anemia_jax.models import resnet
 from anemia_jax.models.base import SegmentationOutput, register_model
 from anemia_jax.models.layers import SegmentationModel, check_images
 
@@ -31,7 +32,14 @@ class UNet(SegmentationModel):
     are parameters; running statistics live in ``'batch_stats'``).
 
     Parameter scopes: ``encoder_{i}``, ``up_{i}``, ``decoder_{i}``, ``head``.
-    All fields are documented on `SegmentationModel`.
+    All fields are documented on `SegmentationModel`, except:
+
+    Attributes:
+        encoder: None (default) for the from-scratch U-Net above; a name of `anemia_jax.models.resnet.ENCODERS`
+            (``'resnet18'``, ``'resnet34'``, ``'resnet50'``) builds segmentation_models_pytorch's ``Unet(encoder)``
+            instead (`anemia_jax.models.resnet.smp_unet`; ``features``, ``depth``, ``upsample`` and
+            ``dropout_rate`` are then unused, H and W must be multiples of 32).
+        decoder_channels: the decoder widths with an encoder (smp's default ``(256, 128, 64, 32, 16)``).
 
     Example::
 
@@ -40,6 +48,9 @@ class UNet(SegmentationModel):
         output, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
         logits = output.logits
     """
+
+    encoder: str | None = None
+    decoder_channels: tuple[int, ...] = resnet.SMP_DECODER_CHANNELS
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> SegmentationOutput:
@@ -53,6 +64,8 @@ class UNet(SegmentationModel):
         Returns:
             `SegmentationOutput` with one head: float32 logits ``[B, H, W, num_classes]``.
         """
+        if self.encoder is not None:
+            return SegmentationOutput.single(resnet.smp_unet(self, images, train=train))
         check_images(images, self.depth, type(self).__name__)
         widths = self.widths
         skips = self.encode(images, train=train)

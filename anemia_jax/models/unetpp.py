@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from anemia_jax.models import resnet
 from anemia_jax.models.base import SegmentationOutput, register_model
 from anemia_jax.models.layers import SegmentationModel, check_images
 
@@ -56,11 +57,19 @@ class UNetPlusPlus(SegmentationModel):
 
     Attributes:
         deep_supervision: whether heads on every ``X^{0,j}`` exist and are returned.
+        encoder: None (default) for the from-scratch UNet++ above; a name of `anemia_jax.models.resnet.ENCODERS`
+            (``'resnet18'``, ``'resnet34'``, ``'resnet50'``) builds segmentation_models_pytorch's
+            ``UnetPlusPlus(encoder)`` instead (`anemia_jax.models.resnet.smp_unetpp`: one head, no deep
+            supervision or pruning; ``features``, ``depth``, ``upsample``, ``dropout_rate`` unused; H and W
+            multiples of 32).
+        decoder_channels: the decoder widths with an encoder (smp's default ``(256, 128, 64, 32, 16)``).
         (The other fields, with ``features=32`` here, are documented on `SegmentationModel`.)
     """
 
     features: int = 32
     deep_supervision: bool = False
+    encoder: str | None = None
+    decoder_channels: tuple[int, ...] = resnet.SMP_DECODER_CHANNELS
 
     @nn.compact
     def __call__(
@@ -83,6 +92,11 @@ class UNetPlusPlus(SegmentationModel):
             ValueError: for a bad input shape or an unsupported ``prune_level``.
         """
         name = type(self).__name__
+        if self.encoder is not None:
+            if self.deep_supervision or prune_level is not None:
+                raise ValueError(f"{name}(encoder={self.encoder!r}) has smp's single head: deep_supervision and "
+                                 "prune_level need the from-scratch UNet++ (encoder=None).")
+            return SegmentationOutput.single(resnet.smp_unetpp(self, images, train=train))
         check_images(images, self.depth, name)
         top = self.depth if prune_level is None else self._check_prune_level(prune_level, train)
         widths = self.widths
