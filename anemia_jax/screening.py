@@ -331,7 +331,13 @@ def screening_table(features_by_source: Mapping[str, np.ndarray], *, hgb: np.nda
     if not matrices:
         raise ValueError("features_by_source is empty; pass at least one feature source.")
     if common_examples:
-        keep = np.logical_and.reduce([np.all(np.isfinite(m), axis=1) for m in matrices.values()])
+        usable = {name: np.all(np.isfinite(m), axis=1) for name, m in matrices.items()}
+        keep = np.logical_and.reduce(list(usable.values()))
+        if keep.sum() < 2:
+            worst = min(usable, key=lambda k: usable[k].sum())
+            raise ValueError(f"only {int(keep.sum())} photos have usable features under every source; "
+                             f"{worst!r} has {int(usable[worst].sum())} of {len(keep)}. Drop that source or pass "
+                             "common_examples=False.")
         matrices = {name: np.where(keep[:, None], m, np.nan) for name, m in matrices.items()}
     hgb, anemic = np.asarray(hgb, np.float64), np.asarray(anemic, np.int64)
     group_ids = _groups(groups, len(hgb))
@@ -371,14 +377,12 @@ def format_markdown(rows: Sequence[Mapping]) -> str:
     Intervals in parentheses are 95% (or the table's ``confidence``): patient-bootstrap percentile intervals, Wilson
     intervals for sensitivity and specificity at the screening threshold.
     """
-    lines = ["| source | n (Hgb) | Pearson r | MAE (g/dL) | RMSE (g/dL) | bias (g/dL) | 95% limits of agreement "
-             "(g/dL) |",
+    lines = ["| source | n (Hgb) | Pearson r | MAE (g/dL) | RMSE (g/dL) | bias (g/dL) | 95% limits of agreement, "
+             "lower to upper (g/dL) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a = r["agreement"]
-        loa = "n/a" if not np.all(np.isfinite(a.loa)) else (
-            f"{a.loa[0]:.2f} to {a.loa[1]:.2f} (lower {_ci(a.loa[0], a.loa_lo_ci, 2).split(' ', 1)[-1]}, "
-            f"upper {_ci(a.loa[1], a.loa_hi_ci, 2).split(' ', 1)[-1]})")
+        loa = f"{_ci(a.loa[0], a.loa_lo_ci, 2)} to {_ci(a.loa[1], a.loa_hi_ci, 2)}"
         lines.append(f"| {r['source']} | {r['n_hgb']} | {_ci(a.pearson_r, a.pearson_r_ci, 3)} | "
                      f"{_ci(a.mae, a.mae_ci, 2)} | {_ci(a.rmse, a.rmse_ci, 2)} | {_ci(a.bias, a.bias_ci, 2)} | "
                      f"{loa} |")

@@ -383,10 +383,8 @@ def fit_screening_model(features: colour.ColourFeatures, *, hgb: np.ndarray, ane
     labelled = finite & (anemic >= 0)
     y = anemic[labelled].astype(np.float64)
     l2, oof = screening.choose_l2(x[labelled], y, group_ids[labelled], l2s=l2s, inner_folds=inner_folds, seed=seed)
-    threshold = clinical_stats.sensitivity_threshold(oof, y, target_sensitivity)
-    if not math.isfinite(threshold):
-        raise ValueError("no finite threshold reaches the target sensitivity on the training photos (positives "
-                         "tie with the lowest score); lower target_sensitivity or add photos.")
+    # -inf (call everyone: the positives tie with the lowest scores) is p >= 0 for probabilities, and JSON-able.
+    threshold = max(clinical_stats.sensitivity_threshold(oof, y, target_sensitivity), 0.0)
     residuals = np.abs(hgb[done] - reg_cv.predictions[done])
     stats = dict(num_bootstrap=num_bootstrap, seed=seed)
     agree = clinical_stats.agreement(reg_cv.predictions, hgb, group_ids, **stats)

@@ -1,7 +1,8 @@
 """Anemia screening from conjunctival colour with ground-truth vs predicted masks: what segmentation errors cost.
 
     # A K-fold set (the folder of fold workdirs that experiments/protocols.py made for one model):
-    python experiments/screening_run.py --runs=/tmp/folds/unet --out=experiments/results/x [--target=palpebral]
+    python experiments/screening_run.py --runs=/tmp/folds/unet --out=experiments/results/x [--target=palpebral] \
+        [--constancy=none,grey_world,white_patch] [--artifact_constancy=none] [--bootstrap=2000]
     # A single run (its validation part only, split again into patient-level folds for the regressors):
     python experiments/screening_run.py --runs=runs/unet --out=...
 
@@ -10,22 +11,35 @@ left-out country of a leave-one-country-out run) -- the run's model predicts the
 palpebral, the region the anemia literature reads colour from) at its training resolution; the probabilities are
 resized to ``--feature_size`` (default: the training resolution) and thresholded at 0.5. Colour features
 (`anemia_jax.colour`: CIELAB means, a*/L*, mean RGB and chromaticities, erythema index, high hue ratio) are
-computed inside the ground-truth mask and inside the predicted mask of the same photo, and
+computed inside the ground-truth mask and inside the predicted mask of the same photo, each with every
+``--constancy`` option (none, grey-world, white patch: see `anemia_jax.colour`), and
 `anemia_jax.screening.screening_table` cross-validates Hgb regression (ridge) and anemia detection (logistic
-regression, Youden threshold chosen on training parts) from each feature set on the same patient-level folds:
+regression; Youden and screening thresholds chosen on training parts) from each feature set on the same
+patient-level folds, with the clinical statistics of `anemia_jax.clinical_stats` (Bland-Altman bias and limits of
+agreement, MAE, RMSE, r, AUC with patient-bootstrap 95% intervals; sensitivity/specificity at the threshold reaching
+``--target_sensitivity`` on the training folds, with Wilson intervals):
 
 * a K-fold set: the segmentation folds themselves (fold k's regressors train on the other folds' photos, whose
   predicted masks come from the other folds' models), so no photo's mask, features or label leaks into its own
   prediction;
 * a single run: `screening.grouped_folds` over the patients of its validation part.
 
-Photos whose mask is missing or empty under either source are excluded from both rows and counted. The checkpoint
-defaults to 'latest': in K-fold runs 'best' was chosen on the very fold it would be scored on.
+Photos whose mask is missing or empty (or whose colour constancy finds no reference pixels) under any source are
+excluded from every row and counted; a source with usable features for fewer than half of the photos is left out
+of the table with a warning (and listed in the record's ``dropped_sources``) rather than emptying every row. The
+checkpoint defaults to 'latest': in K-fold runs 'best' was chosen on the very fold it would be scored on.
+
+Beside ``<out>/<name>.md`` / ``.json`` it writes ``<name>_{bland_altman,roc,calibration,hgb_scatter}.png`` (needs
+matplotlib: ``pip install 'anemia_jax[report]'``; skipped with a warning without it) and
+``<name>_model.json``: the screening model (`anemia_jax.screening_model`) fitted on ALL the out-of-fold features of
+the predicted masks with ``--artifact_constancy``, on the same folds (which also give its CV+ prediction intervals
+and its recorded out-of-fold metrics), for ``predict --screening=...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -38,6 +52,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from anemia_jax import colour, input_pipeline, run_lib, screening  # noqa: E402
 from anemia_jax.predict import resize_probabilities  # noqa: E402
+from anemia_jax import plots, screening_model  # noqa: E402
 from experiments import provenance  # noqa: E402
 
 
@@ -103,26 +118,74 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, truth).sum() / total)
 
 
-def run_screening(masks: dict[str, Any], *, seed: int = 0) -> tuple[list[dict], dict[str, Any]]:
-    """`screening.screening_table` rows for ground-truth and predicted masks, plus segmentation context."""
+def source_name(masks: str, constancy: str) -> str:
+    """Row label of a feature source, e.g. 'predicted mask' or 'predicted mask, grey-world'."""
+    return masks if constancy == "none" else f"{masks}, {constancy.replace('_', '-')}"
+
+
+def predicted_sources(masks: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The predicted-mask sources of the table, ``{label: [N, H, W] bool}`` (an ensemble would add its own)."""
+    return {"predicted mask": masks["pred"]}
+
+
+def run_screening(masks: dict[str, Any], *, seed: int = 0, constancies: Sequence[str] = ("none",),
+                  predicted: dict[str, np.ndarray] | None = None, target_sensitivity: float = 0.9,
+                  num_bootstrap: int = 2000) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
+    """`screening.screening_table` rows for ground-truth and predicted masks under each colour constancy.
+
+    Returns:
+        rows, segmentation context, and ``{'features': {label: ColourFeatures}, 'folds': [...]}`` for the artifact.
+    """
     has = masks["has_mask"]
     truth = np.where(has[:, None, None], masks["truth"], False)  # a missing mask is empty: NaN features, excluded
-    features = {"ground-truth mask": colour.batch_colour_features(masks["images"], truth),
-                "predicted mask": colour.batch_colour_features(masks["images"], masks["pred"])}
+    predicted = predicted_sources(masks) if predicted is None else predicted
+    features = {source_name(name, c): colour.batch_colour_features(masks["images"], m, constancy=c)
+                for name, m in {"ground-truth mask": truth, **predicted}.items() for c in constancies}
+    # Rows share their photos (common_examples), so one source missing most photos (e.g. a mask covering the whole
+    # frame leaves colour constancy no reference pixels) would empty every row: such a source is dropped instead.
+    dropped = {name: f"usable features for {int(f.valid.sum())} of {len(f.valid)} photos "
+                     f"({int((f.num_pixels == 0).sum())} empty masks)"
+               for name, f in features.items() if f.valid.sum() < 0.5 * len(f.valid)}
+    for name, why in dropped.items():
+        print(f"WARNING: source {name!r} left out of the table: {why}.")
+    table_features = {k: v for k, v in features.items() if k not in dropped}
     runs = np.unique(masks["run"])
     if len(runs) > 1:
         folds = [(np.flatnonzero(masks["run"] != r), np.flatnonzero(masks["run"] == r)) for r in runs]
     else:
         folds = screening.grouped_folds(masks["patient_id"], 5, seed=seed)
-    rows = screening.screening_table(features, hgb=masks["hgb"], anemic=masks["anemic"], folds=folds,
-                                     groups=masks["patient_id"], seed=seed)
-    dice = [_dice(p, t) for p, t, h in zip(masks["pred"], truth, has) if h]
+    rows = screening.screening_table(table_features, hgb=masks["hgb"], anemic=masks["anemic"], folds=folds,
+                                     groups=masks["patient_id"], seed=seed, target_sensitivity=target_sensitivity,
+                                     num_bootstrap=num_bootstrap)
     context = {"num_photos": int(len(has)), "num_missing_mask": int((~has).sum()),
-               "num_empty_predicted_mask": int(sum(not p.any() for p in masks["pred"])),
-               "segmentation_dice_mean": float(np.mean(dice)) if dice else float("nan"),
-               "segmentation_dice_std": float(np.std(dice)) if dice else float("nan"),
-               "num_folds": len(folds), "feature_names": list(colour.FEATURE_NAMES)}
-    return rows, context
+               "num_folds": len(folds), "feature_names": list(colour.FEATURE_NAMES),
+               "constancies": list(constancies), "target_sensitivity": target_sensitivity,
+               "num_bootstrap": num_bootstrap, "dropped_sources": dropped}
+    for name, m in predicted.items():
+        dice = [_dice(p, t) for p, t, h in zip(m, truth, has) if h]
+        context[name] = {"num_empty": int(sum(not p.any() for p in m)),
+                         "dice_mean": float(np.mean(dice)) if dice else float("nan"),
+                         "dice_std": float(np.std(dice)) if dice else float("nan")}
+    return rows, context, {"features": features, "folds": folds}
+
+
+def _row_record(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in row.items() if k not in ("regression", "detection", "agreement", "screening")}
+    out["agreement"] = dataclasses.asdict(row["agreement"])
+    out["screening"] = dataclasses.asdict(row["screening"])
+    out["screening_thresholds"] = row["detection"].screening_thresholds
+    out["youden_thresholds"] = row["detection"].thresholds
+    return out
+
+
+def _write_plots(rows, masks, out: pathlib.Path, name: str, num_bootstrap: int) -> list[str]:
+    try:
+        paths = plots.screening_plots(rows, hgb=masks["hgb"], anemic=masks["anemic"], out_dir=out, name=name,
+                                      groups=masks["patient_id"], num_bootstrap=num_bootstrap)
+    except ImportError as e:  # the tables and the model are written regardless
+        print(f"WARNING: no plots: {e}")
+        return []
+    return [p.name for p in paths.values()]
 
 
 def main(argv: Sequence[str]) -> int:
@@ -132,30 +195,72 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--target", default="palpebral", help="Mask the colour is read from.")
     p.add_argument("--checkpoint", default="latest", help="'latest' (default), 'best' or a step.")
     p.add_argument("--feature_size", default="", help="H,W at which colour is read (default: training size).")
-    p.add_argument("--seed", type=int, default=0, help="Inner-fold shuffling of the regressors.")
+    p.add_argument("--constancy", default="none,grey_world,white_patch",
+                   help=f"Comma-separated colour constancy options compared in the table, of {colour.CONSTANCY_METHODS}.")
+    p.add_argument("--artifact_constancy", default="none", help="Colour constancy of the saved screening model.")
+    p.add_argument("--coverage", type=float, default=0.9, help="Coverage of the model's Hgb prediction intervals.")
+    p.add_argument("--target_sensitivity", type=float, default=0.9,
+                   help="Sensitivity the screening threshold must reach on the training folds.")
+    p.add_argument("--bootstrap", type=int, default=2000, help="Patient-bootstrap replicates of the intervals.")
+    p.add_argument("--seed", type=int, default=0, help="Inner-fold shuffling of the regressors, bootstrap seed.")
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="screening")
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
+    constancies = [c for c in args.constancy.split(",") if c]
+    for c in {*constancies, args.artifact_constancy}:
+        if c not in colour.CONSTANCY_METHODS:
+            p.error(f"unknown colour constancy {c!r}; choose from {colour.CONSTANCY_METHODS}.")
+    if args.artifact_constancy not in constancies:
+        constancies.append(args.artifact_constancy)
     run_dirs = find_runs(args.runs)
     masks = out_of_sample_masks(run_dirs, target=args.target, checkpoint=args.checkpoint,
                                 feature_size=args.feature_size)
-    rows, context = run_screening(masks, seed=args.seed)
+    predicted = predicted_sources(masks)
+    rows, context, fit_inputs = run_screening(masks, seed=args.seed, constancies=constancies, predicted=predicted,
+                                              target_sensitivity=args.target_sensitivity,
+                                              num_bootstrap=args.bootstrap)
+    prov = provenance.record(argv, time.time() - start, "experiments/screening_run.py")
+    out = pathlib.Path(args.out)
     h, w = masks["feature_size"]
+    model_source = source_name(next(iter(predicted)), args.artifact_constancy)
+    model = screening_model.fit_screening_model(
+        fit_inputs["features"][model_source], hgb=masks["hgb"], anemic=masks["anemic"], groups=masks["patient_id"],
+        folds=fit_inputs["folds"], coverage=args.coverage, target_sensitivity=args.target_sensitivity,
+        seed=args.seed, num_bootstrap=args.bootstrap,
+        colour_settings={"target": args.target, "feature_size": [h, w], "mask_threshold": 0.5,
+                         "hhr_threshold_deg": colour.DEFAULT_HHR_THRESHOLD_DEG,
+                         "white_fraction": colour.DEFAULT_WHITE_FRACTION},
+        training={"features_from": f"{model_source} (out-of-fold masks)", "runs": [str(d) for d in run_dirs],
+                  "checkpoint": args.checkpoint, "steps": masks["checkpoints"], "command": prov["command"],
+                  "git_commit": prov["git_commit"], "git_uncommitted_changes": prov["git_uncommitted_changes"],
+                  "date_utc": prov["date_utc"], "num_photos": context["num_photos"]})
+    model_path = model.save(out / f"{args.name}_model.json")
+    figures = _write_plots(rows, masks, out, args.name, args.bootstrap)
+    seg = "; ".join(f"{k}: Dice {v['dice_mean']:.4f} ± {v['dice_std']:.4f}, {v['num_empty']} empty"
+                    for k, v in context.items() if isinstance(v, dict) and "dice_mean" in v)
+    half = model.metrics["hgb"]["conformal_half_width"]  # None: too few photos for a finite interval
+    half = "unbounded: too few photos" if half is None else f"typical half-width {half:.2f} g/dL"
     body = (f"Colour of the **{args.target}** mask, read at {h}x{w} from {context['num_photos']} photos that the "
             f"segmentation models did not train on ({len(run_dirs)} run(s): {', '.join(d.name for d in run_dirs)}; "
-            f"checkpoint '{args.checkpoint}', steps {masks['checkpoints']}). Segmentation Dice of the predicted "
-            f"masks on them: {context['segmentation_dice_mean']:.4f} ± {context['segmentation_dice_std']:.4f} "
-            f"(images with a reference mask; {context['num_empty_predicted_mask']} predicted masks empty). Hgb: ridge "
-            f"regression, anemia: logistic regression, both on all {len(colour.FEATURE_NAMES)} colour features, "
-            f"{context['num_folds']} patient-level folds.\n\n" + screening.format_markdown(rows))
-    data = {"rows": [{k: v for k, v in r.items() if k not in ("regression", "detection")} for r in rows],
-            "context": context, "runs": [str(d) for d in run_dirs], "target": args.target}
-    path = provenance.write_results(args.out, args.name, "Anemia screening: ground-truth vs predicted masks", body,
-                                    data, provenance.record(argv, time.time() - start, "experiments/screening_run.py"),
-                                    args.note)
+            f"checkpoint '{args.checkpoint}', steps {masks['checkpoints']}). Segmentation of the predicted masks on "
+            f"them (images with a reference mask): {seg}. Hgb: ridge regression, anemia: logistic regression, both "
+            f"on all {len(colour.FEATURE_NAMES)} colour features, {context['num_folds']} patient-level folds; colour "
+            f"constancy: {', '.join(constancies)}. Intervals: 95%, patient-level bootstrap ({args.bootstrap} "
+            f"replicates) except sensitivity/specificity at the screening threshold (Wilson); the screening "
+            f"threshold is the highest reaching sensitivity {args.target_sensitivity:g} on each training part's "
+            f"inner out-of-fold probabilities.\n\n" + screening.format_markdown(rows) +
+            f"\nScreening model `{model_path.name}` (`anemia_jax.screening_model`): fitted on all "
+            f"{model.training['n_hgb']} photos of **{model_source}**; ridge alpha {model.alpha:g}, logistic l2 "
+            f"{model.l2:g}, threshold p >= {model.threshold:.3f}; {model.coverage:.0%} CV+ prediction intervals "
+            f"({half}). Its out-of-fold metrics are the "
+            f"'{model_source}' row above.\n" + "".join(f"\n![{f}]({f})" for f in figures) + "\n")
+    data = {"rows": [_row_record(r) for r in rows], "context": context, "runs": [str(d) for d in run_dirs],
+            "target": args.target, "model": model_path.name, "figures": figures}
+    path = provenance.write_results(out, args.name, "Anemia screening: ground-truth vs predicted masks", body,
+                                    data, prov, args.note)
     print(body)
-    print(f"Wrote {path}")
+    print(f"Wrote {path}, {model_path} and {len(figures)} figures")
     return 0
 
 

@@ -41,10 +41,15 @@ def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
 
 def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     screening_run = _script("screening_run")
-    assert screening_run.main([f"--runs={workdir}", f"--out={tmp_path}", "--name=s"]) == 0
+    assert screening_run.main([f"--runs={workdir}", f"--out={tmp_path}", "--name=s", "--bootstrap=50",
+                               "--constancy=none,grey_world"]) == 0
     record = json.loads((tmp_path / "s.json").read_text())
     rows = {r["source"]: r for r in record["rows"]}
-    assert list(rows) == ["ground-truth mask", "predicted mask"]
+    # The untrained model's masks may leave grey-world no reference pixels: such a source is dropped, with a reason.
+    dropped = record["context"]["dropped_sources"]
+    assert [*rows, *dropped] == ["ground-truth mask", "ground-truth mask, grey-world", "predicted mask",
+                                 "predicted mask, grey-world"][:len(rows)] + list(dropped)
+    assert {"ground-truth mask", "predicted mask"} <= set(rows) and set(rows).isdisjoint(dropped)
     photos = record["context"]["num_photos"]
     assert photos > 0 and record["target"] == "palpebral"
     for r in rows.values():
@@ -54,4 +59,12 @@ def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     # Both rows are on the same photos (common_examples): they differ only by the masks.
     assert rows["ground-truth mask"]["n_hgb"] == rows["predicted mask"]["n_hgb"]
     text = (tmp_path / "s.md").read_text()
-    assert "| ground-truth mask |" in text and "| predicted mask |" in text
+    assert all(f"| {source} |" in text for source in rows)
+    # The screening model beside the table loads and screens the photos it was fitted on.
+    from anemia_jax import screening_model  # noqa: PLC0415
+
+    model = screening_model.load(tmp_path / "s_model.json")
+    assert model.constancy == "none" and model.colour_settings["target"] == "palpebral"
+    assert model.training["n_hgb"] == rows["predicted mask"]["n_hgb"] or model.training["n_excluded_no_features"]
+    for figure in record["figures"]:
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
