@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import sys
 import time
@@ -188,6 +189,14 @@ def _write_plots(rows, masks, out: pathlib.Path, name: str, num_bootstrap: int) 
     return [p.name for p in paths.values()]
 
 
+def data_record(run_dirs: Sequence[pathlib.Path]) -> dict[str, Any]:
+    """The data set and split protocol the runs were trained on (from the first run's config.json)."""
+    config = json.loads((run_dirs[0] / "config.json").read_text())
+    dataset, split = config.get("dataset", {}), config.get("split", {})
+    return {"dataset": {k: dataset.get(k) for k in ("name", "builder", "builder_config")},
+            "split": {k: v for k, v in split.items() if k != "fold"}, "image_size": config.get("image_size")}
+
+
 def main(argv: Sequence[str]) -> int:
     start = time.time()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -231,7 +240,8 @@ def main(argv: Sequence[str]) -> int:
         colour_settings={"target": args.target, "feature_size": [h, w], "mask_threshold": 0.5,
                          "hhr_threshold_deg": colour.DEFAULT_HHR_THRESHOLD_DEG,
                          "white_fraction": colour.DEFAULT_WHITE_FRACTION},
-        training={"features_from": f"{model_source} (out-of-fold masks)", "runs": [str(d) for d in run_dirs],
+        training={"features_from": f"{model_source} (out-of-fold masks)", "data": data_record(run_dirs),
+                  "runs": [str(d) for d in run_dirs],
                   "checkpoint": args.checkpoint, "steps": masks["checkpoints"], "command": prov["command"],
                   "git_commit": prov["git_commit"], "git_uncommitted_changes": prov["git_uncommitted_changes"],
                   "date_utc": prov["date_utc"], "num_photos": context["num_photos"]})
