@@ -189,6 +189,29 @@ def _write_plots(rows, masks, out: pathlib.Path, name: str, num_bootstrap: int) 
     return [p.name for p in paths.values()]
 
 
+def held_out_coverage(features: colour.ColourFeatures, masks: dict[str, Any], folds, *, coverage: float,
+                      seed: int) -> dict[str, float]:
+    """Checks the screening model's prediction intervals on photos it did not see: for each outer fold k, a model
+    fitted (with its own inner CV+ folds) on the other folds predicts fold k; returns the pooled coverage and the
+    median interval width."""
+    hgb, groups = np.asarray(masks["hgb"], np.float64), np.asarray(masks["patient_id"]).astype(str)
+    hits, widths = [], []
+    for train, test in folds:
+        sub = colour.ColourFeatures(features.values[train], features.names, features.num_pixels[train],
+                                    features.constancy)
+        model = screening_model.fit_screening_model(
+            sub, hgb=hgb[train], anemic=masks["anemic"][train], groups=groups[train],
+            folds=screening.grouped_folds(groups[train], len(folds), seed=seed), coverage=coverage, seed=seed,
+            num_bootstrap=0)
+        pred = model.predict(features.values[test])
+        known = np.isfinite(pred.hgb) & np.isfinite(hgb[test])
+        hits.append((hgb[test] >= pred.hgb_lo) & (hgb[test] <= pred.hgb_hi))
+        hits[-1], widths = hits[-1][known], widths + list((pred.hgb_hi - pred.hgb_lo)[known])
+    hits = np.concatenate(hits)
+    return {"coverage_nominal": coverage, "coverage_held_out": float(hits.mean()) if hits.size else float("nan"),
+            "n": int(hits.size), "median_width": float(np.median(widths)) if widths else float("nan")}
+
+
 def data_record(run_dirs: Sequence[pathlib.Path]) -> dict[str, Any]:
     """The data set and split protocol the runs were trained on (from the first run's config.json)."""
     config = json.loads((run_dirs[0] / "config.json").read_text())
@@ -205,7 +228,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--checkpoint", default="latest", help="'latest' (default), 'best' or a step.")
     p.add_argument("--feature_size", default="", help="H,W at which colour is read (default: training size).")
     p.add_argument("--constancy", default="none,grey_world,white_patch",
-                   help=f"Comma-separated colour constancy options compared in the table, of {colour.CONSTANCY_METHODS}.")
+                   help=f"Comma-separated colour constancy options of the table, of {colour.CONSTANCY_METHODS}.")
     p.add_argument("--artifact_constancy", default="none", help="Colour constancy of the saved screening model.")
     p.add_argument("--coverage", type=float, default=0.9, help="Coverage of the model's Hgb prediction intervals.")
     p.add_argument("--target_sensitivity", type=float, default=0.9,
@@ -246,6 +269,8 @@ def main(argv: Sequence[str]) -> int:
                   "git_commit": prov["git_commit"], "git_uncommitted_changes": prov["git_uncommitted_changes"],
                   "date_utc": prov["date_utc"], "num_photos": context["num_photos"]})
     model_path = model.save(out / f"{args.name}_model.json")
+    context["model_interval_check"] = check = held_out_coverage(
+        fit_inputs["features"][model_source], masks, fit_inputs["folds"], coverage=args.coverage, seed=args.seed)
     figures = _write_plots(rows, masks, out, args.name, args.bootstrap)
     seg = "; ".join(f"{k}: Dice {v['dice_mean']:.4f} ± {v['dice_std']:.4f}, {v['num_empty']} empty"
                     for k, v in context.items() if isinstance(v, dict) and "dice_mean" in v)
@@ -263,8 +288,10 @@ def main(argv: Sequence[str]) -> int:
             f"\nScreening model `{model_path.name}` (`anemia_jax.screening_model`): fitted on all "
             f"{model.training['n_hgb']} photos of **{model_source}**; ridge alpha {model.alpha:g}, logistic l2 "
             f"{model.l2:g}, threshold p >= {model.threshold:.3f}; {model.coverage:.0%} CV+ prediction intervals "
-            f"({half}). Its out-of-fold metrics are the "
-            f"'{model_source}' row above.\n" + "".join(f"\n![{f}]({f})" for f in figures) + "\n")
+            f"({half}). Its out-of-fold metrics are the '{model_source}' row above. Held-out check of the intervals: "
+            f"models fitted the same way without fold k covered {check['coverage_held_out']:.1%} of fold k's "
+            f"measured Hgb (nominal {args.coverage:.0%}; {check['n']} photos pooled over the folds; median width "
+            f"{check['median_width']:.2f} g/dL).\n" + "".join(f"\n![{f}]({f})" for f in figures) + "\n")
     data = {"rows": [_row_record(r) for r in rows], "context": context, "runs": [str(d) for d in run_dirs],
             "target": args.target, "model": model_path.name, "figures": figures}
     path = provenance.write_results(out, args.name, "Anemia screening: ground-truth vs predicted masks", body,
