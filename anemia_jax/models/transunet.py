@@ -187,7 +187,11 @@ class Transformer(nn.Module):
         class PositionEmbedding(nn.Module):
             @nn.compact
             def __call__(self_, x: Array) -> Array:  # noqa: N805
-                pe = self_.param("pos_embedding", nn.initializers.normal(0.02), (1, gh, gw, c), self.param_dtype)
+                if self_.has_variable("params", "pos_embedding"):  # read as stored: its grid is init's
+                    pe = self_.get_variable("params", "pos_embedding")
+                else:
+                    pe = self_.param("pos_embedding", nn.initializers.normal(0.02), (1, gh, gw, c),
+                                     self.param_dtype)
                 if pe.shape[1:3] != (gh, gw):  # called on another image size than init's
                     pe = jax.image.resize(pe, (1, gh, gw, c), "bilinear")
                 return x + pe.astype(x.dtype)

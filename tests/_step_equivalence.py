@@ -1,0 +1,78 @@
+"""One data-parallel train step of a model on 1 and on 8 fake devices from the same state (see tests/test_steps.py
+for the semantics); shared by the tests of the pretrained-encoder and transformer model families."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from anemia_jax import losses, parallel, steps
+
+TARGETS = 2
+
+
+def make_batch(size: int, batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    masks = np.stack([image[..., 0] > 128, image[..., 1] > 100], axis=-1).astype(np.uint8)
+    mask_weights = np.ones((batch, TARGETS), np.float32)
+    mask_weights[1, 1] = 0.0
+    valid = np.ones(batch, bool)
+    valid[-1] = False
+    return {"image": image, "masks": masks, "mask_weights": mask_weights, "valid": valid,
+            "index": np.arange(batch, dtype=np.int32)}
+
+
+def loss_fn(outputs, labels, weights):
+    return losses.combo_loss(outputs.logits, labels, weights=weights)
+
+
+def numpy_variables(model, size: int, seed: int = 0) -> dict:
+    """Variables of the model's shapes drawn with numpy: compiling ``model.init`` (its random initialisers) costs
+    tens of seconds on 2 CPU cores, ``jax.eval_shape`` nothing. Kernels ~ N(0, 1/fan_in), norms identity."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        leaf = path[-1].key
+        if leaf in ("scale", "var"):
+            return np.ones(s.shape, s.dtype)
+        if leaf in ("bias", "mean"):
+            return np.zeros(s.shape, s.dtype)
+        fan_in = int(np.prod(s.shape[:-1])) if leaf == "kernel" else 50
+        return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def host_state(model, tx, size: int, seed: int = 0) -> steps.TrainState:
+    """A host TrainState with `numpy_variables`."""
+    variables = numpy_variables(model, size, seed)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return steps.TrainState(step=np.int32(0), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+                            rng=np.array([0, seed], np.uint32))
+
+
+def assert_one_step_equal_on_1_and_8_devices(model, size: int, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Raises if a step on 8 devices differs from the same global step on 1 (params, statistics, optimizer, loss)."""
+    assert jax.device_count() == 8
+    tx = optax.sgd(0.1, momentum=0.9)
+    init = host_state(model, tx, size)
+    out = {}
+    for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+        mesh = parallel.make_mesh(devices)
+        step = steps.make_train_step(model, tx, loss_fn, mesh)
+        state, metrics = step(parallel.replicate(init, mesh), parallel.host_local_to_global(make_batch(size), mesh))
+        out[name] = (parallel.fetch(state), parallel.fetch(metrics))
+    (s1, m1), (s8, m8) = out["one"], out["eight"]
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)  # noqa: E731
+    jax.tree.map(close, s1.params, s8.params)
+    jax.tree.map(close, s1.batch_stats, s8.batch_stats)
+    jax.tree.map(close, s1.opt_state, s8.opt_state)
+    close(m1["loss"], m8["loss"])
+    assert bool(m8["finite"]) and int(s8.step) == 1
+    # The step changed the parameters (the comparison above is not between two untouched states).
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(s8.params)))
