@@ -6,8 +6,10 @@
 #             tensorboardX and the small dependencies of these that the device's image does not hold (checked
 #             against /work/.library/device/KINDS.md's package list; numpy, protobuf, etils, pyarrow, absl, ...
 #             are there already and are NOT carried, so that nothing shadows the device's own versions)
-#   .device/  peer_bench.py (the PyTorch peer) and tfds/: Kvasir-SEG prepared as TFDS array_record data
-#             (image_mask_folder/kvasir_seg_256, the official 880/120 split, long side 256)
+#   .device/  peer_bench.py (the PyTorch peer), tfds/: Kvasir-SEG prepared as TFDS array_record data
+#             (image_mask_folder/kvasir_seg_256, the official 880/120 split, long side 256), and git_state.json:
+#             the commit and a digest of the working tree, since the device's copy has no .git (run this script
+#             again right before the device call, after the last commit, so that the stamp is that commit's)
 #
 #   bash experiments/gpu/prepare.sh          # from the repository root; about a minute on 2 cores; rerunnable
 #
@@ -55,9 +57,11 @@ print("kvasir_seg_256", b.version, {k: v.num_examples for k, v in b.info.splits.
 PY
 # TFDS leaves its downloads/extraction scratch beside the data; the device needs only the prepared dataset.
 rm -rf .device/tfds/downloads
+# The device's copy of the checkout has no .git: the sitting records this commit and checks this digest there.
+"$PY" experiments/gpu/sitting.py stamp
 
 du -sh .whl .device
 tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
-carry_bytes=$(du -cb .whl .device .git | tail -n 1 | cut -f1)  # .git too: the sitting records its commit
-echo "working tree $(( tree_bytes / 1024 )) KiB + carried .whl .device .git $(( carry_bytes / 1024 )) KiB =" \
+carry_bytes=$(du -cb .whl .device | tail -n 1 | cut -f1)
+echo "working tree $(( tree_bytes / 1024 )) KiB + carried $(( carry_bytes / 1024 )) KiB =" \
      "$(( (tree_bytes + carry_bytes) / 1048576 )) MiB of the 64 MiB a device call may send"

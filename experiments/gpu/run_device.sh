@@ -1,71 +1,158 @@
 #!/usr/bin/env bash
-# One H100 sitting: the throughput benchmark beside the PyTorch peer, then Kvasir-SEG training of U-Net and
-# UNet++ on the official 880/120 split, sized to the time left. Run from the repository root on the device
-# machine, with `.whl` (TFDS, ml_collections and their small dependencies as wheels) and `.device`
-# (peer_bench.py and the prepared `image_mask_folder/kvasir_seg_256` TFDS data) carried beside the checkout.
+# The one-call GPU sitting (issue 13): in under 9 minutes of one device call,
+#   1. experiments/benchmark.py beside the PyTorch peer (eager and torch.compile) for UNet++ and U-Net: train step
+#      at batch 32, 256x256, bfloat16, with the time to first step cold and with the compilation cache warm;
+#   2. U-Net and UNet++ trained at once on Kvasir-SEG's official 880/120 split at 256x256 (best checkpoint chosen on
+#      the trainer's validation holdout of the 880) for as many steps as the minutes left allow, then the 120 test
+#      images scored with `python -m anemia_jax.evaluate --split=test --checkpoint=best`;
+#   3. a short table printed LAST (ratios, first step, Kvasir test Dice/IoU, epochs), targets beside the figures.
+# Runbook (how to prepare, the exact device call, where the figures go): experiments/gpu/NOTES.md.
 #
-#   bash experiments/h100/run_device.sh            # writes results under $OUT (default /tmp/out)
+#   bash experiments/gpu/run_device.sh        # from the repository root, with .whl/ and .device/ carried
 #
-# Environment knobs (used to rehearse the script on a CPU first): SKIP_WHEELS=1, BENCH_ARGS (extra
-# benchmark flags), BUDGET_S (seconds the whole script may take, default 560), KVASIR_EXTRA (extra trainer
-# flags), PEER (path of peer_bench.py, '' to skip the peer).
-set -u
+# Everything lands under $OUT (6 files, within the device's 8-file limit): log.txt (every stage's output),
+# bench_unetpp.json and bench_unet.json (the benchmark's own rows), kvasir.tar.gz (each run's metrics.jsonl,
+# summary.json, config.json, TensorBoard events, last panel, trainer log, and the test split's per_image.csv and
+# summary), sitting.json (the record to commit: card, versions, commands, git state, every figure, the targets) and
+# table.txt. Nothing stops the script before the table: a stage that fails is logged and shows as missing.
+#
+# Knobs (environment), defaults for the device: BUDGET_S=525 (seconds the whole script may take, wheel unpacking
+# included), STAGES=bench,kvasir, SKIP_WHEELS= (1: use the Python environment as it is), WHEEL_DIR=.whl,
+# PEER=.device/peer_bench.py ('' skips the peer), BENCH_ARGS (extra benchmark flags, last wins), KVASIR_MIN_S=200
+# (seconds kept for Kvasir when sizing the U-Net benchmark), BENCH_MAX_S (each benchmark's time limit; default 260 for
+# UNet++, 200 for U-Net), KVASIR_SIZE=256, KVASIR_BATCH=16, KVASIR_ARGS (extra
+# trainer flags), KVASIR_STEPS (fixed steps instead of the time-based plan), KVASIR_RATE_FACTOR=0.35,
+# KVASIR_EVAL_S=50, KVASIR_DATA_DIR=.device/tfds, MEM_FRACTION=0.45 (of the card per Kvasir process), WORK
+# (scratch, default /tmp/gpu_sitting). A CPU rehearsal: see NOTES.md ("Rehearsal").
+set -u -o pipefail
+cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-START=$(date +%s); BUDGET_S=${BUDGET_S:-560}
-log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/log.txt"; }
-if [ -z "${SKIP_WHEELS:-}" ]; then
-  # Wheels are zip files: unpacking them is an install that cannot half-fail (a pip --target install of
-  # ml_collections there once failed without a word).
-  for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site || { echo "cannot unpack $w"; exit 1; }; done
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-python3 - <<'PY' 2>&1 | tee -a "$OUT/log.txt"
-import jax, flax, optax, orbax.checkpoint, tensorflow_datasets, ml_collections, numpy
-print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax",
-      orbax.checkpoint.__version__, "tfds", tensorflow_datasets.__version__, "numpy", numpy.__version__)
-print("devices", jax.devices())
-PY
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/log.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUT/log.txt"
-
+START=$(date +%s)
+knobs=""  # the knobs given (before defaults), for the recorded command
+for v in BUDGET_S STAGES SKIP_WHEELS WHEEL_DIR PEER BENCH_ARGS BENCH_MAX_S KVASIR_MIN_S KVASIR_SIZE KVASIR_BATCH \
+         KVASIR_ARGS KVASIR_STEPS KVASIR_RATE_FACTOR KVASIR_EVAL_S KVASIR_DATA_DIR MEM_FRACTION; do
+  if [ -n "${!v+x}" ]; then
+    if [[ ${!v} =~ ^[A-Za-z0-9_.,:/=+-]+$ ]]; then knobs+="$v=${!v} "; else knobs+="$v=$(printf %q "${!v}") "; fi
+  fi
+done
+COMMAND="${knobs}bash experiments/gpu/run_device.sh"
+BUDGET_S=${BUDGET_S:-525}
+STAGES=${STAGES:-bench,kvasir}
+OUT=${OUT:-/tmp/gpu_sitting_out}
+WORK=${WORK:-/tmp/gpu_sitting}
 PEER=${PEER-.device/peer_bench.py}
-peer_flag() { [ -n "$PEER" ] && echo "--peer=$PEER --peer_runs=$1"; }
-log "benchmark unetpp"
-python3 experiments/benchmark.py --model=unetpp $(peer_flag eager,compile) ${BENCH_ARGS:-} \
-  --out="$OUT/bench_unetpp.json" 2>&1 | tail -n 12 | tee -a "$OUT/log.txt"
-log "benchmark unet"
-python3 experiments/benchmark.py --model=unet --no_warm $(peer_flag eager) ${BENCH_ARGS:-} \
-  --out="$OUT/bench_unet.json" 2>&1 | tail -n 12 | tee -a "$OUT/log.txt"
+KVASIR_MIN_S=${KVASIR_MIN_S:-200}
+KVASIR_DATA_DIR=$(realpath -m "${KVASIR_DATA_DIR:-.device/tfds}")
+export KVASIR_DATA_DIR
+mkdir -p "$OUT" && rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
 
-# Kvasir-SEG: both models at once (the GPU has room for two), each given the time that is left.
-left=$(( BUDGET_S - ($(date +%s) - START) ))
-# Epochs that fit: ~150 s for start-up, compilation and the final evaluation, then a conservative 300 img/s
-# per run for the 792 training images (two runs share the GPU); KVASIR_EPOCHS overrides.
-epochs=${KVASIR_EPOCHS:-$(python3 -c "print(max(10, min(150, int(($left - 150) * 300 / 792))))")}
-log "kvasir: ${left}s left, ${epochs} epochs"
-for m in unet unetpp; do
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout -s TERM $(( left - 15 )) python3 -m anemia_jax.main \
-    --config=configs/$m.py:data=kvasir,size=256,batch=16,epochs=$epochs \
-    --config.dataset.data_dir=.device/tfds --config.checkpoint_every_epochs=10 ${KVASIR_EXTRA:-} \
-    --workdir=/tmp/kvasir_$m > "/tmp/kvasir_$m.log" 2>&1 &
-done
-wait
-for m in unet unetpp; do
-  tail -n 5 "/tmp/kvasir_$m.log" | tee -a "$OUT/log.txt"
-  cp "/tmp/kvasir_$m/metrics.jsonl" "$OUT/kvasir_${m}_metrics.jsonl" 2>/dev/null
-  cp "/tmp/kvasir_$m/summary.json" "$OUT/kvasir_${m}_summary.json" 2>/dev/null
-done
-log "done"
-python3 - "$OUT" <<'PY' | tee -a "$OUT/log.txt"
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-for f in sorted(out.glob("bench_*.json")):
-    for r in json.loads(f.read_text()):
-        print(f"{r['framework']:<20} {r['arch']:<7} {r.get('images_per_s') or float('nan'):8.1f} img/s  "
-              f"first step {r.get('first_step_cold_s', r.get('compile_s', float('nan'))):6.1f}s"
-              + (f" (warm {r['first_step_warm_s']:.1f}s)" if 'first_step_warm_s' in r else ""))
-for f in sorted(out.glob("kvasir_*_summary.json")):
-    s = json.loads(f.read_text())
-    print(f.name, json.dumps({k: s[k] for k in s if k in ("best", "final", "test", "steps")})[:600])
+now() { echo $(( $(date +%s) - START )); }
+left() { echo $(( BUDGET_S - $(now) )); }
+log() { echo "[$(now)s] $*" | tee -a "$OUT/log.txt"; }
+stage_done() { echo "$1 $(( $(date +%s) - $2 ))" >> "$WORK/stages.txt"; }
+min() { echo $(( $1 < $2 ? $1 : $2 )); }
+log "sitting: $COMMAND (budget ${BUDGET_S}s; out $OUT)"
+
+# Wheels are zip archives: extracting them is an install that cannot half-fail (a pip --target install of
+# ml_collections there once failed without a word). They come first on the path, before the device's own packages,
+# which is why prepare.sh carries only packages that the device's image lacks.
+if [ -z "${SKIP_WHEELS:-}" ]; then
+  t=$(date +%s)
+  python3 -c 'import sys, zipfile
+for w in sys.argv[2:]:
+    zipfile.ZipFile(w).extractall(sys.argv[1])' "$WORK/site" "${WHEEL_DIR:-.whl}"/*.whl 2>&1 | tee -a "$OUT/log.txt"
+  export PYTHONPATH=$WORK/site:$PWD
+  stage_done wheels "$t"
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+t=$(date +%s)
+python3 experiments/gpu/sitting.py env --out="$WORK/env.json" 2>&1 | tail -n 3 | tee -a "$OUT/log.txt"
+stage_done environment "$t"
+
+# ---------------------------------------------------------------------------------------------- 1. benchmark
+bench() {  # model, peer runs (comma list), warm (1: also the warm-cache first step), time limit in seconds
+  local m=$1 runs=$2 warm=$3 limit=$4 t
+  if (( limit < 30 )); then log "benchmark $m skipped: ${limit}s is too little"; return; fi
+  t=$(date +%s)
+  local extra=()
+  [ -n "$PEER" ] && [ -n "$runs" ] && extra+=(--peer="$PEER" --peer_runs="$runs")
+  [ "$warm" = 1 ] || extra+=(--no_warm)
+  log "benchmark $m beside torch ${runs:-(no peer)}, warm cache: $warm, at most ${limit}s"
+  # shellcheck disable=SC2086 -- BENCH_ARGS is a list of flags
+  timeout -k 10 "$limit" python3 experiments/benchmark.py --model="$m" --batch=32 --size=256 --dtype=bfloat16 \
+    ${BENCH_ARGS:-} "${extra[@]}" --out="$OUT/bench_$m.json" >> "$OUT/log.txt" 2>&1 \
+    || log "benchmark $m failed or ran out of time (exit $?); its rows are missing"
+  stage_done "bench_$m" "$t"
+}
+if [[ ,$STAGES, == *,bench,* ]]; then
+  bench unetpp eager,compile 1 "$(min "${BENCH_MAX_S:-260}" $(( $(left) - KVASIR_MIN_S - 90 )))"
+  # U-Net gets what keeps KVASIR_MIN_S for Kvasir: everything if it can, else the peer's eager run alone (its
+  # target is the ratio to eager), else nothing.
+  room=$(( $(left) - KVASIR_MIN_S ))
+  if (( room >= 150 )); then bench unet eager,compile 1 "$(min "${BENCH_MAX_S:-200}" "$room")"
+  elif (( room >= 70 )); then bench unet eager 0 "$room"
+  else log "benchmark unet skipped: ${room}s beyond the Kvasir reserve"; fi
+fi
+
+# ---------------------------------------------------------------------------------------------- 2. Kvasir-SEG
+if [[ ,$STAGES, == *,kvasir,* ]]; then
+  t=$(date +%s)
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.45}  # two processes share the card
+  size=${KVASIR_SIZE:-256}; batch=${KVASIR_BATCH:-16}; eval_s=${KVASIR_EVAL_S:-50}
+  declare -A pids
+  for m in unet unetpp; do
+    read -r steps every deadline < <(python3 experiments/gpu/sitting.py plan --model=$m --left="$(left)" \
+      --bench_dir="$OUT" --batch="$batch" --rate_factor="${KVASIR_RATE_FACTOR:-0.35}" --eval_s="$eval_s" \
+      --steps="${KVASIR_STEPS:-0}" --out="$WORK/plan_$m.json")
+    if [ -z "${deadline:-}" ]; then log "kvasir $m: planning failed"; continue; fi
+    cmd=(python3 -m anemia_jax.main "--config=configs/$m.py:data=kvasir,size=$size,batch=$batch,steps=$steps"
+         "--workdir=$WORK/kvasir_$m" "--config.dataset.data_dir=$KVASIR_DATA_DIR"
+         "--config.eval_every_steps=$every" "--config.checkpoint_every_steps=$every" --config.keep_checkpoints=1)
+    # shellcheck disable=SC2206 -- KVASIR_ARGS is a list of flags
+    cmd+=(${KVASIR_ARGS:-})
+    log "kvasir $m: $steps steps (plan: $(python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print(
+      f\"{p['epochs']} epochs at {p['rate_images_per_s']} img/s assumed ({p['rate_source']}), \"
+      f\"{p['overhead_s']}s start-up and final scoring\")" "$WORK/plan_$m.json")), SIGTERM after ${deadline}s"
+    python3 -c 'import json, shlex, sys; json.dump({"trainer_command": shlex.join(sys.argv[2:])}, open(sys.argv[1], "w"))' \
+      "$WORK/commands_$m.json" "${cmd[@]}"
+    # SIGTERM makes the trainer save a checkpoint and stop; the best one is then still scored below.
+    timeout -s TERM -k 30 "$deadline" "${cmd[@]}" > "$WORK/train_$m.log" 2>&1 &
+    pids[$m]=$!
+  done
+  for m in "${!pids[@]}"; do
+    wait "${pids[$m]}"; rc=$?
+    case $rc in 0) why="finished";; 124) why="stopped by SIGTERM at its deadline";; *) why="FAILED";; esac
+    log "kvasir $m trainer exit $rc ($why): $( (grep -E 'First step|best test' "$WORK/train_$m.log" | tail -n 2
+      [ "$rc" = 0 ] || tail -n 4 "$WORK/train_$m.log") | cut -c1-300)"
+  done
+  stage_done kvasir_train "$t"
+  t=$(date +%s)
+  limit=$(( $(left) - 15 )); (( limit >= 30 )) || limit=30  # (timeout 0 would mean no limit)
+  for m in "${!pids[@]}"; do
+    if [ ! -f "$WORK/kvasir_$m/config.json" ]; then log "kvasir $m: no run to score"; continue; fi
+    (
+      ev=(python3 -m anemia_jax.evaluate "--workdir=$WORK/kvasir_$m" --split=test --checkpoint=best
+          "--out=$WORK/kvasir_$m/eval_test")
+      if ! timeout -k 10 "$limit" "${ev[@]}" > "$WORK/eval_$m.log" 2>&1; then
+        # A run stopped before any evaluation has no 'best'; its latest checkpoint is scored instead, and says so.
+        ev[5]=--checkpoint=latest
+        timeout -k 10 "$limit" "${ev[@]}" >> "$WORK/eval_$m.log" 2>&1
+      fi
+      python3 - "$WORK/commands_$m.json" "${ev[@]}" <<'PY'
+import json, shlex, sys
+p = sys.argv[1]; d = json.load(open(p)); d["evaluate_command"] = shlex.join(sys.argv[2:]); json.dump(d, open(p, "w"))
 PY
+      tail -n 2 "$WORK/eval_$m.log"
+    ) 2>&1 | tee -a "$OUT/log.txt" &
+  done
+  wait
+  stage_done kvasir_test "$t"
+  for m in unet unetpp; do cat "$WORK/train_$m.log" "$WORK/eval_$m.log" >> "$OUT/log.txt" 2>/dev/null; done
+fi
+
+# ---------------------------------------------------------------------------------------------- 3. report
+python3 experiments/gpu/sitting.py bundle --work="$WORK" --out="$OUT/kvasir.tar.gz" 2>&1 | tee -a "$OUT/log.txt"
+log "files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')sitting.json table.txt"
+python3 experiments/gpu/sitting.py report --work="$WORK" --out="$OUT" --budget_s="$BUDGET_S" --wall_s="$(now)" \
+  --command="$COMMAND" 2>&1 | tee -a "$OUT/log.txt"
