@@ -18,6 +18,10 @@ Usage::
         --out=bench.json [--peer=../shared/tools/peer_bench.py --peer_runs=eager,compile]
 
 Prints a table last and writes every figure as JSON to ``--out``.
+
+``--model`` is a registered model or a preset of `PRESETS` (``unetpp_resnet34``: smp's UnetPlusPlus('resnet34'), run
+beside ``peer_bench.py smp``; ``segformer_b0``, ``transunet``, ...); ``--model_kwargs=encoder=resnet50,...`` sets
+further model fields.
 """
 
 from __future__ import annotations
@@ -33,6 +37,28 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+
+# Preset name -> (registered model, its fields). Registered names are accepted as they are.
+PRESETS = {
+    "unet_resnet34": ("unet", {"encoder": "resnet34"}),
+    "unetpp_resnet34": ("unetpp", {"encoder": "resnet34"}),
+    "unetpp_resnet50": ("unetpp", {"encoder": "resnet50"}),
+    "segformer_b0": ("segformer", {"variant": "b0"}),
+    "segformer_b1": ("segformer", {"variant": "b1"}),
+    "segformer_b2": ("segformer", {"variant": "b2"}),
+}
+MODELS = ["unet", "unetpp", "attention_unet", "segformer", "transunet", "transunet_vit", *PRESETS]
+
+
+def model_and_kwargs(args: argparse.Namespace) -> tuple[str, dict]:
+    """The registered model name and its fields for ``--model`` (a preset or a name) and ``--model_kwargs``."""
+    from anemia_jax.convert_weights import parse_kwargs
+
+    name, kwargs = PRESETS.get(args.model, (args.model, {}))
+    kwargs = {**kwargs, **parse_kwargs(args.model_kwargs)}
+    if args.features:
+        kwargs["features"] = args.features
+    return name, kwargs
 
 
 def _measure(args: argparse.Namespace) -> dict:
@@ -54,8 +80,8 @@ def _measure(args: argparse.Namespace) -> dict:
     if args.batch % mesh.size:
         raise SystemExit(f"--batch={args.batch} must be a multiple of the {mesh.size} devices.")
     dtype = jnp.dtype(args.dtype)
-    widths = {"features": args.features} if args.features else {}
-    model = get_model(args.model, num_classes=1, dtype=dtype, bn_axis_name=parallel.DATA_AXIS, **widths)
+    name, kwargs = model_and_kwargs(args)
+    model = get_model(name, num_classes=1, dtype=dtype, bn_axis_name=parallel.DATA_AXIS, **kwargs)
     tx = optax.adam(1e-3)
     loss = losses.get_loss("combo")
     rng = np.random.default_rng(0)
@@ -127,12 +153,17 @@ def _child(args: argparse.Namespace, cache_dir: str, windows: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={args.model}",
            f"--batch={args.batch}", f"--size={args.size}", f"--dtype={args.dtype}",
            f"--steps={args.steps}", f"--windows={windows}", f"--warmup={args.warmup}",
-           f"--features={args.features}", f"--cache_dir={cache_dir}"]
+           f"--features={args.features}", f"--model_kwargs={args.model_kwargs}", f"--cache_dir={cache_dir}"]
     return _run_json(cmd)
 
 
 def _peer(args: argparse.Namespace, run: str) -> dict:
-    cmd = [sys.executable, args.peer, "torch", "--arch", args.model, "--batch", str(args.batch),
+    name, kwargs = model_and_kwargs(args)
+    # smp's Unet/UnetPlusPlus('resnet34') is the peer of our ResNet-34 decoders, the plain PyTorch models otherwise.
+    framework = "smp" if kwargs.get("encoder") == "resnet34" else "torch"
+    if name not in ("unet", "unetpp") or kwargs.get("encoder") not in (None, "resnet34"):
+        raise SystemExit(f"benchmark: no PyTorch peer for --model={args.model} {kwargs}; drop --peer.")
+    cmd = [sys.executable, args.peer, framework, "--arch", name, "--batch", str(args.batch),
            "--size", str(args.size), "--steps", str(args.steps), "--windows", str(args.windows),
            "--warmup", str(args.warmup)]
     cmd += ["--compile"] if run == "compile" else []
@@ -144,7 +175,7 @@ def _peer(args: argparse.Namespace, run: str) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'implementation':<28}{'arch':<8}{'img/s':>9}{'ratio':>8}{'first step s':>14}" \
+    head = f"{'implementation':<28}{'arch':<16}{'img/s':>9}{'ratio':>8}{'first step s':>14}" \
            f"{'GFLOP/img':>11}{'peak GiB':>10}{'params M':>10}"
     lines = [head, "-" * len(head)]
     ours = rows[0].get("images_per_s") or float("nan")
@@ -153,14 +184,15 @@ def _table(rows: list[dict]) -> str:
         flops = (r.get("step_flops") or float("nan")) / r["batch"] / 1e9
         peak = (r.get("peak_bytes") or float("nan")) / 2**30
         first = r.get("first_step_s", r.get("compile_s", float("nan")))
-        lines.append(f"{r['framework']:<28}{r['arch']:<8}{rate:>9.1f}{ours / rate:>8.2f}{first:>14.1f}"
+        lines.append(f"{r['framework']:<28}{r['arch']:<16}{rate:>9.1f}{ours / rate:>8.2f}{first:>14.1f}"
                      f"{flops:>11.1f}{peak:>10.2f}{r['params'] / 1e6:>10.2f}")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="unetpp", choices=["unet", "unetpp", "attention_unet"])
+    p.add_argument("--model", default="unetpp", choices=MODELS, help="a registered model or a preset")
+    p.add_argument("--model_kwargs", default="", help="extra model fields, e.g. encoder=resnet50,variant=b1")
     p.add_argument("--features", type=int, default=0, help="first-level width; 0 keeps the model's default")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=256)
