@@ -18,12 +18,11 @@
 #
 # Knobs (environment), defaults for the device: BUDGET_S=525 (seconds the whole script may take, wheel unpacking
 # included), STAGES=bench,kvasir, SKIP_WHEELS= (1: use the Python environment as it is), WHEEL_DIR=.whl,
-# PEER=.device/peer_bench.py ('' skips the peer), BENCH_ARGS (extra benchmark flags, last wins), KVASIR_MIN_S=200
-# (seconds kept for Kvasir when sizing the U-Net benchmark), BENCH_MAX_S (each benchmark's time limit; default 260 for
-# UNet++, 200 for U-Net), KVASIR_SIZE=256, KVASIR_BATCH=16, KVASIR_ARGS (extra
-# trainer flags), KVASIR_STEPS (fixed steps instead of the time-based plan), KVASIR_RATE_FACTOR=0.35,
-# KVASIR_EVAL_S=50, KVASIR_DATA_DIR=.device/tfds, MEM_FRACTION=0.45 (of the card per Kvasir process), WORK
-# (scratch, default /tmp/gpu_sitting). A CPU rehearsal: see NOTES.md ("Rehearsal").
+# PEER=.device/peer_bench.py ('' skips the peer), BENCH_ARGS (extra benchmark flags, last wins), BENCH_MAX_S=260
+# (each benchmark's time limit), KVASIR_MIN_S=200 (seconds kept for Kvasir when sizing the benchmarks),
+# KVASIR_SIZE=256, KVASIR_BATCH=16, KVASIR_ARGS (extra trainer flags), KVASIR_STEPS (fixed steps instead of the
+# time-based plan), KVASIR_RATE_FACTOR=0.35, KVASIR_EVAL_S=50, KVASIR_DATA_DIR=.device/tfds, MEM_FRACTION=0.45 (of
+# the card per Kvasir process), WORK (scratch, default /tmp/gpu_sitting). A CPU rehearsal: NOTES.md ("Rehearsal").
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -86,12 +85,13 @@ bench() {  # model, peer runs (comma list), warm (1: also the warm-cache first s
   stage_done "bench_$m" "$t"
 }
 if [[ ,$STAGES, == *,bench,* ]]; then
-  bench unetpp eager,compile 1 "$(min "${BENCH_MAX_S:-260}" $(( $(left) - KVASIR_MIN_S - 90 )))"
-  # U-Net gets what keeps KVASIR_MIN_S for Kvasir: everything if it can, else the peer's eager run alone (its
-  # target is the ratio to eager), else nothing.
+  bench unetpp eager,compile 1 "$(min "${BENCH_MAX_S:-260}" $(( $(left) - KVASIR_MIN_S )))"
+  # U-Net gets what keeps KVASIR_MIN_S for Kvasir: everything if there is ample room (a benchmark killed at its
+  # limit loses all its rows), else our run and the peer's eager run alone (U-Net's target is the ratio to eager),
+  # else nothing.
   room=$(( $(left) - KVASIR_MIN_S ))
-  if (( room >= 150 )); then bench unet eager,compile 1 "$(min "${BENCH_MAX_S:-200}" "$room")"
-  elif (( room >= 70 )); then bench unet eager 0 "$room"
+  if (( room >= 200 )); then bench unet eager,compile 1 "$(min "${BENCH_MAX_S:-260}" "$room")"
+  elif (( room >= 100 )); then bench unet eager 0 "$room"
   else log "benchmark unet skipped: ${room}s beyond the Kvasir reserve"; fi
 fi
 
@@ -114,8 +114,7 @@ if [[ ,$STAGES, == *,kvasir,* ]]; then
     log "kvasir $m: $steps steps (plan: $(python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print(
       f\"{p['epochs']} epochs at {p['rate_images_per_s']} img/s assumed ({p['rate_source']}), \"
       f\"{p['overhead_s']}s start-up and final scoring\")" "$WORK/plan_$m.json")), SIGTERM after ${deadline}s"
-    python3 -c 'import json, shlex, sys; json.dump({"trainer_command": shlex.join(sys.argv[2:])}, open(sys.argv[1], "w"))' \
-      "$WORK/commands_$m.json" "${cmd[@]}"
+    python3 experiments/gpu/sitting.py note "$WORK/commands_$m.json" trainer_command "${cmd[@]}"
     # SIGTERM makes the trainer save a checkpoint and stop; the best one is then still scored below.
     timeout -s TERM -k 30 "$deadline" "${cmd[@]}" > "$WORK/train_$m.log" 2>&1 &
     pids[$m]=$!
@@ -128,7 +127,8 @@ if [[ ,$STAGES, == *,kvasir,* ]]; then
   done
   stage_done kvasir_train "$t"
   t=$(date +%s)
-  limit=$(( $(left) - 15 )); (( limit >= 30 )) || limit=30  # (timeout 0 would mean no limit)
+  # At least a minute even past the budget (525 s of the call's 600): a run without its test score is the worse loss.
+  limit=$(( $(left) - 10 )); (( limit >= 60 )) || limit=60
   for m in "${!pids[@]}"; do
     if [ ! -f "$WORK/kvasir_$m/config.json" ]; then log "kvasir $m: no run to score"; continue; fi
     (
@@ -139,10 +139,7 @@ if [[ ,$STAGES, == *,kvasir,* ]]; then
         ev[5]=--checkpoint=latest
         timeout -k 10 "$limit" "${ev[@]}" >> "$WORK/eval_$m.log" 2>&1
       fi
-      python3 - "$WORK/commands_$m.json" "${ev[@]}" <<'PY'
-import json, shlex, sys
-p = sys.argv[1]; d = json.load(open(p)); d["evaluate_command"] = shlex.join(sys.argv[2:]); json.dump(d, open(p, "w"))
-PY
+      python3 experiments/gpu/sitting.py note "$WORK/commands_$m.json" evaluate_command "${ev[@]}"
       tail -n 2 "$WORK/eval_$m.log"
     ) 2>&1 | tee -a "$OUT/log.txt" &
   done

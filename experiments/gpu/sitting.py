@@ -9,6 +9,7 @@ Subcommands, each run by the shell script on the device machine:
 * ``plan --model=M --left=S ...``: the Kvasir-SEG run of model ``M`` that fits in the ``S`` seconds left, from the
   benchmark this sitting just measured (step rate and cold first step of the same model) or assumed figures.
   Prints ``steps eval_every train_deadline_s`` for the shell and writes the plan as JSON.
+* ``note FILE KEY ARGV...``: records the command ``ARGV`` under ``KEY`` in the JSON ``FILE``.
 * ``bundle --work=W --out=F``: one tar.gz of what the Kvasir runs left, without checkpoints.
 * ``report --work=W --out=O ...``: gathers the environment, the benchmark rows, each Kvasir run (trainer summary,
   metrics, the test split scored by ``anemia_jax.evaluate``) into ``O/sitting.json`` (the record to commit under
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -117,7 +119,8 @@ def plan_kvasir(model: str, left_s: float, rows: list[dict], *, batch: int, conc
     steps_per_epoch = math.ceil(KVASIR_TRAIN_IMAGES / batch)
     planned = steps or max(steps_per_epoch, int(train_s * rate / batch))
     return {"model": model, "steps": planned, "epochs": round(planned / steps_per_epoch, 1),
-            "eval_every": max(1, math.ceil(planned / evals)), "train_deadline_s": max(30, int(left_s - reserve_s - eval_s)),
+            "eval_every": max(1, math.ceil(planned / evals)),
+            "train_deadline_s": max(30, int(left_s - reserve_s - eval_s)),
             "left_s": left_s, "overhead_s": round(overhead_s, 1), "train_s": round(train_s, 1),
             "rate_images_per_s": round(rate, 1), "rate_source": source, "rate_factor": rate_factor,
             "concurrent_runs": concurrent, "batch": batch, "steps_given": bool(steps)}
@@ -299,8 +302,8 @@ def targets_and_table(record: dict[str, Any]) -> tuple[list[dict], str]:
             if v is not None:
                 targets.append({"what": f"{NAMES[model]} first step {kind} < {TARGET_FIRST_STEP_S[kind]:.0f} s",
                                 "value": v, "met": v < TARGET_FIRST_STEP_S[kind]})
-        shape = f"b{o['batch']} {o['size']}px {o['dtype']}" if o else ("did not finish" if rows or model in
-                                                                          record.get("bench_started", []) else "not run")
+        started = rows or model in record.get("bench_started", [])
+        shape = f"b{o['batch']} {o['size']}px {o['dtype']}" if o else ("did not finish" if started else "not run")
         lines.append(
             f"{NAMES[model] + ' ' + shape:<24}{_fmt(o and o.get('images_per_s')):>11}"
             f"{_fmt(e and e.get('images_per_s')):>9}{_fmt(c and c.get('images_per_s')):>9}"
@@ -352,6 +355,10 @@ def main() -> None:
     q.add_argument("--out", required=True)
     st = sub.add_parser("stamp")
     st.add_argument("--out", default=str(STAMP))
+    n = sub.add_parser("note")
+    n.add_argument("file")
+    n.add_argument("key")
+    n.add_argument("argv", nargs=argparse.REMAINDER, help="the command to record")
     b = sub.add_parser("bundle")
     b.add_argument("--work", required=True)
     b.add_argument("--out", required=True)
@@ -381,6 +388,11 @@ def main() -> None:
         pathlib.Path(args.out).write_text(json.dumps(record, indent=2))
         print(f"stamped commit {record['git_commit'][:10]} ({record['git_changed_paths_total']} uncommitted paths, "
               f"{len(record['files'])} files) into {args.out}")
+    elif args.cmd == "note":
+        path = pathlib.Path(args.file)
+        notes = _read_json(path) or {}
+        notes[args.key] = shlex.join(args.argv)
+        path.write_text(json.dumps(notes, indent=2))
     elif args.cmd == "bundle":
         bundle(pathlib.Path(args.work), pathlib.Path(args.out))
     else:
