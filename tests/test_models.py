@@ -412,7 +412,8 @@ def test_registry_names_aliases_and_errors():
         ("anemia_jax.models.unet", "anemia_jax.models.attention")))
     model = get_model("unetpp", num_classes=3, deep_supervision=True, dtype="bfloat16", features=8)
     assert (model.num_classes, model.deep_supervision, model.dtype, model.features) == (3, True, jnp.bfloat16, 8)
-    with pytest.raises(ValueError, match=r"Unknown model 'unte'.*Did you mean 'unet'.*names: attention_unet, unet, unetpp"):
+    with pytest.raises(ValueError, match=r"Unknown model 'unte'.*Did you mean 'unet'.*names: attention_unet, segformer, "
+                       r"transunet, transunet_vit, unet, unetpp"):
         get_model("unte")
     with pytest.raises(TypeError, match=r"\['base_width'\].*num_classes.*features.*depth"):
         get_model("unet", base_width=32)
