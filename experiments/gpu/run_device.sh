@@ -18,6 +18,7 @@
 #
 # Knobs (environment), defaults for the device: BUDGET_S=525 (seconds the whole script may take, wheel unpacking
 # included), STAGES=bench,kvasir, SKIP_WHEELS= (1: use the Python environment as it is), WHEEL_DIR=.whl,
+# PROTOBUF_MIN=6.33.5 (an older protobuf on the device is replaced by the carried one in .whl/fallback),
 # PEER=.device/peer_bench.py ('' skips the peer), BENCH_ARGS (extra benchmark flags, last wins), BENCH_MAX_S=260
 # (each benchmark's time limit), KVASIR_MIN_S=200 (seconds kept for Kvasir when sizing the benchmarks),
 # KVASIR_SIZE=256, KVASIR_BATCH=16, KVASIR_ARGS (extra trainer flags), KVASIR_STEPS (fixed steps instead of the
@@ -28,8 +29,8 @@ cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 knobs=""  # the knobs given (before defaults), for the recorded command
-for v in BUDGET_S STAGES SKIP_WHEELS WHEEL_DIR PEER BENCH_ARGS BENCH_MAX_S KVASIR_MIN_S KVASIR_SIZE KVASIR_BATCH \
-         KVASIR_ARGS KVASIR_STEPS KVASIR_RATE_FACTOR KVASIR_EVAL_S KVASIR_DATA_DIR MEM_FRACTION; do
+for v in BUDGET_S STAGES SKIP_WHEELS WHEEL_DIR PROTOBUF_MIN PEER BENCH_ARGS BENCH_MAX_S KVASIR_MIN_S KVASIR_SIZE \
+         KVASIR_BATCH KVASIR_ARGS KVASIR_STEPS KVASIR_RATE_FACTOR KVASIR_EVAL_S KVASIR_DATA_DIR MEM_FRACTION; do
   if [ -n "${!v+x}" ]; then
     if [[ ${!v} =~ ^[A-Za-z0-9_.,:/=+-]+$ ]]; then knobs+="$v=${!v} "; else knobs+="$v=$(printf %q "${!v}") "; fi
   fi
@@ -60,6 +61,14 @@ if [ -z "${SKIP_WHEELS:-}" ]; then
   python3 -c 'import sys, zipfile
 for w in sys.argv[2:]:
     zipfile.ZipFile(w).extractall(sys.argv[1])' "$WORK/site" "${WHEEL_DIR:-.whl}"/*.whl 2>&1 | tee -a "$OUT/log.txt"
+  # TFDS's metadata protos need protobuf >= PROTOBUF_MIN; the device's own is kept unless it is older.
+  fallback=$(ls "${WHEEL_DIR:-.whl}"/fallback/protobuf-*.whl 2>/dev/null | head -n 1)
+  if [ -n "$fallback" ] && ! python3 -c 'import sys, google.protobuf as p
+sys.exit(tuple(int(x) for x in p.__version__.split(".")[:3]) < tuple(int(x) for x in sys.argv[1].split(".")))' \
+      "${PROTOBUF_MIN:-6.33.5}" 2>/dev/null; then
+    log "the device's protobuf is older than ${PROTOBUF_MIN:-6.33.5}: using the carried $(basename "$fallback")"
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[2]).extractall(sys.argv[1])' "$WORK/site" "$fallback"
+  fi
   export PYTHONPATH=$WORK/site:$PWD
   stage_done wheels "$t"
 else
@@ -122,6 +131,7 @@ if [[ ,$STAGES, == *,kvasir,* ]]; then
   for m in "${!pids[@]}"; do
     wait "${pids[$m]}"; rc=$?
     case $rc in 0) why="finished";; 124) why="stopped by SIGTERM at its deadline";; *) why="FAILED";; esac
+    python3 experiments/gpu/sitting.py note "$WORK/commands_$m.json" trainer_exit "$rc"
     log "kvasir $m trainer exit $rc ($why): $( (grep -E 'First step|best test' "$WORK/train_$m.log" | tail -n 2
       [ "$rc" = 0 ] || tail -n 4 "$WORK/train_$m.log") | cut -c1-300)"
   done

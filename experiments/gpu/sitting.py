@@ -130,7 +130,7 @@ def environment() -> dict[str, Any]:
     """Card, versions and the carried data, each failure recorded as text (the sitting goes on regardless)."""
     env: dict[str, Any] = {"python": sys.version.split()[0], "versions": {}, "import_errors": {}}
     for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "tensorflow_datasets", "ml_collections",
-                 "array_record", "tensorboardX", "numpy", "scipy", "etils", "torch"):
+                 "array_record", "tensorboardX", "google.protobuf", "numpy", "scipy", "etils", "torch"):
         try:
             module = __import__(name, fromlist=["_"])
             env["versions"][name] = str(getattr(module, "__version__", "?"))
@@ -248,8 +248,11 @@ def kvasir_run(work: pathlib.Path, model: str) -> dict[str, Any]:
     step = summary.get("step") or (max((m.get("step", 0) for m in metrics), default=0))
     per_epoch = summary.get("steps_per_epoch") or math.ceil(KVASIR_TRAIN_IMAGES / ((result["plan"] or {}).get(
         "batch") or 16))
+    exit_code = commands.get("trainer_exit")
+    status = summary.get("status") or {"124": "stopped at its deadline (SIGTERM)"}.get(
+        exit_code, (f"failed (exit {exit_code})" if exit_code else "no summary") if metrics else "did not start")
     result["trainer"] = {
-        "status": summary.get("status", "no summary (stopped before the end)" if metrics else "did not start"),
+        "status": status, "exit_code": exit_code,
         "step": step, "num_train_steps": summary.get("num_train_steps"), "steps_per_epoch": per_epoch,
         "epochs": round(step / per_epoch, 1) if per_epoch else None,
         "train_time_s": summary.get("train_time_s"), "wall_time_s": summary.get("wall_time_s"),
