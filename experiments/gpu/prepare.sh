@@ -15,13 +15,17 @@
 #   bash experiments/gpu/prepare.sh          # from the repository root; about a minute on 2 cores; rerunnable
 #
 # Knobs: PY (python with anemia_jax installed, default .venv/bin/python), KVASIR_SOURCE (default
-# ../shared/kvasir_seg), PEER_BENCH (default ../shared/tools/peer_bench.py). It ends by printing both folders'
+# ../shared/kvasir_seg), PEER_BENCH (default ../shared/tools/peer_bench.py); WHEEL_PYTHON and WHEEL_DEST (other than
+# .whl: only the wheels, for that Python, into that folder; rehearse.sh uses it). It ends by printing both folders'
 # sizes and the total that a device call would carry (the working tree travels too: 64 MiB in all).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 PY=${PY:-.venv/bin/python}
 KVASIR_SOURCE=${KVASIR_SOURCE:-../shared/kvasir_seg}
 PEER_BENCH=${PEER_BENCH:-../shared/tools/peer_bench.py}
+# For the CPU rehearsal (rehearse.sh): the same wheels for another Python into another folder, and nothing else.
+WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}
+WHEEL_DEST=${WHEEL_DEST:-.whl}
 
 # One version of each: two versions of one package stop the whole unpacking on the device.
 WHEELS=(
@@ -32,7 +36,7 @@ WHEELS=(
 )
 partial=$(mktemp -d)  # outside the checkout: a half-finished download must not travel with the working tree
 trap 'rm -rf "$partial"' EXIT
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
   -d "$partial" "${WHEELS[@]}"
@@ -42,13 +46,14 @@ trap 'rm -rf "$partial"' EXIT
 # googleapis-common-protos (6.33.5) need a runtime at least as new: the sitting adds this one only if the device's is
 # older (.whl/fallback/ is not unpacked otherwise).
 mkdir "$partial/fallback"
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp \
   --platform manylinux2014_x86_64 --platform any -d "$partial/fallback" protobuf==6.33.5
 count=$(ls "$partial"/*.whl | wc -l)
 if [ "$count" != $(( ${#WHEELS[@]} + 1 )) ]; then
   echo "prepare.sh: expected $(( ${#WHEELS[@]} + 1 )) wheels, got $count:"; ls "$partial"; exit 1
 fi
-rm -rf .whl && mkdir .whl && mv "$partial"/*.whl "$partial/fallback" .whl/
+rm -rf "$WHEEL_DEST" && mkdir -p "$WHEEL_DEST" && mv "$partial"/*.whl "$partial/fallback" "$WHEEL_DEST"/
+[ "$WHEEL_DEST" = .whl ] || exit 0
 
 # Rebuilt every time (30 s): data prepared by an older builder must not travel under the same version.
 rm -rf .device && mkdir .device
