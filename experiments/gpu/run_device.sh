@@ -144,7 +144,8 @@ if [[ ,$STAGES, == *,kvasir,* ]]; then
     (
       ev=(python3 -m anemia_jax.evaluate "--workdir=$WORK/kvasir_$m" --split=test --checkpoint=best
           "--out=$WORK/kvasir_$m/eval_test")
-      if ! timeout -k 10 "$limit" "${ev[@]}" > "$WORK/eval_$m.log" 2>&1; then
+      timeout -k 10 "$limit" "${ev[@]}" > "$WORK/eval_$m.log" 2>&1; rc=$?
+      if (( rc != 0 && rc != 124 && rc != 137 )); then
         # A run stopped before any evaluation has no 'best'; its latest checkpoint is scored instead, and says so.
         ev[5]=--checkpoint=latest
         timeout -k 10 "$limit" "${ev[@]}" >> "$WORK/eval_$m.log" 2>&1
