@@ -18,7 +18,7 @@ Per example, in this order:
 
 Each change happens with its probability ``*_prob``; its magnitude is drawn uniformly up to ``max_*`` times the global
 ``strength`` multiplier (probabilities are not scaled). ``enabled=False`` or ``strength=0`` returns the inputs
-converted with `to_float`. Changes whose probability or magnitude is zero are left out of the traced program.
+converted with `normalization.to_float`. Changes whose probability or magnitude is zero are left out of the traced program.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from anemia_jax.normalization import to_float
 
 # RGB -> YIQ (NTSC): Y carries luminance, (I, Q) the chroma plane in which a rotation shifts the hue.
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
@@ -101,11 +103,6 @@ def validate_config(config) -> ml_collections.ConfigDict:
     if not 0.0 < full.mask_threshold < 1.0:
         raise ValueError(f"augment.mask_threshold must lie in (0, 1), got {full.mask_threshold}.")
     return full
-
-
-def to_float(image_u8: jax.Array) -> jax.Array:
-    """uint8 [..., 3] in [0, 255] -> float32 in [0, 1] (the evaluation-time conversion)."""
-    return image_u8.astype(jnp.float32) / 255.0
 
 
 class _Draws:

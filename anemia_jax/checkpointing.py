@@ -77,7 +77,7 @@ class CheckpointManager:
         cleanup_tmp: delete temporary directories left by an interrupted save. Only the run's one writer (the
             trainer, when it starts) may ask for this: a reader (evaluation while training runs) would delete the
             save in progress.
-        read_only: open the checkpoints of a run that may still be training, for restoring only (`run_lib.load_run`):
+        read_only: open the checkpoints of a run that may still be training, for restoring only (`runs.load_run`):
             nothing under ``directory`` is created, cleaned up, saved or deleted (`save` raises). A missing
             directory then simply has no checkpoints.
     """
@@ -199,6 +199,28 @@ class CheckpointManager:
         }))
         state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored[_STATE]))
         return state, dict(restored[_META] or {})
+
+    def restore_variables(self, step: int, template: PyTree) -> PyTree:
+        """Restores only the model variables of checkpoint ``step``: what inference needs, no optimizer involved.
+
+        Args:
+            step: an existing checkpoint step.
+            template: ``{'params': ..., 'batch_stats': ...}`` of arrays or `jax.ShapeDtypeStruct`s with shardings
+                (`experiment.abstract_variables`); the optimizer state and the rest of the saved `steps.TrainState`
+                are not read.
+
+        Returns:
+            The variables, structured like ``template``.
+        """
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                                    f"available: {self.all_steps() or 'none'}.")
+        target = abstract_like(template)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True),
+        }))
+        return jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored[_STATE]))
 
     def reached_preemption(self, step: int) -> bool:
         """True when JAX's preemption service (multi-host runs) says every process should save at ``step`` and stop."""

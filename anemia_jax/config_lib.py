@@ -5,77 +5,31 @@ of ``--config=configs/unetpp.py:data=phantom,size=256,fold=0,test`` (``key=value
 a `ml_collections.ConfigDict`. This module holds what those files and the trainer share:
 
 * `parse_arg`: the ``arg`` string -> typed values, against declared defaults (unknown keys fail, naming close ones).
-* `DATASETS`: what each selectable dataset is (its TFDS builder, masks, split protocols).
+* `dataset_config`: the ``config.dataset`` block of a registered dataset (`anemia_jax.datasets.DATASETS`).
 * `validate`: every check the trainer needs before it touches data or devices, reported together.
 * `resolve_steps`: durations and intervals given in epochs or in steps -> steps.
-* `load_config_file` / `unknown_keys` / `default_workdir`: what `anemia_jax.main` needs for its flags.
+* `load_config_file` / `make_config_importable` / `unknown_keys` / `default_workdir`: what the command lines
+  (`anemia_jax.cli`) need for their flags.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.util
 import os
 import pathlib
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
+from anemia_jax.registry import close_matches
+
 ConfigDict = ml_collections.ConfigDict
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-EYE_MASKS = ("palpebral", "forniceal", "forniceal_palpebral")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """What the trainer needs to know about a selectable dataset.
-
-    Attributes:
-        builder: `anemia_jax.datasets.get_builder` name.
-        stored: ``(long side, builder config)`` pairs, ascending: the builder configs that store the photos at
-            that long side; a config picks the smallest that is at least its training resolution.
-        masks: mask features of every example (possible ``targets``).
-        default_targets: the targets a config trains on unless told otherwise.
-        protocols: split protocols that make sense for it; the first is the default.
-        test_split: a TFDS split held out for the final evaluation only ('' if none).
-        builder_kwargs: the builder's extra constructor arguments and their defaults ('' means not passed), so
-            that they can be set from the command line (e.g. the source folder).
-    """
-
-    builder: str
-    stored: tuple[tuple[int, str], ...]
-    masks: tuple[str, ...]
-    default_targets: tuple[str, ...]
-    protocols: tuple[str, ...]
-    test_split: str = ""
-    builder_kwargs: tuple[tuple[str, str], ...] = ()
-
-    def builder_config_for(self, size: int) -> str:
-        """The builder config storing images at the smallest long side >= ``size`` (else the largest)."""
-        for long_side, name in self.stored:
-            if long_side >= size:
-                return name
-        return self.stored[-1][1]
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "eyes_defy_anemia": DatasetSpec("eyes_defy_anemia", ((512, "long512"), (1024, "long1024")), EYE_MASKS,
-                                    ("palpebral", "forniceal_palpebral"), ("kfold", "loco"),
-                                    builder_kwargs=(("archive_path", ""),)),
-    "phantom": DatasetSpec("conjunctiva_phantom", ((256, "res256"), (512, "res512")), EYE_MASKS,
-                           ("palpebral", "forniceal_palpebral"), ("kfold", "loco")),
-    # Official 880/120 split: the 120 test images are only ever scored at the end; model selection uses a
-    # validation holdout carved out of the 880.
-    "kvasir_seg": DatasetSpec("image_mask_folder", ((256, "kvasir_seg_256"), (512, "kvasir_seg")), ("mask",),
-                              ("mask",), ("holdout",), "test", builder_kwargs=(("source_dir", ""),)),
-}
-DATASET_ALIASES = {"eyes": "eyes_defy_anemia", "kvasir": "kvasir_seg", "conjunctiva_phantom": "phantom"}
-
-PROTOCOLS = ("kfold", "loco", "holdout")
 
 
 class ConfigError(ValueError):
@@ -83,11 +37,6 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ building
-
-
-def _close(word: str, candidates: Sequence[str]) -> str:
-    near = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
@@ -112,7 +61,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ConfigError(f"Unknown config argument {key!r} in {arg!r}.{_close(key, list(defaults))} "
+            raise ConfigError(f"Unknown config argument {key!r} in {arg!r}.{close_matches(key, list(defaults))} "
                               f"Valid arguments: {', '.join(sorted(defaults))}.")
         default = defaults[key]
         if not sep:
@@ -139,23 +88,19 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
 
 
 def dataset_config(name: str, *, image_size: int, data_dir: str = "", manual_dir: str = "") -> ConfigDict:
-    """The ``config.dataset`` block for dataset ``name`` (an entry of `DATASETS` or an alias).
+    """The ``config.dataset`` block for dataset ``name`` (a name or alias of `anemia_jax.datasets.DATASETS`).
 
     Fields: ``name``; ``builder`` and ``builder_config`` (the TFDS builder and its named config, '' for the
     default; chosen to store images at least at ``image_size``); ``builder_kwargs`` (extra constructor
     arguments, '' meaning "not passed": ``archive_path`` for Eyes-defy-anemia, ``source_dir`` for Kvasir-SEG);
-    ``data_dir`` (where TFDS writes prepared data, '' for
-    ``~/tensorflow_datasets``); ``manual_dir`` (where a manually downloaded archive lies, '' for TFDS's default
-    ``<data_dir>/downloads/manual``); ``split`` (the TFDS split that training and validation are cut from);
-    ``test_split`` (evaluated once at the end, never used for selection; '' for none).
+    ``data_dir`` (where TFDS writes prepared data, '' for ``~/tensorflow_datasets``); ``manual_dir`` (where a
+    manually downloaded archive lies, '' for TFDS's default ``<data_dir>/downloads/manual``); ``split`` (the TFDS
+    split that training and validation are cut from); ``test_split`` (evaluated once at the end, never used for
+    selection; '' for none).
     """
-    canonical = DATASET_ALIASES.get(name, name)
-    if canonical not in DATASETS:
-        raise ConfigError(f"Unknown dataset {name!r}.{_close(name, list(DATASETS) + list(DATASET_ALIASES))} "
-                          f"Valid datasets: {', '.join(DATASETS)}.")
-    spec = DATASETS[canonical]
+    spec = dataset_spec(name)
     return ConfigDict({
-        "name": canonical,
+        "name": spec.name,
         "builder": spec.builder,
         "builder_config": spec.builder_config_for(image_size),
         "builder_kwargs": ConfigDict(dict(spec.builder_kwargs)),
@@ -166,22 +111,36 @@ def dataset_config(name: str, *, image_size: int, data_dir: str = "", manual_dir
     })
 
 
+def dataset_spec(name: str):
+    """The registered `anemia_jax.datasets.DatasetSpec` of ``name`` (or an alias).
+
+    Raises:
+        ConfigError: an unknown dataset, naming the close and the valid names.
+    """
+    from anemia_jax import datasets  # noqa: PLC0415 -- builders register on import; keep `import config_lib` light
+
+    try:
+        return datasets.DATASETS.get(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def default_cache_dir() -> str:
     """The persistent compilation cache directory under the user's cache dir (``$XDG_CACHE_HOME`` or ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "anemia_jax", "jax_cache")
 
 
-def import_sibling(file: str, name: str):
-    """Imports ``<dir of file>/<name>.py`` as a module, wherever it lies (configs/ is not an installed package)."""
-    path = pathlib.Path(file).resolve().with_name(f"{name}.py")
-    module_name = f"_anemia_jax_configs_{name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"Cannot import {path}.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def make_config_importable(path: str | os.PathLike) -> None:
+    """Lets the config file ``path`` import its own package (``from configs import common``) from any directory.
+
+    Config files live in a package (``configs/`` holds an ``__init__.py``); Python finds that package only when the
+    folder above it is on ``sys.path``, which is true when commands run from the repository root. For a config
+    given by another path, that folder is appended (last, so it never shadows installed packages).
+    """
+    folder = pathlib.Path(path).expanduser().resolve().parent
+    if (folder / "__init__.py").is_file() and str(folder.parent) not in sys.path:
+        sys.path.append(str(folder.parent))
 
 
 def load_config_file(spec: str) -> ConfigDict:
@@ -190,6 +149,7 @@ def load_config_file(spec: str) -> ConfigDict:
     file = pathlib.Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"Config file {path!r} does not exist (looked at {file.absolute()}).")
+    make_config_importable(file)
     module_spec = importlib.util.spec_from_file_location(f"_anemia_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -306,15 +266,19 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
             errors.append(message)
 
     ds = config.dataset
-    spec = DATASETS.get(ds.name)
-    check(spec is not None, f"dataset.name={ds.name!r} is unknown.{_close(ds.name, list(DATASETS))} "
-                            f"Valid: {', '.join(DATASETS)}.")
+    try:
+        spec = dataset_spec(ds.name)
+        check(spec.name == ds.name, f"dataset.name={ds.name!r} is an alias; configs store the canonical name "
+                                    f"{spec.name!r}.")
+    except ConfigError as e:
+        spec = None
+        errors.append(f"dataset.name: {e}")
     targets = tuple(config.targets)
     check(len(targets) > 0, "targets is empty; name at least one mask to segment.")
     check(len(set(targets)) == len(targets), f"targets {targets} repeats a mask.")
     if spec is not None:
         for t in targets:
-            check(t in spec.masks, f"target {t!r} is not a mask of dataset {ds.name!r}.{_close(t, spec.masks)} "
+            check(t in spec.masks, f"target {t!r} is not a mask of dataset {ds.name!r}.{close_matches(t, spec.masks)} "
                                    f"Its masks: {', '.join(spec.masks)}.")
         check(ds.builder == spec.builder, f"dataset.builder={ds.builder!r} does not match dataset {ds.name!r} "
                                           f"(expects {spec.builder!r}).")
@@ -330,22 +294,29 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
     if sp.protocol in ("loco", "holdout"):
         check(0.0 < sp.val_fraction < 1.0, f"split.val_fraction={sp.val_fraction} must lie in (0, 1).")
 
-    size = tuple(config.image_size)
-    depth = _model_depth(config)
-    multiple = 2 ** depth
-    check(len(size) == 2 and all(int(s) > 0 for s in size), f"image_size={size} must be (height, width) > 0.")
-    if len(size) == 2:
-        check(all(int(s) % multiple == 0 for s in size),
-              f"image_size={size} must be a multiple of {multiple} (2**model.depth with depth={depth}).")
-
     # The registries, read where they are declared (imported here: loading a config file needs no JAX).
     from anemia_jax import losses, models  # noqa: PLC0415
 
     for field, registry in (("model", models.MODELS), ("loss", losses.LOSSES)):
         name = config[field].name
-        check(name in registry, f"{field}.name={name!r} is unknown.{_close(name, registry.all_names())} "
+        check(name in registry, f"{field}.name={name!r} is unknown.{close_matches(name, registry.all_names())} "
                                 f"Valid: {', '.join(registry.names())}.")
+    model = None
+    if config.model.name in models.MODELS:
+        fields = {k: v for k, v in config.model.items() if k not in ("name", "pretrained")}
+        try:  # Constructing a flax module runs its field checks only: no parameters, no compute.
+            model = models.get_model(config.model.name, num_classes=max(1, len(tuple(config.targets))), **fields)
+        except (TypeError, ValueError) as e:
+            errors.append(f"model: {e}")
+    size = tuple(config.image_size)
+    check(len(size) == 2 and all(int(s) > 0 for s in size), f"image_size={size} must be (height, width) > 0.")
+    if model is not None and len(size) == 2:
+        multiple = int(getattr(model, "input_multiple", 1))
+        check(all(int(s) % multiple == 0 for s in size),
+              f"image_size={size} must be a multiple of {multiple} for model {config.model.name!r} (e.g. "
+              f"{max(multiple, round(int(size[0]) / multiple) * multiple)}).")
     if config.model.get("deep_supervision", False):
+        depth = _model_depth(config)
         weights = tuple(config.loss.get("deep_supervision_weights", ()))
         check(len(weights) in (0, depth), f"loss.deep_supervision_weights has {len(weights)} entries; UNet++ with "
                                           f"depth {depth} has {depth} outputs (or leave it empty to average).")

@@ -46,7 +46,10 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"
+from anemia_jax import image_io
+from anemia_jax.datasets.features import as_text
+from anemia_jax.parallel import DATA_AXIS
+
 # Used when the device does not report its memory (e.g. CPU devices).
 DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -72,14 +75,10 @@ def _data_source(builder, split: str):
     return builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in images})
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _metadata(records: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, np.ndarray]:
     out = {}
     for key in _TEXT_METADATA:
-        out[key] = np.array([_text(r.get(key, b"")) for r in records], dtype=object)
+        out[key] = np.array([as_text(r.get(key, b"")) for r in records], dtype=object)
     for key, (dtype, default) in _METADATA_DEFAULTS.items():
         out[key] = np.array([r.get(key, default) for r in records], dtype=dtype)
     for name in names:
@@ -121,23 +120,9 @@ def _check_size(image_size) -> tuple[int, int]:
 
 
 def _decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Encoded photo -> uint8 [H, W, 3], resized with Lanczos (antialiased when shrinking)."""
+    """Encoded stored photo -> uint8 [H, W, 3] at ``size`` (`image_io.resize_image`: Lanczos, as prediction)."""
     with PIL.Image.open(io.BytesIO(data)) as encoded:
-        im = encoded.convert("RGB")
-    if im.size != (size[1], size[0]):
-        im = im.resize((size[1], size[0]), PIL.Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Encoded {0, 1} mask -> uint8 [H, W] in {0, 1}: area-resized coverage thresholded at one half."""
-    with PIL.Image.open(io.BytesIO(data)) as im:
-        binary = np.asarray(im.convert("L")) > 0
-    if binary.shape == size:
-        return binary.astype(np.uint8)
-    coverage = PIL.Image.fromarray(binary.astype(np.float32))  # Mode "F".
-    coverage = coverage.resize((size[1], size[0]), PIL.Image.Resampling.BOX)
-    return (np.asarray(coverage) >= 0.5).astype(np.uint8)
+        return image_io.resize_image(image_io.to_rgb8(encoded), size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +209,7 @@ def read_examples(builder, split: str, indices, *, image_size, targets: Sequence
         images[row] = _decode_image(record["image"], size)
         for ch, name in enumerate(targets):
             if record.get(f"has_{name}", True):
-                masks[row, ..., ch] = _decode_mask(record[name], size)
+                masks[row, ..., ch] = image_io.decode_mask(record[name], size)
             else:
                 weights[row, ch] = 0.0
 

@@ -50,8 +50,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
+from anemia_jax import parallel
 from anemia_jax.surface_distance import (
     average_surface_distance,
     batch_surface_distances,
@@ -341,14 +341,6 @@ def summarize_counts(
     return out
 
 
-def _to_host(x: Array) -> np.ndarray:
-    # A global array sharded across processes must be gathered collectively;
-    # every process calls `add` with its part of the same global batch.
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
 class MetricsAccumulator:
     """Concatenates per-example values of eval batches on the host, once each.
 
@@ -390,7 +382,7 @@ class MetricsAccumulator:
         """
         if not values:
             raise ValueError("`values` is empty; pass at least one [B, ...] array.")
-        host = {k: _to_host(v) for k, v in values.items()}
+        host = {k: np.asarray(v) for k, v in parallel.fetch(dict(values)).items()}
         if self._chunks and set(host) != set(self._chunks):
             raise ValueError(
                 f"Every batch must carry the same names; got {sorted(host)}, earlier "
@@ -400,7 +392,7 @@ class MetricsAccumulator:
         if len(set(sizes.values())) != 1 or None in sizes.values():
             raise ValueError(f"All values must be [B, ...] with one B; got leading sizes {sizes}.")
         batch = next(iter(sizes.values()))
-        keep = np.ones(batch, bool) if valid is None else _to_host(valid).astype(bool)
+        keep = np.ones(batch, bool) if valid is None else np.asarray(parallel.fetch(valid)).astype(bool)
         if keep.shape != (batch,):
             raise ValueError(f"`valid` must be [B] = [{batch}]; got {keep.shape}.")
         host = {k: v[keep] for k, v in host.items()}

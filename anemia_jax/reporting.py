@@ -9,6 +9,9 @@ so multi-host runs produce one set of files. Files under the workdir:
 * ``panels/step_<step>.png``: one row per validation example: image | ground truth | prediction, each mask
   drawn as a coloured overlay (one colour per target, legend on top).
 * ``summary.json``: final and best metrics, wall time, steps.
+* ``events.out.tfevents.*``: the same for TensorBoard (``tensorboard --logdir runs/``), written with tensorboardX
+  (no TensorFlow): every number of ``metrics.jsonl`` as a scalar ``<split>/<name>``, the panels as images, the
+  config as hyper-parameters and text.
 
 The workdir may be local or on shared/cloud storage (``gs://bucket/runs/x``): every path is an `etils.epath.Path`
 (`as_path`), which reads and writes either. Object stores cannot append to a file, so there ``metrics.jsonl`` is
@@ -30,9 +33,8 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-# Overlay colours (RGB), one per target channel, in order; no red, which would vanish on conjunctiva.
-COLORS = ((255, 230, 0), (0, 190, 255), (255, 0, 255), (0, 255, 120), (255, 140, 0))
-_ALPHA = 0.45
+from anemia_jax.image_io import COLORS, overlay
+
 _MIN_TILE = 128  # Pixels; smaller images are enlarged to at least this.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # What `pathlib.Path('gs://b/x')` turns a URL into ('gs:/b/x'); a one-letter scheme would be a Windows drive.
@@ -118,17 +120,6 @@ def format_eval(step: int, split: str, results: Mapping[str, Any], targets: Sequ
     return line
 
 
-def _overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] image with each channel of {0,1} masks [H, W, C] blended in its colour."""
-    out = image.astype(np.float32)
-    # Largest region first, so a region nested in another (palpebral in forniceal_palpebral) stays visible.
-    for c in np.argsort(-masks.reshape(-1, masks.shape[-1]).astype(np.int64).sum(0), kind="stable"):
-        m = masks[..., c].astype(bool)
-        color = np.asarray(COLORS[c % len(COLORS)], np.float32)
-        out[m] = (1 - _ALPHA) * out[m] + _ALPHA * color
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
 def make_panel(images: np.ndarray, truth: np.ndarray, probs: np.ndarray, targets: Sequence[str], *,
                threshold: float = 0.5, truth_weights: np.ndarray | None = None, title: str = "") -> Image.Image:
     """A grid with one row per example: image | ground truth overlay | prediction overlay.
@@ -168,7 +159,7 @@ def make_panel(images: np.ndarray, truth: np.ndarray, probs: np.ndarray, targets
         truth_i = np.asarray(truth[i]).copy()
         if truth_weights is not None:
             truth_i[..., np.asarray(truth_weights[i]) <= 0] = 0
-        for col, tile in enumerate((images[i], _overlay(images[i], truth_i), _overlay(images[i], pred[i]))):
+        for col, tile in enumerate((images[i], overlay(images[i], truth_i), overlay(images[i], pred[i]))):
             tile = Image.fromarray(np.asarray(tile, np.uint8))
             if scale > 1:
                 tile = tile.resize((tw, th), Image.Resampling.NEAREST)
@@ -187,14 +178,18 @@ class Reporter:
         append: how ``metrics.jsonl`` grows: True appends each line (local files); False rewrites the whole file
             at each call (object stores, where "append" is unsupported or silently overwrites). None: False for
             URLs, True otherwise.
+        tensorboard: also write TensorBoard event files (scalars, panels, hyper-parameters) into the workdir.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, is_main: bool, append: bool | None = None):
+    def __init__(self, workdir: str | os.PathLike, *, is_main: bool, append: bool | None = None,
+                 tensorboard: bool = True):
         self.workdir = as_path(workdir)
         self.is_main = is_main
         self._append = (not is_url(self.workdir)) if append is None else append
         self._lines: list[str] | None = None  # metrics.jsonl as written so far, when rewriting it whole.
         self._created = False
+        self._tensorboard = tensorboard and is_main
+        self._writer = None  # tensorboardX.SummaryWriter, opened at the first write.
 
     @property
     def metrics_path(self) -> epath.Path:
@@ -209,6 +204,48 @@ class Reporter:
         if not self._created:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._created = True
+
+    def _events(self):
+        """The TensorBoard writer (None when disabled or unavailable for this workdir)."""
+        if not self._tensorboard:
+            return None
+        if self._writer is None:
+            self._ensure_workdir()
+            if is_url(self.workdir) and not _has_module("google.cloud.storage"):
+                logging.warning("TensorBoard event files are off for %s: writing them to a bucket needs the "
+                                "google-cloud-storage package (metrics.jsonl is written as usual).", self.workdir)
+                self._tensorboard = False
+                return None
+            try:
+                import tensorboardX  # noqa: PLC0415 -- imported with the first event
+
+                self._writer = tensorboardX.SummaryWriter(logdir=str(self.workdir), flush_secs=30)
+            except Exception as e:  # noqa: BLE001 -- e.g. gs:// without google-cloud-storage: keep training
+                logging.warning("TensorBoard event files are off for %s: %s (metrics.jsonl is written as usual).",
+                                self.workdir, e)
+                self._tensorboard = False
+                return None
+        return self._writer
+
+    def write_hparams(self, config_dict: Mapping[str, Any]) -> None:
+        """Records the config in TensorBoard: its scalar fields as hyper-parameters, the whole as JSON text."""
+        writer = self._events()
+        if writer is None:
+            return
+        import tensorboardX.summary  # noqa: PLC0415
+
+        flat = _flatten(jsonable(dict(config_dict)))
+        hparams = {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
+        for summary in tensorboardX.summary.hparams(hparams, {"val/dice/mean": math.nan}):
+            writer._get_file_writer().add_summary(summary)  # same run, not tensorboardX's per-call subfolder
+        writer.add_text("config", "```\n" + json.dumps(jsonable(dict(config_dict)), indent=2, sort_keys=True)
+                        + "\n```", 0)
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard writer (the other files are complete after each call)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _write_json(self, name: str, value: Any) -> epath.Path:
         self._ensure_workdir()
@@ -245,6 +282,11 @@ class Reporter:
         record = {"step": int(step), "split": split, **jsonable(dict(values))}
         line = json.dumps(record, sort_keys=True) + "\n"
         self._ensure_workdir()
+        writer = self._events()
+        if writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (bool, int, float, np.number)) and math.isfinite(float(value)):
+                    writer.add_scalar(f"{split}/{name}", float(value), int(step))
         if self._append:
             with self.metrics_path.open("a") as f:
                 f.write(line)
@@ -286,4 +328,27 @@ class Reporter:
         panel = make_panel(images, truth, probs, targets, truth_weights=truth_weights, title=f"step {step}")
         with path.open("wb") as f:
             panel.save(f, format="PNG")
+        writer = self._events()
+        if writer is not None:
+            writer.add_image("val/panel", np.asarray(panel), int(step), dataformats="HWC")
         return path
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util  # noqa: PLC0415
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False

@@ -21,23 +21,21 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from anemia_jax.datasets.features import as_text
+
 Metadata = Mapping[str, np.ndarray]
 
 _UNKNOWN_COUNTRY = "(unknown)"
-
-
-def _as_str(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _patients(metadata: Metadata) -> tuple[list[str], dict[str, np.ndarray], dict[str, tuple[str, int]]]:
     """Sorted patient ids, each patient's example positions and its stratum (country, anemic)."""
     if "patient_id" not in metadata:
         raise KeyError(f"metadata needs a 'patient_id' array to group examples by patient; it has {sorted(metadata)}.")
-    ids = np.asarray([_as_str(p) for p in metadata["patient_id"]], dtype=object)
+    ids = np.asarray([as_text(p) for p in metadata["patient_id"]], dtype=object)
     n = len(ids)
     countries = metadata.get("country")
-    countries = ["" for _ in range(n)] if countries is None else [_as_str(c) for c in countries]
+    countries = ["" for _ in range(n)] if countries is None else [as_text(c) for c in countries]
     anemic = metadata.get("anemic")
     anemic = np.full(n, -1, np.int64) if anemic is None else np.asarray(anemic, np.int64)
     if len(countries) != n or len(anemic) != n:
@@ -123,7 +121,7 @@ def leave_one_country_out(metadata: Metadata, *, test_country: str) -> tuple[np.
     if "country" not in metadata:
         raise KeyError("metadata has no 'country' array; leave-one-country-out needs one.")
     order, positions, _ = _patients(metadata)
-    countries = np.asarray([_as_str(c) for c in metadata["country"]], dtype=object)
+    countries = np.asarray([as_text(c) for c in metadata["country"]], dtype=object)
     known = sorted(set(countries.tolist()))
     if test_country not in known:
         names = ", ".join(repr(c) if c else _UNKNOWN_COUNTRY + " ''" for c in known)

@@ -1,6 +1,8 @@
-"""Data-parallel train, eval and predict steps: per-device code under `jax.shard_map`.
+"""The data-parallel training step and train state: per-device code under `jax.shard_map`.
 
-The pmap programming model, written the way JAX recommends for new code: each
+(Evaluation runs the same way in `anemia_jax.evaluator`, on the inference functions of `anemia_jax.inference`.)
+
+The pmap programming model, written the way JAX recommends for new code: the
 step is `jax.jit(jax.shard_map(per_device_fn, mesh=mesh, ...))` over the 1-D
 mesh of `anemia_jax.parallel` (axis 'data', every device of every process).
 Inside, code sees its device's slice of the batch and communicates through
@@ -54,31 +56,14 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from anemia_jax import augment, metrics, parallel
+from anemia_jax.normalization import normalize, to_float
 from anemia_jax.parallel import DATA_AXIS
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
-# ImageNet per-channel statistics of [0, 1] RGB: the conventional choice, and
-# any fixed affine map is equivalent for models trained from scratch.
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
 _TRAIN_KEYS = ("image", "masks", "mask_weights", "valid")
-
-
-def normalize(images_01: jax.Array) -> jax.Array:
-    """Per-channel standardisation of RGB images in [0, 1]: `(x - mean) / std`.
-
-    Args:
-        images_01: float [..., 3] RGB in [0, 1] (any leading shape).
-
-    Returns:
-        float32 array of the same shape.
-    """
-    x = jnp.asarray(images_01, jnp.float32)
-    return (x - jnp.asarray(IMAGE_MEAN, jnp.float32)) / jnp.asarray(IMAGE_STD, jnp.float32)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -176,7 +161,8 @@ def create_train_state(
     return parallel.replicate(state, mesh)
 
 
-def _variables(state: TrainState) -> dict[str, PyTree]:
+def model_variables(state: TrainState) -> dict[str, PyTree]:
+    """The flax variables of ``state``'s model: ``{'params'[, 'batch_stats']}`` (what ``model.apply`` takes)."""
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
@@ -219,7 +205,7 @@ def make_train_step(
             `weights` float32 [b, 1, 1, C] (mask_weights; missing masks 0).
         mesh: 1-D mesh from `parallel.make_mesh`.
         augment_config: `augment.augment_batch` config, or None for no
-            augmentation (images only converted with `augment.to_float`).
+            augmentation (images only converted with `normalization.to_float`).
         compute_dtype: dtype the normalised images are cast to before the
             model (e.g. jnp.bfloat16; the model's own `dtype` sets its compute
             precision). Losses and metrics are computed in float32.
@@ -249,7 +235,7 @@ def make_train_step(
         device_key = jax.random.fold_in(step_key, jax.lax.axis_index(DATA_AXIS))
         aug_key, dropout_key = jax.random.split(device_key)
         if augment_config is None:
-            images, labels = augment.to_float(batch["image"]), batch["masks"].astype(jnp.float32)
+            images, labels = to_float(batch["image"]), batch["masks"].astype(jnp.float32)
         else:
             images, labels = augment.augment_batch(aug_key, batch["image"], batch["masks"],
                                                    augment_config)
@@ -265,7 +251,7 @@ def make_train_step(
 
         def local_loss(params):
             outputs, updated = model.apply(
-                {**_variables(state), "params": params}, x, train=True,
+                {**model_variables(state), "params": params}, x, train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_key})
             outputs = jax.tree.map(lambda o: o.astype(jnp.float32), outputs)
             per_example = loss_fn(outputs, labels, loss_weights)
@@ -318,79 +304,3 @@ def make_train_step(
         return sharded(state, {k: batch[k] for k in _TRAIN_KEYS}, key)
 
     return jax.jit(train_step, donate_argnums=0)
-
-
-def _apply_eval(model: nn.Module, state: TrainState, images_01: jax.Array,
-                prune_level: int | None) -> jax.Array:
-    kwargs = {} if prune_level is None else {"prune_level": prune_level}
-    outputs = model.apply(_variables(state), normalize(images_01), train=False, **kwargs)
-    return outputs.logits.astype(jnp.float32)
-
-
-def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Builds the jitted evaluation step: per-example metrics, nothing reduced.
-
-    The prediction is the final (deepest) output thresholded at probability
-    0.5; BatchNorm uses its running statistics.
-
-    Returns:
-        `eval_step(state, batch) -> dict` of arrays sharded P('data'):
-        'tp', 'fp', 'fn', 'tn' f32 [B, C] (pixel counts; 0 where `weights` is
-        0), 'dice', 'iou', 'precision', 'recall' f32 [B, C] (conventions of
-        `anemia_jax.metrics`), 'weights' f32 [B, C] = mask_weights * valid (0:
-        exclude from any mean), 'valid' bool [B], 'index' int32 [B]. The state
-        is not donated.
-    """
-
-    def per_device(state: TrainState, batch: Batch):
-        logits = _apply_eval(model, state, augment.to_float(batch["image"]), None)
-        weights = batch["mask_weights"].astype(jnp.float32) * batch["valid"][:, None]
-        counts = metrics.confusion_counts(metrics.binarize(logits), batch["masks"],
-                                          weights=weights[:, None, None, :])
-        scores = metrics.scores_from_counts(counts)
-        out = {**counts, **{k: scores[k] for k in ("dice", "iou", "precision", "recall")}}
-        out.update(weights=weights, valid=batch["valid"], index=batch["index"])
-        return out
-
-    keys = _TRAIN_KEYS + ("index",)
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                            out_specs=P(DATA_AXIS), check_vma=True)
-
-    def eval_step(state: TrainState, batch: Batch):
-        _check_batch(batch, keys, mesh)
-        return sharded(state, {k: batch[k] for k in keys})
-
-    return jax.jit(eval_step)
-
-
-def make_predict_fn(
-    model: nn.Module, mesh: Mesh, *, prune_level: int | None = None
-) -> Callable[[TrainState, jax.Array], jax.Array]:
-    """Builds the jitted inference function.
-
-    Args:
-        model: flax module (BatchNorm uses running statistics).
-        mesh: 1-D mesh; the batch must be divisible by its size.
-        prune_level: for UNet++, evaluate only the sub-network ending at
-            X^{0,k} (passed to the model call); None for the full model,
-            whose final (deepest) output is used.
-
-    Returns:
-        `predict(state, images_float) -> probs`: images float [B, H, W, 3] in
-        [0, 1] (normalised inside), sigmoid probabilities f32 [B, H, W, C],
-        both sharded P('data').
-    """
-
-    def per_device(state: TrainState, images: jax.Array):
-        return jax.nn.sigmoid(_apply_eval(model, state, images, prune_level))
-
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                            out_specs=P(DATA_AXIS), check_vma=True)
-
-    def predict(state: TrainState, images_float: jax.Array):
-        if images_float.ndim != 4 or images_float.shape[0] % mesh.size:
-            raise ValueError(f"images must be [B, H, W, 3] with B divisible by the {mesh.size} "
-                             f"mesh devices; got shape {images_float.shape}.")
-        return sharded(state, images_float)
-
-    return jax.jit(predict)

@@ -12,18 +12,20 @@ per-pixel output back onto the original pixel grid (`invert`):
   so probabilities stay in [0, 1].
 
 `predict_with_tta` averages PROBABILITIES (the arithmetic mean of the per-transform predictive distributions, the
-usual segmentation TTA) rather than logits: it composes with `steps.make_predict_fn`, which already returns
-sigmoid probabilities, and a confident view is not outvoted by the logit magnitude of another.
+usual segmentation TTA) rather than logits: it composes with the inference functions of `anemia_jax.inference`,
+which return sigmoid probabilities, and a confident view is not outvoted by the logit magnitude of another.
 
 Default flips are ``('none', 'h')``: a left and a right eye are near mirror images, so the horizontal flip stays in
 the training distribution (`augment.default_config` trains with ``hflip_prob = 0.5``), whereas an upside-down eye
 (lower lid on top) is never seen in training (``vflip_prob = 0``); add ``'v'``/``'hv'`` only for models trained with
 vertical flips.
 
-Usage with the trainer's predict function::
+Usage (`anemia_jax.inference.probability_fn` does this when given ``transforms``)::
 
-    predict = functools.partial(steps.make_predict_fn(model, mesh), state)
-    probs = tta.predict_with_tta(predict, images, transforms=tta.tta_transforms(scales=(0.75, 1.0, 1.25)),
+    def predict(images_01):
+        return jax.nn.sigmoid(model.apply(variables, normalize(images_01), train=False).logits)
+
+    probs = tta.predict_with_tta(predict, images_01, transforms=tta.tta_transforms(scales=(0.75, 1.0, 1.25)),
                                  multiple=16)
 """
 

@@ -7,25 +7,19 @@ The argument keys (data, size, fold, loco, batch, epochs, steps, dtype, seed, te
 configs/common.py.
 """
 
-import ml_collections
+from configs import common
 
-from anemia_jax import config_lib
+MODEL = dict(
+    name="attention_unet",
+    features=64,  # 64-128-256-512-1024 like U-Net, plus the gates: 32.1 M parameters.
+    depth=4,
+    norm="batch",
+    upsample="transpose",
+    dropout_rate=0.0,
+)
+TEST_MODEL = dict(features=4, depth=2)
 
-common = config_lib.import_sibling(__file__, "common")
 
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None):
     """The Attention U-Net training config; ``arg`` as in configs/common.py."""
-    config, args = common.base_config(arg, name="attention_unet")
-    config.model = ml_collections.ConfigDict(dict(
-        name="attention_unet",
-        features=64,  # 64-128-256-512-1024 like U-Net, plus the gates: 32.1 M parameters.
-        depth=4,
-        norm="batch",
-        upsample="transpose",
-        dropout_rate=0.0,
-    ))
-    if args.test:
-        config.model.features = 4
-        config.model.depth = 2
-    return config
+    return common.model_config(arg, name="attention_unet", model=MODEL, test_model=TEST_MODEL)

@@ -1,7 +1,8 @@
-"""Defaults shared by every model config (configs/unet.py, unetpp.py, attention_unet.py).
+"""The config factory every model config uses (configs/unet.py, unetpp.py, attention_unet.py, ...).
 
-Not a config itself: the model files call `base_config` and add their ``model`` block. The argument after the colon
-of ``--config=configs/<model>.py:<arg>`` is parsed here; its keys (all optional, comma-separated):
+Not a config itself: a model file holds only its ``model`` block (and model-specific loss fields) and calls
+`model_config`, which adds everything shared. The argument after the colon of ``--config=configs/<model>.py:<arg>``
+is parsed here; its keys (all optional, comma-separated):
 
   data=eyes_defy_anemia|phantom|kvasir_seg   dataset (aliases: eyes, kvasir); default eyes_defy_anemia
   size=256                                   square training resolution (image_size=(size, size))
@@ -18,6 +19,9 @@ Everything else is reachable with flags, e.g. ``--config.optimizer.learning_rate
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 from anemia_jax import augment, config_lib
@@ -25,20 +29,10 @@ from anemia_jax import augment, config_lib
 ARG_DEFAULTS = dict(data="eyes_defy_anemia", size=256, fold=0, loco="", batch=16, epochs=0, steps=0,
                     dtype="bfloat16", seed=0, test=False)
 
-# Run lengths and intervals per dataset, in epochs (their sizes differ by 5x).
-_SCHEDULES = {
-    # ~175 training photos per fold -> 11 steps per epoch at batch 16.
-    "eyes_defy_anemia": dict(num_epochs=300, warmup_epochs=5, eval_every_epochs=10, checkpoint_every_epochs=10),
-    "phantom": dict(num_epochs=100, warmup_epochs=3, eval_every_epochs=5, checkpoint_every_epochs=5),
-    # 880 official training images (minus the validation holdout) -> ~50 steps per epoch.
-    "kvasir_seg": dict(num_epochs=100, warmup_epochs=2, eval_every_epochs=2, checkpoint_every_epochs=2),
-}
-
-
 def parse(arg: str | None) -> ml_collections.ConfigDict:
     """The parsed ``arg`` (see the module docstring), with the dataset alias resolved."""
     args = config_lib.parse_arg(arg, **ARG_DEFAULTS)
-    args.data = config_lib.DATASET_ALIASES.get(args.data, args.data)
+    args.data = config_lib.dataset_spec(args.data).name
     return args
 
 
@@ -59,7 +53,7 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
     c.seed = args.seed
 
     c.dataset = config_lib.dataset_config(args.data, image_size=args.size)
-    spec = config_lib.DATASETS[c.dataset.name]
+    spec = config_lib.dataset_spec(c.dataset.name)
     c.targets = spec.default_targets
     c.image_size = (args.size, args.size)
 
@@ -85,10 +79,14 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+    # Fine-tuning a pretrained encoder (models with an 'encoder' parameter scope): its learning rate as a fraction
+    # of the others', and how many first steps it stays frozen.
+    c.optimizer.encoder_lr_multiplier = 1.0
+    c.optimizer.freeze_encoder_steps = 0
 
     c.batch_size = args.batch
     c.eval_batch_size = 0  # 0: batch_size.
-    schedule = _SCHEDULES[c.dataset.name]
+    schedule = dict(spec.schedule)
     # Durations and intervals: `<x>_steps` wins over `<x>_epochs` when > 0.
     c.num_epochs = args.epochs or schedule["num_epochs"]
     c.num_train_steps = args.steps
@@ -105,6 +103,7 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
     c.augment = augment.default_config()
     c.compilation_cache_dir = config_lib.default_cache_dir()  # '' disables the persistent compilation cache.
     c.max_panels = 8  # Validation examples drawn in each evaluation's PNG panel.
+    c.profile_steps = 0  # > 0: a jax.profiler trace of that many steps (after the first) in <workdir>/profile.
 
     if args.test:
         c.image_size = (32, 32)
@@ -120,3 +119,25 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
         if c.dataset.name == "phantom":
             c.dataset.builder_config = "res64"  # 32 examples, 64x48.
     return c, args
+
+
+def model_config(arg: str | None, *, name: str, model: Mapping[str, Any], test_model: Mapping[str, Any],
+                 loss: Mapping[str, Any] | None = None, test_loss: Mapping[str, Any] | None = None
+                 ) -> ml_collections.ConfigDict:
+    """A complete training config: `base_config` plus the model's own block.
+
+    Args:
+        arg: the config argument string (see the module docstring).
+        name: the config's name (its file stem), recorded in outputs and used for the default workdir.
+        model: the ``config.model`` block (``name`` is the registered model, then its constructor fields).
+        test_model: fields that replace ``model``'s under the ``test`` argument (tiny widths).
+        loss: model-specific ``config.loss`` fields (e.g. UNet++'s per-output deep-supervision weights).
+        test_loss: fields that replace ``loss``'s under ``test``.
+    """
+    config, args = base_config(arg, name=name)
+    config.model = ml_collections.ConfigDict(dict(model))
+    config.loss.update(dict(loss or {}))
+    if args.test:
+        config.model.update(dict(test_model))
+        config.loss.update(dict(test_loss or {}))
+    return config

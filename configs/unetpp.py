@@ -8,29 +8,24 @@ configs/common.py. Deep supervision trains a head on every X^{0,j}; the loss is 
 (`loss.deep_supervision_weights`, shallowest first), and evaluation scores the deepest output.
 """
 
-import ml_collections
+from configs import common
 
-from anemia_jax import config_lib
+MODEL = dict(
+    name="unetpp",
+    features=32,  # 32-64-128-256-512 as in the paper: 9.0 M parameters.
+    depth=4,
+    norm="batch",
+    upsample="transpose",
+    dropout_rate=0.0,
+    deep_supervision=True,
+)
+TEST_MODEL = dict(features=4, depth=2)
+# One weight per output X^{0,1}..X^{0,depth}; equal weights as in the paper.
+LOSS = dict(deep_supervision_weights=(0.25, 0.25, 0.25, 0.25))
+TEST_LOSS = dict(deep_supervision_weights=(0.5, 0.5))
 
-common = config_lib.import_sibling(__file__, "common")
 
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None):
     """The UNet++ training config; ``arg`` as in configs/common.py."""
-    config, args = common.base_config(arg, name="unetpp")
-    config.model = ml_collections.ConfigDict(dict(
-        name="unetpp",
-        features=32,  # 32-64-128-256-512 as in the paper: 9.0 M parameters.
-        depth=4,
-        norm="batch",
-        upsample="transpose",
-        dropout_rate=0.0,
-        deep_supervision=True,
-    ))
-    # One weight per output X^{0,1}..X^{0,depth}; equal weights as in the paper.
-    config.loss.deep_supervision_weights = (0.25, 0.25, 0.25, 0.25)
-    if args.test:
-        config.model.features = 4
-        config.model.depth = 2
-        config.loss.deep_supervision_weights = (0.5, 0.5)
-    return config
+    return common.model_config(arg, name="unetpp", model=MODEL, test_model=TEST_MODEL, loss=LOSS,
+                               test_loss=TEST_LOSS)

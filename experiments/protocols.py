@@ -5,19 +5,22 @@ then aggregates the folds' ``summary.json`` files into a markdown table (mean ±
 target) written beside a record of the command, git commit and uncommitted paths, machine and wall time
 (`experiments/provenance.py`)::
 
-    # 5-fold patient-level CV (stratified by country x anemia), one or more configs on the same folds:
-    python experiments/protocols.py cv --config=configs/unet.py:data=phantom,size=64 \
-        --config=configs/unetpp.py:data=phantom,size=64 --folds=5 --out=experiments/results/x [--name=cv_models]
+    # 5-fold patient-level CV (stratified by country x anemia); --models adds other model configs on the same folds:
+    python -m experiments.protocols --mode=cv --config=configs/unet.py:data=phantom,size=64 --models=unetpp \
+        --folds=5 --out=experiments/results/x [--name=cv_models]
     # Leave one country out, every country in turn (or --countries=India,Italy):
-    python experiments/protocols.py loco --config=configs/unet.py:data=eyes --out=...
+    python -m experiments.protocols --mode=loco --config=configs/unet.py:data=eyes --out=...
     # Class imbalance: the same config and folds under several losses (presets in LOSS_PRESETS):
-    python experiments/protocols.py compare --config=configs/unet.py:data=phantom --losses=ce_dice,focal_tversky ...
+    python -m experiments.protocols --mode=compare --config=configs/unet.py:data=phantom \
+        --losses=ce_dice,focal_tversky ...
     # Re-aggregate finished fold workdirs (any mode's --workdir_root), optionally only some groups:
-    python experiments/protocols.py aggregate --runs=/tmp/folds [--groups=unet,unetpp] --out=... --name=...
+    python -m experiments.protocols --mode=aggregate --runs=/tmp/folds [--groups=unet,unetpp] --out=... --name=...
 
-Common flags: ``--workdir_root`` (fold workdirs, default ``<out>/runs``; a workdir that already holds a completed run
-of the same config is reused, one with a different config is refused), ``--config.<key>=<value>`` overrides applied
-to every config (as in ``anemia_jax.main``), ``--note`` (free text for the record).
+Run from the repository root. Flags follow the project's one grammar (`anemia_jax.cli`): ``--config`` is the
+trainer's config flag and ``--config.<key>=<value>`` overrides apply to it and to every ``--models`` config (loaded
+from ``configs/<model>.py`` with the same argument). Also ``--workdir_root`` (fold workdirs, default
+``<out>/runs``; a workdir that already holds a completed run of the same config is reused, one with a different
+config is refused) and ``--note`` (free text for the record).
 
 Which scores are aggregated: K-fold runs have no test set, and their 'best' checkpoint is chosen on the very fold it
 would be scored on, so cv/compare report the FINAL state on the validation fold (``--which=final --split=val``);
@@ -27,8 +30,6 @@ country (``--which=best --split=test``). Standard deviations are over folds (ddo
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import json
 import math
@@ -40,11 +41,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `python experiments/protocols.py` from anywhere, without installing
+from anemia_jax import cli, config_lib
+from experiments import provenance
 
-from experiments import provenance  # noqa: E402
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
 _DIGITS = {"hd95": 2, "assd": 2}
 LOSS_PRESETS = {
@@ -176,46 +177,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "run"
 
 
-def _literal(text: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(current, int):
-        value = float(text)
-        if not value.is_integer():
-            raise ValueError(f"expected an integer, got {text!r}")
-        return int(value)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, (tuple, list)):
-        value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
-        return tuple(value)
-    return text
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Applies ``key.sub=value`` overrides (values typed like the current value); unknown keys fail with the
-    closest existing keys."""
-    from anemia_jax import config_lib  # noqa: PLC0415
-
-    pairs = [o.split("=", 1) for o in overrides]
-    bad = [o for o, p in zip(overrides, pairs) if len(p) != 2]
-    if bad:
-        raise ValueError(f"overrides must look like --config.key=value; got {bad}.")
-    unknown = config_lib.unknown_keys(config, [k for k, _ in pairs])
+def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``{dotted key: typed value}`` overrides (`cli.Command.config_overrides`) applied;
+    unknown keys fail with the closest existing keys."""
+    unknown = config_lib.unknown_keys(config, list(overrides))
     if unknown:
         raise ValueError("; ".join(unknown))
-    for key, text in pairs:
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        try:
-            node[leaf] = _literal(text, node[leaf])
-        except (ValueError, SyntaxError) as e:
-            raise ValueError(f"--config.{key}={text!r}: {e}") from None
-    return config
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.update_from_flattened_dict(dict(overrides))
+    return c
 
 
 def kfold_jobs(config: ml_collections.ConfigDict, group: str, num_folds: int) -> list[Job]:
@@ -343,66 +313,85 @@ def load_records(roots: Sequence[str | pathlib.Path], groups: Sequence[str] = ()
 # -------------------------------------------------------------------------------------------- command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("cv", "loco", "compare", "aggregate"))
-    p.add_argument("--config", action="append", default=[], help="configs/<model>.py[:arg]; repeat for several.")
-    p.add_argument("--folds", type=int, default=5, help="K of K-fold (cv, compare).")
-    p.add_argument("--countries", default="", help="loco: comma-separated countries (default: every country).")
-    p.add_argument("--losses", default="ce_dice,focal_tversky", help=f"compare: presets of {list(LOSS_PRESETS)}.")
-    p.add_argument("--runs", action="append", default=[], help="aggregate: workdir roots to collect.")
-    p.add_argument("--groups", default="", help="aggregate: comma-separated group folders to keep, in order.")
-    p.add_argument("--out", required=True, help="Folder for <name>.md and <name>.json.")
-    p.add_argument("--name", default="", help="Result file name (default: the mode).")
-    p.add_argument("--workdir_root", default="", help="Parent of the per-run workdirs (default <out>/runs).")
-    p.add_argument("--which", default="", choices=("", "final", "best"), help="State to report (see docstring).")
-    p.add_argument("--split", default="", choices=("", "val", "test"), help="Split to report (see docstring).")
-    p.add_argument("--note", default="", help="Free text stored with the results.")
-    return p
+def _command() -> cli.Command:
+    cmd = cli.Command("python -m experiments.protocols", __doc__)
+    cmd.config_flag(required=False)
+    fv = cmd.flags
+    flags.DEFINE_enum("mode", None, ["cv", "loco", "compare", "aggregate"], "Protocol to run.", flag_values=fv)
+    flags.mark_flag_as_required("mode", flag_values=fv)
+    flags.DEFINE_list("models", [], "cv/compare/loco: other model configs (configs/<model>.py) to run on the same "
+                      "folds with --config's argument and overrides.", flag_values=fv)
+    flags.DEFINE_integer("folds", 5, "K of K-fold (cv, compare).", flag_values=fv)
+    flags.DEFINE_list("countries", [], "loco: countries to leave out (default: every country).", flag_values=fv)
+    flags.DEFINE_list("losses", ["ce_dice", "focal_tversky"], f"compare: presets of {list(LOSS_PRESETS)}.",
+                      flag_values=fv)
+    flags.DEFINE_multi_string("runs", [], "aggregate: workdir roots to collect.", flag_values=fv)
+    flags.DEFINE_list("groups", [], "aggregate: group folders to keep, in order.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Folder for <name>.md and <name>.json.", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_string("name", "", "Result file name (default: the mode).", flag_values=fv)
+    flags.DEFINE_string("workdir_root", "", "Parent of the per-run workdirs (default <out>/runs).", flag_values=fv)
+    flags.DEFINE_enum("which", "", ["", "final", "best"], "State to report (see the docstring).", flag_values=fv)
+    flags.DEFINE_enum("split", "", ["", "val", "test"], "Split to report (see the docstring).", flag_values=fv)
+    flags.DEFINE_string("note", "", "Free text stored with the results.", flag_values=fv)
+    return cmd
+
+
+def _configs(cmd: cli.Command) -> list[ml_collections.ConfigDict]:
+    """--config and each --models config (same argument), all with the --config.<key>=<value> overrides."""
+    if cmd.flags["config"].value is None:
+        raise cli.CommandLineError("Pass --config=configs/<model>.py[:arg] (the protocol's model and data).")
+    configs = [cmd.config]
+    if cmd.models:
+        path, _, arg = cmd.config_file_name().partition(":")
+        folder = pathlib.Path(path).parent
+        for model in cmd.models:
+            base = config_lib.load_config_file(f"{folder / model}.py" + (f":{arg}" if arg else ""))
+            configs.append(with_overrides(base, cmd.config_overrides()))
+    return configs
 
 
 def main(argv: Sequence[str]) -> int:
     start = time.time()
-    args, rest = _parser().parse_known_args(argv)
-    overrides = [a.split("--config.", 1)[1] for a in rest if a.startswith("--config.")]
-    if len(overrides) != len(rest):
-        raise SystemExit(f"Unrecognised arguments: {[a for a in rest if not a.startswith('--config.')]}")
-    which = args.which or ("best" if args.mode == "loco" else "final")
-    split = args.split or ("test" if args.mode == "loco" else "val")
-    name = args.name or args.mode
-    root = pathlib.Path(args.workdir_root or pathlib.Path(args.out) / "runs")
-    if args.mode == "aggregate":
-        records = load_records(args.runs or [root], [g for g in args.groups.split(",") if g])
-    else:
-        from absl import logging  # noqa: PLC0415
+    cmd = _command()
+    try:
+        if cmd.parse(argv) is None:
+            return 0  # --help
+        mode = cmd.mode
+        which = cmd.which or ("best" if mode == "loco" else "final")
+        split = cmd.split or ("test" if mode == "loco" else "val")
+        name = cmd.name or mode
+        root = pathlib.Path(cmd.workdir_root or pathlib.Path(cmd.out) / "runs")
+        if mode == "aggregate":
+            records = load_records(cmd.runs or [root], cmd.groups)
+        else:
+            configs = _configs(cmd)
+    except (cli.CommandLineError, ValueError, FileNotFoundError) as e:
+        print(f"protocols: {e}", file=sys.stderr)
+        return cli.EXIT_CONFIG
+    if mode != "aggregate":
+        from anemia_jax import experiment, input_pipeline  # noqa: PLC0415 -- JAX only when training
 
-        from anemia_jax import config_lib, input_pipeline, train  # noqa: PLC0415
-        from anemia_jax.main import QuietLibraries  # noqa: PLC0415
-
-        logging.set_verbosity(logging.INFO)
-        logging.get_absl_logger().addFilter(QuietLibraries())
-        if not args.config:
-            raise SystemExit("Pass at least one --config=configs/<model>.py[:arg].")
-        configs = [apply_overrides(config_lib.load_config_file(spec), overrides) for spec in args.config]
+        cli.setup_logging()
         names = [c.name for c in configs]
         labels = [c.name if names.count(c.name) == 1 else f"{c.name}[{c.arg}]" for c in configs]
         jobs: list[Job] = []
         for config, label in zip(configs, labels):
-            if args.mode == "cv":
-                jobs += kfold_jobs(config, label, args.folds)
-            elif args.mode == "compare":
-                for preset in filter(None, args.losses.split(",")):
-                    jobs += kfold_jobs(with_loss(config, preset), f"{label} {preset}", args.folds)
+            if mode == "cv":
+                jobs += kfold_jobs(config, label, cmd.folds)
+            elif mode == "compare":
+                for preset in cmd.losses:
+                    jobs += kfold_jobs(with_loss(config, preset), f"{label} {preset}", cmd.folds)
             else:
-                countries = [c for c in args.countries.split(",") if c]
+                countries = list(cmd.countries)
                 if not countries:
-                    metadata = input_pipeline.read_metadata(train.get_builder(config), config.dataset.split)
+                    metadata = input_pipeline.read_metadata(experiment.prepare_builder(config), config.dataset.split)
                     countries = sorted(set(metadata["country"].tolist()))
                 jobs += loco_jobs(config, label, countries)
         records = run_jobs(jobs, root)
     agg = aggregate(records, which=which, split=split)
-    titles = {"cv": f"{args.folds}-fold patient-level cross-validation", "loco": "Leave one country out",
-              "compare": f"Loss comparison on the same {args.folds} folds", "aggregate": "Aggregated runs"}
+    titles = {"cv": f"{cmd.folds}-fold patient-level cross-validation", "loco": "Leave one country out",
+              "compare": f"Loss comparison on the same {cmd.folds} folds", "aggregate": "Aggregated runs"}
     trained = sum(not r["reused"] for r in records)
     run_time = sum(float(r["summary"].get("wall_time_s") or 0.0) for r in records)
     body = (f"{len(records)} runs ({trained} trained by this command, {len(records) - trained} reused from earlier "
@@ -411,13 +400,13 @@ def main(argv: Sequence[str]) -> int:
             + format_table(agg))
     data = {"aggregate": agg, "workdirs": [r["workdir"] for r in records],
             "reused_runs": [r["workdir"] for r in records if r["reused"]]}
-    path = provenance.write_results(args.out, name, titles[args.mode], body, data,
-                                    provenance.record(argv, time.time() - start, "experiments/protocols.py"),
-                                    args.note)
+    path = provenance.write_results(cmd.out, name, titles[mode], body, data,
+                                    provenance.record(argv[1:], time.time() - start, "-m experiments.protocols"),
+                                    cmd.note)
     print(format_table(agg))
     print(f"Wrote {path} and {path.with_suffix('.json')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv))

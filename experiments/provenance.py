@@ -64,13 +64,14 @@ def git_state(repo: str | pathlib.Path = REPO, *, max_paths: int = MAX_CHANGED_P
 
 
 def record(argv: Sequence[str], wall_time_s: float, script: str) -> dict[str, Any]:
-    """Command (``python <script> <argv>``), git state (`git_state`), machine, date and wall time of a run."""
+    """Command (``python <script> <argv>``; ``script`` may be ``'-m experiments.x'``), git state (`git_state`),
+    machine, date and wall time of a run."""
     import jax  # noqa: PLC0415 -- initialised by the runs by now; aggregation alone never needs it
 
     devices = jax.devices()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
-        "command": shlex.join(["python", script, *argv]),
+        "command": shlex.join(["python", *script.split(), *argv]),
         **git_state(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),

@@ -1,25 +1,23 @@
 """UNet++ pruning: Dice and inference speed of the full network and of its pruned networks L1..L(depth).
 
-    python experiments/pruning_table.py --workdir=<deep-supervised UNet++ run> --out=experiments/results/x \
-        [--split=val] [--checkpoint=latest] [--batch=32] [--repeats=5]
+    python -m experiments.pruning_table --workdir=<deep-supervised UNet++ run> --out=experiments/results/x \
+        [--split=val] [--checkpoint=latest] [--batch=32] [--repeats=5] [--config.<key>=<value>]
 
 One deep-supervised UNet++ (Zhou et al. 2018) is evaluated without retraining as
 
 * the full network (every node; its deepest head X^{0,depth} is the prediction), and
 * UNet++ L^k for k = 1..depth: only the nodes X^{i,j} with i + j <= k and the head on X^{0,k}
-  (`steps.make_predict_fn(prune_level=k)`); L^depth computes every node but one head.
+  (`inference.probability_fn(model, prune_level=k)`); L^depth computes every node but one head.
 
 Per row: parameters the row's forward pass uses (counted from the parameter scopes ``X_i_j``, ``up_i_j``,
 ``head_j``), XLA's FLOP count per image of the compiled inference function, per-image Dice per target on
-``--split`` (`anemia_jax.evaluate.evaluate_run`, threshold 0.5), and inference images/s: the median over
+``--split`` (`anemia_jax.evaluator.evaluate_runs`, threshold 0.5), and inference images/s: the median over
 ``--repeats`` timed calls of a batch of ``--batch`` images at the training resolution held on the devices (after
 compilation and one warm-up call; each call ends with ``block_until_ready``).
 """
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import re
 import statistics
 import sys
@@ -29,11 +27,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from anemia_jax import evaluate, parallel, run_lib  # noqa: E402
-from experiments import provenance  # noqa: E402
+from anemia_jax import cli, evaluator, inference, parallel, runs
+from experiments import provenance
 
 
 def parameter_count(params: Any, level: int | None) -> int:
@@ -55,37 +52,38 @@ def parameter_count(params: Any, level: int | None) -> int:
     return total
 
 
-def time_inference(run: run_lib.Run, probability, *, batch: int, repeats: int) -> tuple[float, float]:
-    """(images/s median over ``repeats`` calls, FLOPs per image) of ``probability`` on a resident batch."""
-    batch = run_lib.mesh_batch_size(batch, run.mesh)
+def time_inference(run: runs.Run, probability, *, batch: int, repeats: int) -> tuple[float, float]:
+    """(images/s median over ``repeats`` calls, FLOPs per image) of the sharded ``probability`` on a resident
+    batch."""
+    batch = inference.mesh_batch_size(batch, run.mesh)
     rng = np.random.default_rng(0)
     images = parallel.host_local_to_global(
         rng.integers(0, 256, (batch, *run.image_size, 3), dtype=np.uint8), run.mesh)
-    compiled = probability.lower(run.state, images).compile()
+    compiled = probability.lower(run.variables, images).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) / batch if cost else float("nan")
-    jax.block_until_ready(compiled(run.state, images))
+    jax.block_until_ready(compiled(run.variables, images))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(run.state, images))
+        jax.block_until_ready(compiled(run.variables, images))
         times.append(time.perf_counter() - t)
     return batch / statistics.median(times), flops
 
 
-def pruning_rows(run: run_lib.Run, *, split: str, batch: int, repeats: int) -> list[dict[str, Any]]:
+def pruning_rows(run: runs.Run, *, split: str, batch: int, repeats: int) -> list[dict[str, Any]]:
     """One row per network: 'full', then L1..L(depth)."""
     if run.config.model.name != "unetpp" or not run.config.model.get("deep_supervision", False):
         raise ValueError(f"{run.workdir} is not a deep-supervised UNet++ run (model {run.config.model.name!r}); "
                          "pruned heads are only trained with deep supervision (configs/unetpp.py has it on).")
     depth = int(run.config.model.get("depth", 4))
-    params = jax.tree.map(np.asarray, parallel.fetch(run.state.params))
+    params = jax.tree.map(np.asarray, parallel.fetch(run.variables["params"]))
     rows = []
     for level in (None, *range(1, depth + 1)):
-        _, summary = evaluate.evaluate_run(run, split=split, prune_level=level, distances=False)
-        rate, flops = time_inference(run, run_lib.make_probability_fn(run, prune_level=level), batch=batch,
-                                     repeats=repeats)
+        summary = evaluator.evaluate_runs([run], split=split, prune_level=level, distances=False).summary
+        probability = inference.sharded(inference.probability_fn(run.model, prune_level=level), run.mesh)
+        rate, flops = time_inference(run, probability, batch=batch, repeats=repeats)
         rows.append({"network": "full" if level is None else f"L{level}", "prune_level": level,
                      "parameters": parameter_count(params, level), "gflops_per_image": flops / 1e9,
                      "images_per_s": rate, "num_images": summary["num_images"],
@@ -104,33 +102,49 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _command() -> cli.Command:
+    cmd = cli.Command("python -m experiments.pruning_table", __doc__)
+    cmd.run_flags(verb="prune", checkpoint_default="latest", tta=False,
+                  checkpoint_help="'latest' (default: in K-fold runs 'best' was chosen on the fold it is scored on), "
+                                  "'best' or a step.")
+    fv = cmd.flags
+    flags.DEFINE_enum("split", "val", ["val", "test", "train"], "Split the Dice is measured on.", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "Images per timed call.", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "Timed calls per network.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Folder for <name>.md and <name>.json.", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_string("name", "pruning", "Result file name.", flag_values=fv)
+    flags.DEFINE_string("note", "", "Free text stored with the results.", flag_values=fv)
+    return cmd
+
+
 def main(argv: Sequence[str]) -> int:
     start = time.time()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="A deep-supervised UNet++ training run.")
-    p.add_argument("--split", default="val", choices=("val", "test", "train"))
-    p.add_argument("--checkpoint", default="latest", help="'latest' (default), 'best' or a step.")
-    p.add_argument("--batch", type=int, default=32, help="Images per timed call.")
-    p.add_argument("--repeats", type=int, default=5, help="Timed calls per network.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--name", default="pruning")
-    p.add_argument("--note", default="")
-    args = p.parse_args(argv)
-    run = run_lib.load_run(args.workdir, checkpoint=args.checkpoint)
-    rows = pruning_rows(run, split=args.split, batch=args.batch, repeats=args.repeats)
+    cmd = _command()
+    try:
+        if cmd.parse_runs(argv) is None:
+            return 0  # --help
+        if len(cmd.workdir) != 1:
+            raise cli.CommandLineError("Pass exactly one --workdir (a deep-supervised UNet++ run).")
+    except cli.CommandLineError as e:
+        print(f"pruning_table: {e}", file=sys.stderr)
+        return cli.EXIT_CONFIG
+    cli.setup_logging()
+    run = runs.load_run(cmd.workdir[0], checkpoint=cmd.checkpoint, config=cmd.run_configs()[0])
+    rows = pruning_rows(run, split=cmd.split, batch=cmd.batch, repeats=cmd.repeats)
     h, w = run.image_size
-    body = (f"One deep-supervised UNet++ ({run.workdir}, checkpoint step {run.step}, {args.checkpoint}) at {h}x{w}; "
-            f"Dice: mean ± std over the {rows[0]['num_images']} images of its {args.split} split; images/s: median of "
-            f"{args.repeats} calls on a batch of {args.batch} on {run.mesh.size} {jax.default_backend()} device(s).\n\n"
+    body = (f"One deep-supervised UNet++ ({run.workdir}, checkpoint step {run.step}, {cmd.checkpoint}) at {h}x{w}; "
+            f"Dice: mean ± std over the {rows[0]['num_images']} images of its {cmd.split} split; images/s: median of "
+            f"{cmd.repeats} calls on a batch of {cmd.batch} on {run.mesh.size} {jax.default_backend()} device(s).\n\n"
             + format_rows(rows))
     data = {"rows": rows, "workdir": str(run.workdir), "step": run.step}
-    path = provenance.write_results(args.out, args.name, "UNet++ pruning", body, data,
-                                    provenance.record(argv, time.time() - start, "experiments/pruning_table.py"),
-                                    args.note)
+    path = provenance.write_results(cmd.out, cmd.name, "UNet++ pruning", body, data,
+                                    provenance.record(argv[1:], time.time() - start, "-m experiments.pruning_table"),
+                                    cmd.note)
     print(body)
     print(f"Wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv))

@@ -1,10 +1,10 @@
 """Anemia screening from conjunctival colour with ground-truth vs predicted masks: what segmentation errors cost.
 
     # A K-fold set (the folder of fold workdirs that experiments/protocols.py made for one model):
-    python experiments/screening_run.py --runs=/tmp/folds/unet --out=experiments/results/x [--target=palpebral] \
+    python -m experiments.screening_run --runs=/tmp/folds/unet --out=experiments/results/x [--target=palpebral] \
         [--constancy=none,grey_world,white_patch] [--artifact_constancy=none] [--bootstrap=2000]
     # A single run (its validation part only, split again into patient-level folds for the regressors):
-    python experiments/screening_run.py --runs=runs/unet --out=...
+    python -m experiments.screening_run --runs=runs/unet --out=...
 
 For every photo that a segmentation model did NOT train on -- the validation fold of each K-fold run (or the
 left-out country of a leave-one-country-out run) -- the run's model predicts the ``--target`` mask (default
@@ -38,7 +38,6 @@ and its recorded out-of-fold metrics), for ``predict --screening=...``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -48,13 +47,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from anemia_jax import colour, input_pipeline, run_lib, screening  # noqa: E402
-from anemia_jax.predict import resize_probabilities  # noqa: E402
-from anemia_jax import plots, screening_model  # noqa: E402
-from experiments import provenance  # noqa: E402
+from anemia_jax import cli, colour, experiment, input_pipeline, plots, runs, screening, screening_model, segmenter
+from anemia_jax.image_io import resize_probabilities
+from experiments import provenance
 
 
 def find_runs(path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -88,14 +85,15 @@ def out_of_sample_masks(run_dirs: Sequence[pathlib.Path], *, target: str, checkp
                                                "truth", "pred")}
     steps, builder, size = [], None, None
     for r, workdir in enumerate(run_dirs):
-        run = run_lib.load_run(workdir, checkpoint=checkpoint)
+        run = runs.load_run(workdir, checkpoint=checkpoint)
         if target not in run.targets:
             raise ValueError(f"{workdir} was trained on {run.targets}, not {target!r}; pass --target.")
         split = "test" if run.config.split.protocol == "loco" else "val"
-        builder, tfds_split, indices = run_lib.eval_split(run.config, split, builder)
+        builder, tfds_split, indices = experiment.eval_split(run.config, split, builder)
         size = _size(feature_size, run.image_size) if size is None else size
         host = input_pipeline.read_examples(builder, tfds_split, indices, image_size=run.image_size, targets=(target,))
-        probs = run_lib.predict_images(run, host.images)[..., run.targets.index(target)]
+        probs = np.stack([s.probs_model for s in segmenter.Segmenter([run]).segment(list(host.images))])
+        probs = probs[..., run.targets.index(target)]
         feat = host if size == run.image_size else input_pipeline.read_examples(
             builder, tfds_split, indices, image_size=size, targets=(target,))
         parts["pred"].append(np.stack([resize_probabilities(p[..., None], size)[..., 0] > 0.5 for p in probs]))
@@ -220,29 +218,44 @@ def data_record(run_dirs: Sequence[pathlib.Path]) -> dict[str, Any]:
             "split": {k: v for k, v in split.items() if k != "fold"}, "image_size": config.get("image_size")}
 
 
+def _command() -> cli.Command:
+    cmd = cli.Command("python -m experiments.screening_run", __doc__)
+    fv = cmd.flags
+    flags.DEFINE_string("runs", None, "A run workdir, or a folder of fold workdirs (one K-fold set).", flag_values=fv)
+    flags.mark_flag_as_required("runs", flag_values=fv)
+    flags.DEFINE_string("target", "palpebral", "Mask the colour is read from.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", "latest", "'latest' (default), 'best' or a step.", flag_values=fv)
+    flags.DEFINE_string("feature_size", "", "H,W at which colour is read (default: training size).", flag_values=fv)
+    flags.DEFINE_list("constancy", ["none", "grey_world", "white_patch"],
+                      f"Colour constancy options of the table, of {colour.CONSTANCY_METHODS}.", flag_values=fv)
+    flags.DEFINE_string("artifact_constancy", "none", "Colour constancy of the saved screening model.",
+                        flag_values=fv)
+    flags.DEFINE_float("coverage", 0.9, "Coverage of the model's Hgb prediction intervals.", flag_values=fv)
+    flags.DEFINE_float("target_sensitivity", 0.9, "Sensitivity the screening threshold must reach on the training "
+                       "folds.", flag_values=fv)
+    flags.DEFINE_integer("bootstrap", 2000, "Patient-bootstrap replicates of the intervals.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Inner-fold shuffling of the regressors, bootstrap seed.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Folder for <name>.md, .json, the plots and the model.", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_string("name", "screening", "Result file name.", flag_values=fv)
+    flags.DEFINE_string("note", "", "Free text stored with the results.", flag_values=fv)
+    return cmd
+
+
 def main(argv: Sequence[str]) -> int:
     start = time.time()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", required=True, help="A run workdir, or a folder of fold workdirs (one K-fold set).")
-    p.add_argument("--target", default="palpebral", help="Mask the colour is read from.")
-    p.add_argument("--checkpoint", default="latest", help="'latest' (default), 'best' or a step.")
-    p.add_argument("--feature_size", default="", help="H,W at which colour is read (default: training size).")
-    p.add_argument("--constancy", default="none,grey_world,white_patch",
-                   help=f"Comma-separated colour constancy options of the table, of {colour.CONSTANCY_METHODS}.")
-    p.add_argument("--artifact_constancy", default="none", help="Colour constancy of the saved screening model.")
-    p.add_argument("--coverage", type=float, default=0.9, help="Coverage of the model's Hgb prediction intervals.")
-    p.add_argument("--target_sensitivity", type=float, default=0.9,
-                   help="Sensitivity the screening threshold must reach on the training folds.")
-    p.add_argument("--bootstrap", type=int, default=2000, help="Patient-bootstrap replicates of the intervals.")
-    p.add_argument("--seed", type=int, default=0, help="Inner-fold shuffling of the regressors, bootstrap seed.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--name", default="screening")
-    p.add_argument("--note", default="")
-    args = p.parse_args(argv)
-    constancies = [c for c in args.constancy.split(",") if c]
-    for c in {*constancies, args.artifact_constancy}:
-        if c not in colour.CONSTANCY_METHODS:
-            p.error(f"unknown colour constancy {c!r}; choose from {colour.CONSTANCY_METHODS}.")
+    args = _command()
+    try:
+        if args.parse(argv) is None:
+            return 0  # --help
+        constancies = list(args.constancy)
+        for c in {*constancies, args.artifact_constancy}:
+            if c not in colour.CONSTANCY_METHODS:
+                raise cli.CommandLineError(f"unknown colour constancy {c!r}; choose from {colour.CONSTANCY_METHODS}.")
+    except cli.CommandLineError as e:
+        print(f"screening_run: {e}", file=sys.stderr)
+        return cli.EXIT_CONFIG
+    cli.setup_logging()
     if args.artifact_constancy not in constancies:
         constancies.append(args.artifact_constancy)
     run_dirs = find_runs(args.runs)
@@ -252,7 +265,7 @@ def main(argv: Sequence[str]) -> int:
     rows, context, fit_inputs = run_screening(masks, seed=args.seed, constancies=constancies, predicted=predicted,
                                               target_sensitivity=args.target_sensitivity,
                                               num_bootstrap=args.bootstrap)
-    prov = provenance.record(argv, time.time() - start, "experiments/screening_run.py")
+    prov = provenance.record(argv[1:], time.time() - start, "-m experiments.screening_run")
     out = pathlib.Path(args.out)
     h, w = masks["feature_size"]
     model_source = source_name(next(iter(predicted)), args.artifact_constancy)
@@ -302,4 +315,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv))

@@ -2,7 +2,7 @@
 
 The run is what `anemia_jax.train.train_and_evaluate` leaves behind -- ``config.json`` written by
 `reporting.Reporter` and Orbax checkpoints of the full `steps.TrainState` written by `checkpointing.CheckpointManager`
--- but its states come from `steps.create_train_state` rather than from training: evaluation and prediction
+-- but its states come from `experiment.init_train_state` rather than from training: evaluation and prediction
 only restore and apply them, and skipping the training step's compilation keeps the tests fast. Two checkpoints
 are saved: step 2 ranked best (validation mean Dice 0.9) and step 4, the latest (0.1), with different parameters.
 The config is the deep-supervised ``configs/unetpp.py:data=phantom,test`` (4 features, depth 2, 32x32, the
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from anemia_jax import checkpointing, config_lib, optim, parallel, reporting, run_lib, steps, train
+from anemia_jax import checkpointing, config_lib, experiment, parallel, reporting, runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CACHE: dict[str, pathlib.Path] = {}
@@ -32,13 +32,11 @@ def make_run(root: pathlib.Path) -> pathlib.Path:
     config.dataset.data_dir = str(root / "tfds")
     config.compilation_cache_dir = ""
     workdir = root / "run"
-    train.get_builder(config)  # prepares the dataset
+    experiment.prepare_builder(config)  # prepares the dataset
     mesh = parallel.make_mesh()
-    model = train.build_model(config)
-    tx, _ = optim.make_optimizer(config.optimizer, total_steps=config.num_train_steps,
-                                 warmup_steps=config.warmup_steps)
-    state = steps.create_train_state(model, tx, jax.random.key(config.seed), np.zeros((1, *config.image_size, 3)),
-                                     mesh)
+    model = experiment.build_model(config)
+    tx, _ = experiment.build_optimizer(config, total_steps=config.num_train_steps, warmup_steps=config.warmup_steps)
+    state = experiment.init_train_state(config, model, tx, mesh)
     reporting.Reporter(workdir, is_main=True).write_config(config.to_dict())
     with checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints) as manager:
         manager.save(2, state.replace(step=parallel.replicate(np.int32(2), mesh)), metrics={"dice/mean": 0.9})
@@ -63,6 +61,6 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def best_run(workdir) -> run_lib.Run:
+def best_run(workdir) -> runs.Run:
     """The shared run restored at its best checkpoint (step 2)."""
-    return run_lib.load_run(workdir, checkpoint="best")
+    return runs.load_run(workdir, checkpoint="best")

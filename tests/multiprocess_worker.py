@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from anemia_jax import augment, losses, parallel, steps
+from anemia_jax import augment, inference, losses, parallel, steps
 from anemia_jax.models.unet import UNet
 
 SIZE, TARGETS, GLOBAL_BATCH, NUM_STEPS = 16, 2, 8, 3
@@ -68,8 +68,9 @@ def train(mesh) -> dict[str, np.ndarray]:
     for step in range(NUM_STEPS):
         state, m = train_step(state, parallel.host_local_to_global(local_rows(global_batch(step)), mesh))
         history.append(m)
-    eval_out = steps.make_eval_step(MODEL, mesh)(
-        state, parallel.host_local_to_global(local_rows(global_batch(NUM_STEPS)), mesh))
+    probability = inference.sharded(inference.probability_fn(MODEL), mesh)
+    eval_out = probability(steps.model_variables(state),
+                           parallel.host_local_to_global(local_rows(global_batch(NUM_STEPS))["image"], mesh))
     host = parallel.fetch({"state": state, "history": history, "eval": eval_out})
     flat = {jax.tree_util.keystr(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(host)}

@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from anemia_jax import augment
+from anemia_jax.normalization import to_float
 
 B, H, W = 8, 32, 32
 _PHOTOMETRIC = dict(brightness_prob=0.0, contrast_prob=0.0, saturation_prob=0.0, hue_prob=0.0, gamma_prob=0.0,
@@ -63,7 +64,7 @@ def test_horizontal_flip_is_exact():
     config = _config(**_PHOTOMETRIC, **dict(_GEOMETRIC, hflip_prob=1.0))
     out_image, out_masks = jax.jit(functools.partial(augment.augment_batch, config=config))(
         jax.random.key(3), images, masks)
-    np.testing.assert_allclose(out_image, augment.to_float(images)[:, :, ::-1], atol=1e-6)
+    np.testing.assert_allclose(out_image, to_float(images)[:, :, ::-1], atol=1e-6)
     np.testing.assert_array_equal(out_masks, np.asarray(masks, np.float32)[:, :, ::-1])
 
 
@@ -76,7 +77,7 @@ def test_photometric_changes_leave_masks_untouched():
         jax.random.key(1), images, masks)
     np.testing.assert_array_equal(out_masks, np.asarray(masks, np.float32))
     assert out_image.dtype == jnp.float32 and 0.0 <= out_image.min() and out_image.max() <= 1.0
-    assert np.abs(np.asarray(out_image) - np.asarray(augment.to_float(images))).mean() > 0.01
+    assert np.abs(np.asarray(out_image) - np.asarray(to_float(images))).mean() > 0.01
 
 
 def test_full_augmentation_in_shard_map_deterministic_and_in_range():
@@ -117,7 +118,7 @@ def test_bilinear_sample_matches_map_coordinates():
 def test_disabled_and_config_errors():
     images, masks = _red_shapes()
     out_image, out_masks = augment.augment_batch(jax.random.key(0), images, masks, _config(enabled=False))
-    np.testing.assert_array_equal(out_image, augment.to_float(images))
+    np.testing.assert_array_equal(out_image, to_float(images))
     np.testing.assert_array_equal(out_masks, np.asarray(masks, np.float32))
     with pytest.raises(ValueError, match="Unknown augmentation settings"):
         augment.validate_config({"hflip_probability": 0.5})

@@ -68,11 +68,22 @@ def test_test_flag_is_tiny():
     assert c.dataset.builder_config == "res64" and c.batch_size == 8
 
 
-def test_registries_match_the_libraries():
+def test_registries_match_the_libraries(tmp_path):
     assert {"unet", "unetpp", "attention_unet"} <= set(models.MODELS.names())
     assert set(losses.LOSSES.names()) == set(losses.loss_names())
-    for spec in config_lib.DATASETS.values():
+    assert set(datasets.DATASETS.names()) == {"eyes_defy_anemia", "phantom", "kvasir_seg"}
+    for name, spec in datasets.DATASETS.items():
         assert spec.builder in datasets.BUILDER_NAMES
+        configs = {c.name for c in datasets.builder_class(spec.builder).BUILDER_CONFIGS}
+        assert {c for _, c in spec.stored} <= configs, name
+    assert datasets.DATASETS.get("kvasir") is datasets.DATASETS.get("kvasir_seg")
+    # Importing anemia_jax.datasets registers every builder with TFDS, as TFDS users expect.
+    import tensorflow_datasets as tfds
+
+    for name, config in (("conjunctiva_phantom", "res64"), ("image_mask_folder", "kvasir_seg_256"),
+                         ("eyes_defy_anemia", "long512")):
+        builder = tfds.builder(name, config=config, data_dir=str(tmp_path))
+        assert type(builder) is datasets.builder_class(name)
 
 
 def test_parse_arg():
@@ -88,9 +99,10 @@ def test_parse_arg():
 
 @pytest.mark.parametrize("field, value, message", [
     ("batch_size", 12, r"batch_size=12 is not divisible by the 8 devices.*multiple of 8 \(e\.g\. 16\)"),
-    ("model.name", "unetplus", r"model.name='unetplus' is unknown.*Valid: attention_unet, unet, unetpp"),
+    ("model.name", "unetplus", r"model.name='unetplus' is unknown.*Valid: .*\bunet, unetpp\b"),
     ("loss.name", "dice_los", r"loss.name='dice_los' is unknown. Did you mean 'dice'"),
-    ("dataset.name", "kvasir", r"dataset.name='kvasir' is unknown.*Valid: eyes_defy_anemia, phantom, kvasir_seg"),
+    ("dataset.name", "kvasr", r"Unknown dataset 'kvasr'. Did you mean 'kvasir'.*names: .*kvasir_seg"),
+    ("dataset.name", "kvasir", r"dataset.name='kvasir' is an alias.*'kvasir_seg'"),
     ("targets", ("palpebral", "mask"), r"target 'mask' is not a mask of dataset 'eyes_defy_anemia'"),
     ("image_size", (100, 100), r"multiple of 16"),
     ("split.fold", 5, r"split.fold=5 must lie in \[0, 5\)"),

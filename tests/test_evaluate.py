@@ -1,11 +1,12 @@
-"""Tests of anemia_jax.evaluate and anemia_jax.run_lib on a tiny UNet++ run (see _tiny_run.py).
+"""Tests of the evaluate command, `anemia_jax.evaluator` and `anemia_jax.runs` on a tiny UNet++ run (_tiny_run.py).
 
 Checked: the summary statistics against hand-computed values (missing masks excluded and counted, infinite
 distances counted, per-country breakdown); checkpoint choice (best / latest / step, and 'auto': latest on the
-validation split that selected 'best', best elsewhere); that loading logs no Orbax or optax noise; that run and output
-paths on object storage (gs://) stay URLs; that plain evaluation scores
-exactly what the trainer's own `train.evaluate` (jitted eval_step) scores; the CSV and summary files of the command
-line with test-time augmentation; pruned UNet++ evaluation; and the errors for misuse.
+validation split that selected 'best', best elsewhere); that inference restores only the model variables; that
+loading logs no Orbax or optax noise; that run and output paths on object storage (gs://) stay URLs; one forward
+pass per evaluation batch; the CSV and summary files of the command line with test-time augmentation, config
+overrides and ensembles; pruned UNet++ evaluation; and the errors for misuse. (That the trainer and the command score
+identically through the same `Evaluator` is checked in test_train.py, on a trained run.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from etils import epath
 
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
-from anemia_jax import augment, checkpointing, evaluate, input_pipeline, run_lib, steps, train
+from anemia_jax import (checkpointing, eval_report, evaluate, evaluator, experiment, inference, input_pipeline,
+                        runs)
 
 
 class Collect(logging.Handler):
@@ -62,7 +64,7 @@ def test_summarize_by_hand():
         "hd95": np.array([[1.0, 2.0], [3.0, 4.0], [5.0, np.inf], [np.inf, 6.0]]),
         "assd": np.ones((4, 2)),
     }
-    s = evaluate.summarize(per_image, ("t0", "t1"))
+    s = evaluator.summarize(per_image, ("t0", "t1"))
     t0, t1 = s["targets"]["t0"], s["targets"]["t1"]
     assert (t0["num_images"], t0["num_missing_mask"]) == (4, 0)
     assert (t1["num_images"], t1["num_missing_mask"]) == (3, 1)
@@ -79,42 +81,42 @@ def test_summarize_by_hand():
     assert a["t0"]["dice"]["mean"] == pytest.approx(0.7) and b["t0"]["dice"]["mean"] == pytest.approx(0.5)
     assert (b["t1"]["num_images"], b["t1"]["num_missing_mask"]) == (1, 1)
     assert b["t0"]["hd95"]["count_infinite"] == 1
-    text = evaluate.format_markdown(s)
+    text = eval_report.format_markdown(s)
     assert "| t0 | 4 | 0 | 0.6000 ± " in text and "## B" in text
 
 
 def test_checkpoint_choice(workdir, best_run):
     assert (best_run.step, best_run.checkpoint) == (2, "best")
-    latest = run_lib.load_run(workdir, checkpoint="latest")
-    assert latest.step == 4 and int(jax.device_get(latest.state.step)) == 4
-    delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), latest.state.params,
-                         best_run.state.params)
+    latest = runs.load_run(workdir, checkpoint="latest")
+    assert latest.step == 4
+    delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), latest.variables["params"],
+                         best_run.variables["params"])
     assert max(jax.tree.leaves(delta)) == pytest.approx(0.05, abs=1e-6)
-    assert run_lib.load_run(workdir, checkpoint="4").step == 4
+    assert runs.load_run(workdir, checkpoint="4").step == 4
     with pytest.raises(FileNotFoundError, match="available"):
-        run_lib.load_run(workdir, checkpoint=7)
+        runs.load_run(workdir, checkpoint=7)
     with pytest.raises(ValueError, match="best"):
-        run_lib.load_run(workdir, checkpoint="newest")
+        runs.load_run(workdir, checkpoint="newest")
     with pytest.raises(FileNotFoundError, match="not a training run"):
-        run_lib.load_run(workdir / "checkpoints")
+        runs.load_run(workdir / "checkpoints")
 
 
 def test_auto_checkpoint_is_latest_on_the_selection_split_and_best_elsewhere(workdir):
     # 'best' (step 2) was selected on the validation split: scoring it there is optimistic, so 'auto' takes the
     # latest (step 4); on the test split (and train) nothing was selected and 'auto' takes the best.
     with Collect() as log:
-        on_val = run_lib.load_run(workdir, checkpoint="auto", split="val")
+        on_val = runs.load_run(workdir, checkpoint="auto", split="val")
     assert (on_val.step, on_val.checkpoint) == (4, "latest") and "optimistic" in on_val.checkpoint_reason
     assert any("--checkpoint=auto: using the latest checkpoint" in line and "optimistic" in line
                for line in log.lines), log.lines
     with Collect() as log:
-        on_test = run_lib.load_run(workdir, checkpoint="auto", split="test")
+        on_test = runs.load_run(workdir, checkpoint="auto", split="test")
     assert (on_test.step, on_test.checkpoint) == (2, "best") and "'test'" in on_test.checkpoint_reason
     assert any("--checkpoint=auto: using the best checkpoint" in line for line in log.lines), log.lines
-    assert run_lib.auto_checkpoint("train")[0] == "best" and run_lib.auto_checkpoint(None)[0] == "best"
-    parser = evaluate._parser()
-    assert parser.parse_args(["--workdir=x"]).checkpoint == "auto"
-    assert "'auto' (default): 'latest' on --split=val" in " ".join(parser.format_help().split())
+    assert runs.auto_checkpoint("train")[0] == "best" and runs.auto_checkpoint(None)[0] == "best"
+    cmd = evaluate._command()
+    assert cmd.flags["checkpoint"].default == "auto"
+    assert "'auto' (default): 'latest' on --split=val" in " ".join(cmd.flags.get_help().split())
     assert "--checkpoint=auto" in evaluate.__doc__
 
 
@@ -123,7 +125,7 @@ def test_loading_logs_no_library_noise(workdir):
     # the first manager exists) and no optax message about a zero-length schedule phase.
     absl_logging.get_absl_logger().removeFilter(checkpointing._EXPECTED_WARNINGS_FILTER)
     with Collect() as log:
-        run_lib.load_run(workdir, checkpoint="latest")
+        runs.load_run(workdir, checkpoint="latest")
     noise = [line for line in log.lines if "read only" in line or "transition_steps" in line]
     assert not noise and any(line.startswith("Restored latest checkpoint step 4") for line in log.lines), noise
 
@@ -132,14 +134,14 @@ def test_run_paths_on_object_storage_stay_urls(workdir, fake_gcs):
     bucket_run = epath.Path("gs://bucket/runs/tiny")
     bucket_run.mkdir(parents=True)
     (bucket_run / "config.json").write_text((workdir / "config.json").read_text())
-    assert run_lib.load_config("gs://bucket/runs/tiny").to_dict() == run_lib.load_config(workdir).to_dict()
+    assert runs.load_config("gs://bucket/runs/tiny").to_dict() == runs.load_config(workdir).to_dict()
     with pytest.raises(FileNotFoundError, match="gs://bucket/runs/missing/config.json"):
-        run_lib.load_config("gs://bucket/runs/missing")
+        runs.load_config("gs://bucket/runs/missing")
     per_image = {"index": np.array([0]), "patient_id": np.array(["P/1"], object), "country": np.array(["A"], object),
                  "weights": np.ones((1, 1)), **{k: np.ones((1, 1)) for k in ("tp", "fp", "fn")},
-                 **{k: np.full((1, 1), 0.5) for k in evaluate.SCORES}}
-    summary = evaluate.summarize(per_image, ("t",))
-    out = evaluate.write_outputs("gs://bucket/runs/tiny/eval/val_step4", per_image, summary, ("t",))
+                 **{k: np.full((1, 1), 0.5) for k in evaluator.SCORES}}
+    summary = evaluator.summarize(per_image, ("t",))
+    out = eval_report.write_outputs("gs://bucket/runs/tiny/eval/val_step4", per_image, summary, ("t",))
     assert str(out) == "gs://bucket/runs/tiny/eval/val_step4"
     assert {"/bucket/runs/tiny/eval/val_step4/" + n for n in ("per_image.csv", "summary.json", "summary.md")} <= set(
         fake_gcs.store)
@@ -154,53 +156,59 @@ def test_load_run_opens_checkpoints_read_only(workdir, tmp_path):
     in_progress.mkdir()
     (in_progress / "partial").write_text("being written")
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    assert run_lib.load_run(run_dir, checkpoint="latest").step == 4
+    assert runs.load_run(run_dir, checkpoint="latest").step == 4
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
     # A run that has not saved yet: a clear error, and no checkpoints/ created on its behalf.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     shutil.copy(run_dir / "config.json", fresh / "config.json")
     with pytest.raises(FileNotFoundError, match="has the run saved one yet"):
-        run_lib.load_run(fresh)
+        runs.load_run(fresh)
     assert sorted(p.name for p in fresh.iterdir()) == ["config.json"]
 
 
 def test_mesh_batch_size(best_run):
     assert best_run.mesh.size == 8
-    assert [run_lib.mesh_batch_size(b, best_run.mesh) for b in (None, 0, 1, 8, 9, 16)] == [8, 8, 8, 8, 16, 16]
+    assert [inference.mesh_batch_size(b, best_run.mesh) for b in (None, 0, 1, 8, 9, 16)] == [8, 8, 8, 8, 16, 16]
 
 
-def test_matches_the_trainers_evaluation(best_run):
-    per_image, summary = evaluate.evaluate_run(best_run, split="val")
+def test_inference_restores_variables_only(workdir, best_run):
+    # No optimizer is built and its state is never read: the variables are the checkpoint's params and statistics.
+    assert set(best_run.variables) == {"params", "batch_stats"}
+    with checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=2, read_only=True) as manager:
+        model = experiment.build_model(best_run.config)
+        tx, _ = experiment.build_optimizer(best_run.config, total_steps=2, warmup_steps=1)
+        full, _ = manager.restore(2, experiment.abstract_train_state(model, tx, best_run.image_size, best_run.mesh))
+    tree_equal = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), best_run.variables,
+                              {"params": full.params, "batch_stats": full.batch_stats})
+    assert all(jax.tree.leaves(tree_equal))
+
+
+def test_one_forward_pass_per_batch(best_run):
+    """The evaluator's batch program holds the model once: metrics, distances and panels share that pass."""
     config = best_run.config
-    builder, split, idx = run_lib.eval_split(config, "val")
-    host = input_pipeline.read_examples(builder, split, idx, image_size=best_run.image_size,
-                                        targets=best_run.targets)
-    dataset = input_pipeline.DeviceDataset.from_host(host, best_run.mesh, batch_size=config.batch_size)
-    predict = steps.make_predict_fn(best_run.model, best_run.mesh)
-    eval_step = steps.make_eval_step(best_run.model, best_run.mesh)
-    reference, _ = train.evaluate(best_run.state, dataset, eval_step=eval_step,
-                                  predict_u8=jax.jit(lambda s, x: predict(s, augment.to_float(x))),
-                                  targets=best_run.targets, distances=True)
-    assert summary["num_images"] == len(idx) == len(per_image["index"])
-    assert sorted(per_image["index"].tolist()) == sorted(idx.tolist())
-    for t in best_run.targets:
-        s = summary["targets"][t]
-        assert s["num_images"] == reference[f"num_images/{t}"]
-        for name in ("dice", "iou", "precision", "recall"):
-            assert s[name]["mean"] == pytest.approx(reference[f"{name}/{t}"], abs=1e-5), (name, t)
-        assert s["pooled_dice"] == pytest.approx(reference[f"pooled_dice/{t}"], abs=1e-5)
-        assert s["hd95"]["count_infinite"] == reference[f"hd95_infinite/{t}"]
-        if s["hd95"]["count_finite"]:
-            assert s["hd95"]["mean"] == pytest.approx(reference[f"hd95/{t}"], rel=1e-6)
-    assert set(per_image["country"]) <= {"PhantomA", "PhantomB"}
-    assert sum(v["palpebral"]["num_images"] for v in summary["by_country"].values()) == len(idx)
+    builder, split, idx = experiment.eval_split(config, "val")
+    dataset = input_pipeline.DeviceDataset.from_builder(builder, split, idx, best_run.mesh, batch_size=8,
+                                                        image_size=best_run.image_size, targets=best_run.targets)
+    probability, variables = runs.probability_of(best_run)
+    ev = evaluator.Evaluator(dataset, probability, best_run.targets, distances=True, num_panel=3)
+    batch = next(dataset.eval_batches(8))
+    scored = ev._score.lower(variables, batch).as_text().count("stablehlo.convolution")
+    images = jax.ShapeDtypeStruct((1, *best_run.image_size, 3), np.uint8)
+    one_pass = jax.jit(probability).lower(variables, images).as_text().count("stablehlo.convolution")
+    assert scored == one_pass > 0
+    calls = []
+    ev._score = (lambda fn: lambda *a: calls.append(1) or fn(*a))(ev._score)
+    result = ev.run(variables)
+    assert len(calls) == dataset.num_eval_batches(8)
+    assert result.panel["image"].shape == (3, *best_run.image_size, 3) and "hd95" in result.per_image
+    assert sorted(result.per_image["index"].tolist()) == sorted(idx.tolist())
 
 
 def test_command_line_with_tta(workdir, tmp_path):
     out = tmp_path / "eval"
     # The default checkpoint, on the validation split: 'auto' -> the latest.
-    assert evaluate.main([f"--workdir={workdir}", "--split=val", "--tta", "--tta_flips=none,h",
+    assert evaluate.main(["evaluate", f"--workdir={workdir}", "--split=val", "--tta", "--tta_flips=none,h",
                           "--tta_scales=1,0.5", f"--out={out}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoint"]["step"] == 4 and summary["checkpoint"]["chosen_as"] == "latest"
@@ -219,26 +227,51 @@ def test_command_line_with_tta(workdir, tmp_path):
 
 
 def test_pruned_unetpp(best_run):
-    _, full = evaluate.evaluate_run(best_run, split="val", distances=False)
-    _, pruned = evaluate.evaluate_run(best_run, split="val", prune_level=1, distances=False)
-    _, deepest = evaluate.evaluate_run(best_run, split="val", prune_level=2, distances=False)
+    full, pruned, deepest = (evaluator.evaluate_runs([best_run], split="val", prune_level=k, distances=False).summary
+                             for k in (None, 1, 2))
     assert pruned["prune_level"] == 1 and "hd95" not in pruned["targets"]["palpebral"]
     # L^depth is the full network's deepest head: the same scores.
     for t in best_run.targets:
         assert deepest["targets"][t]["dice"]["mean"] == pytest.approx(full["targets"][t]["dice"]["mean"], abs=1e-6)
     with pytest.raises(ValueError, match="1..2"):
-        run_lib.make_probability_fn(best_run, prune_level=3)
+        evaluator.evaluate_runs([best_run], split="val", prune_level=3, distances=False)
     unet = dataclasses.replace(best_run, config=ml_collections.ConfigDict(
         {**best_run.config.to_dict(), "model": {"name": "unet", "depth": 2}}))
     with pytest.raises(ValueError, match="UNet\\+\\+ only"):
-        run_lib.make_probability_fn(unet, prune_level=1)
+        runs.probability_of(unet, prune_level=1)
 
 
 def test_split_errors(best_run):
     with pytest.raises(ValueError, match="no test split"):
-        run_lib.eval_split(best_run.config, "test")
+        experiment.eval_split(best_run.config, "test")
     with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
-        run_lib.eval_split(best_run.config, "validation")
-    train_idx = run_lib.eval_split(best_run.config, "train")[2]
-    val_idx = run_lib.eval_split(best_run.config, "val")[2]
+        experiment.eval_split(best_run.config, "validation")
+    train_idx = experiment.eval_split(best_run.config, "train")[2]
+    val_idx = experiment.eval_split(best_run.config, "val")[2]
     assert (len(train_idx), len(val_idx)) == (25, 7) and not set(train_idx) & set(val_idx)
+
+
+def test_command_line_overrides_and_ensembles(workdir, tmp_path, capsys):
+    config = json.loads((workdir / "config.json").read_text())
+    moved = tmp_path / "moved_tfds"
+    shutil.copytree(config["dataset"]["data_dir"], moved)
+    single, twice = tmp_path / "single", tmp_path / "twice"
+    # The recorded data_dir overridden on the command line (the prepared data moved), as for training.
+    assert evaluate.main(["evaluate", f"--workdir={workdir}", "--checkpoint=best", "--no_distances",
+                          f"--config.dataset.data_dir={moved}", f"--out={single}"]) == 0
+    # The same run twice is an ensemble of two identical members: the same scores.
+    assert evaluate.main(["evaluate", f"--workdir={workdir}", f"--workdir={workdir}", "--checkpoint=best",
+                          "--no_distances", f"--out={twice}"]) == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (single, twice))
+    assert a["ensemble"] is None and b["ensemble"] == [str(workdir)] * 2
+    for t in ("palpebral", "forniceal_palpebral"):
+        assert a["targets"][t]["dice"]["mean"] == pytest.approx(b["targets"][t]["dice"]["mean"], abs=1e-6)
+    assert "ensemble of 2 runs" in (twice / "summary.md").read_text()
+    capsys.readouterr()
+    assert evaluate.main(["evaluate", f"--workdir={workdir}", "--config.dataset.data_dirr=x"]) == 2
+    err = capsys.readouterr().err
+    assert "config has no key 'dataset.data_dirr'" in err and "dataset.data_dir" in err and "Traceback" not in err
+    assert evaluate.main(["evaluate", "--split=val"]) == 2
+    assert "--workdir=RUN" in capsys.readouterr().err
+    assert evaluate.main(["evaluate", f"--workdir={workdir}", "--split=validation"]) == 2
+    assert "--split" in capsys.readouterr().err

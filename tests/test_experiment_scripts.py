@@ -3,28 +3,16 @@ tests/_tiny_run.py (untrained parameters, so only the tables' structure and coun
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from experiments import pruning_table, screening_run
 
 
 def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
-    pruning_table = _script("pruning_table")
-    assert pruning_table.main([f"--workdir={workdir}", f"--out={tmp_path}", "--batch=8", "--repeats=1"]) == 0
+    assert pruning_table.main(["pruning_table", f"--workdir={workdir}", f"--out={tmp_path}", "--batch=8",
+                               "--repeats=1"]) == 0
     record = json.loads((tmp_path / "pruning.json").read_text())
     rows = {r["network"]: r for r in record["rows"]}
     assert list(rows) == ["full", "L1", "L2"]  # the tiny config has depth 2
@@ -36,13 +24,12 @@ def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     assert set(rows["L1"]["dice"]) == {"palpebral", "forniceal_palpebral"}
     text = (tmp_path / "pruning.md").read_text()
     assert "| full |" in text and "| L1 |" in text and "| L2 |" in text
-    assert record["provenance"]["command"].startswith("python experiments/pruning_table.py --workdir=")
+    assert record["provenance"]["command"].startswith("python -m experiments.pruning_table --workdir=")
 
 
 def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
-    screening_run = _script("screening_run")
-    assert screening_run.main([f"--runs={workdir}", f"--out={tmp_path}", "--name=s", "--bootstrap=50",
-                               "--constancy=none,grey_world"]) == 0
+    assert screening_run.main(["screening_run", f"--runs={workdir}", f"--out={tmp_path}", "--name=s",
+                               "--bootstrap=50", "--constancy=none,grey_world"]) == 0
     record = json.loads((tmp_path / "s.json").read_text())
     rows = {r["source"]: r for r in record["rows"]}
     # The untrained model's masks may leave grey-world no reference pixels: such a source is dropped, with a reason.

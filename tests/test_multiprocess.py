@@ -82,5 +82,5 @@ def test_two_processes_match_single_process(tmp_path):
     steps_done = [v for k, v in reference.items() if k.endswith(".step")]
     assert steps_done and all(int(s) == worker.NUM_STEPS for s in steps_done)
     assert all(bool(v) for k, v in reference.items() if "finite" in k)
-    # The evaluation gathered every process's rows (fetch of a cross-process sharded array).
-    assert reference["['eval']['index']"].shape == (worker.GLOBAL_BATCH,)
+    # The inference gathered every process's rows (fetch of a cross-process sharded array).
+    assert reference["['eval']"].shape == (worker.GLOBAL_BATCH, worker.SIZE, worker.SIZE, worker.TARGETS)

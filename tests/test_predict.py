@@ -1,6 +1,6 @@
-"""Tests of anemia_jax.predict on a tiny UNet++ run (see _tiny_run.py): masks come back at each photo's own size
-(odd sizes, portrait, landscape, EXIF-rotated, RGBA, greyscale), match the model's probabilities, and unreadable
-inputs are reported and skipped with a non-zero exit status."""
+"""Tests of anemia_jax.predict, `segmenter` and `image_io` on a tiny UNet++ run (see _tiny_run.py): masks come back
+at each photo's own size (odd sizes, portrait, landscape, EXIF-rotated, RGBA, greyscale, 16-bit), match the model's
+probabilities, and unreadable inputs are reported and skipped with a non-zero exit status."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
-from anemia_jax import predict, run_lib
+from anemia_jax import image_io, predict, segmenter
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -41,7 +41,7 @@ def photos(tmp_path_factory):
 
 def test_masks_at_each_photos_own_size(best_run, photos, tmp_path):
     folder, made = photos
-    report = predict.predict_photos(best_run, [folder], tmp_path, batch_size=8)
+    report = predict.predict_photos(segmenter.Segmenter([best_run], batch_size=8), [folder], tmp_path)
     assert not report.failed and len(report.written) == len(made)
     for name, (_, (h, w)) in made.items():
         stem = name.rsplit(".", 1)[0]
@@ -57,7 +57,7 @@ def test_exif_orientation_applied(photos):
     path, (h, w) = photos[1]["rotated.jpg"]
     with PIL.Image.open(path) as im:
         expected = np.asarray(im.convert("RGB").transpose(PIL.Image.Transpose.ROTATE_270))
-    photo = predict.load_photo(path)
+    photo = image_io.load_photo(path)
     assert photo.shape == (h, w, 3)
     np.testing.assert_array_equal(photo, expected)
 
@@ -67,9 +67,10 @@ def test_masks_are_the_thresholded_probabilities(best_run, tmp_path):
     h, w = best_run.image_size
     photo = _photo(h, w, seed=3)
     PIL.Image.fromarray(photo).save(tmp_path / "exact.png")
-    probs = run_lib.predict_images(best_run, photo[None])[0]
+    probs = segmenter.Segmenter([best_run]).segment([photo])[0].probs
     threshold = float(np.median(probs[..., 0]))  # a threshold that splits the pixels, whatever the weights
-    predict.predict_photos(best_run, [tmp_path / "exact.png"], tmp_path / "out", threshold=threshold)
+    predict.predict_photos(segmenter.Segmenter([best_run], threshold=threshold), [tmp_path / "exact.png"],
+                           tmp_path / "out")
     for c, t in enumerate(best_run.targets):
         mask = np.asarray(PIL.Image.open(tmp_path / "out" / f"exact_{t}.png")) > 0
         np.testing.assert_array_equal(mask, probs[..., c] > threshold)
@@ -78,11 +79,11 @@ def test_masks_are_the_thresholded_probabilities(best_run, tmp_path):
 
 def test_resize_probabilities():
     probs = np.stack([np.full((4, 6), 0.25, np.float32), np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)], -1)
-    up = predict.resize_probabilities(probs, (9, 13))
+    up = image_io.resize_probabilities(probs, (9, 13))
     assert up.shape == (9, 13, 2)
     np.testing.assert_allclose(up[..., 0], 0.25, atol=1e-6)
     assert up.min() >= 0.0 and up.max() <= 1.0
-    np.testing.assert_array_equal(predict.resize_probabilities(probs, (4, 6)), probs)
+    np.testing.assert_array_equal(image_io.resize_probabilities(probs, (4, 6)), probs)
 
 
 def test_command_line_reports_unreadable_inputs(workdir, photos, tmp_path, caplog):
@@ -90,13 +91,19 @@ def test_command_line_reports_unreadable_inputs(workdir, photos, tmp_path, caplo
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a JPEG")
     portrait = made["portrait.png"][0]
-    status = predict.main([f"--workdir={workdir}", str(bad), str(portrait), str(tmp_path / "missing.png"),
+    status = predict.main(["predict", f"--workdir={workdir}", str(bad), str(portrait), str(tmp_path / "missing.png"),
                            f"--out={tmp_path / 'out'}", "--tta", "--threshold=0.4"])
     assert status == 1
     assert "broken.jpg" in caplog.text and "missing.png" in caplog.text
     assert np.asarray(PIL.Image.open(tmp_path / "out" / "portrait_palpebral.png")).shape == (120, 45)
     assert not (tmp_path / "out" / "broken_palpebral.png").exists()
-    assert predict.main([f"--workdir={workdir}", str(portrait), f"--out={tmp_path / 'ok'}"]) == 0
+    assert predict.main(["predict", f"--workdir={workdir}", str(portrait), f"--out={tmp_path / 'ok'}"]) == 0
+    # An ensemble of the run with itself writes the same masks.
+    assert predict.main(["predict", f"--workdir={workdir}", f"--workdir={workdir}", str(portrait),
+                         f"--out={tmp_path / 'twice'}"]) == 0
+    for name in ("portrait_palpebral.png", "portrait_forniceal_palpebral.png"):
+        np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "ok" / name)),
+                                      np.asarray(PIL.Image.open(tmp_path / "twice" / name)))
 
 
 def test_repeated_stems_do_not_overwrite(best_run, photos, tmp_path):
@@ -104,6 +111,7 @@ def test_repeated_stems_do_not_overwrite(best_run, photos, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     PIL.Image.fromarray(_photo(10, 12)).save(other / "odd.bmp")
-    report = predict.predict_photos(best_run, [made["odd.bmp"][0], other / "odd.bmp"], tmp_path / "out")
+    report = predict.predict_photos(segmenter.Segmenter([best_run]), [made["odd.bmp"][0], other / "odd.bmp"],
+                                    tmp_path / "out")
     assert sorted(report.written.values()) == ["odd", "odd_2"]
     assert np.asarray(PIL.Image.open(tmp_path / "out" / "odd_2_palpebral.png")).shape == (10, 12)

@@ -1,28 +1,23 @@
 """Tests of experiments/protocols.py: the aggregation math on fabricated summary.json files, the fold runner's
-jobs, workdirs, reuse and overrides with a fake trainer (no training here), and the git state that every result
-record carries (experiments/provenance.py) in a throwaway repository."""
+jobs, workdirs, reuse and overrides with a fake trainer (no training here), its command line (the project's one
+flag grammar), and the git state that every result record carries (experiments/provenance.py) in a throwaway
+repository."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
 import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
 
 from anemia_jax import config_lib
+from experiments import protocols, provenance
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("experiments_protocols", REPO / "experiments" / "protocols.py")
-protocols = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = protocols  # dataclasses look their module up there
-_spec.loader.exec_module(protocols)
-provenance = protocols.provenance  # experiments/provenance.py, as the scripts import it
 
 
 def _summary(dice_a, dice_b, hd95="NaN", step=10, status="completed"):
@@ -76,14 +71,13 @@ def config():
 
 
 def test_jobs_and_overrides(config):
-    protocols.apply_overrides(config, ["model.features=8", "optimizer.learning_rate=3e-4", "image_size=64,64",
-                                       "dataset.data_dir=/tmp/x", "loss.deep_supervision_weights=(0.3,0.7)"])
+    config = protocols.with_overrides(config, {"model.features": 8, "optimizer.learning_rate": 3e-4,
+                                               "image_size": (64, 64), "dataset.data_dir": "/tmp/x",
+                                               "loss.deep_supervision_weights": (0.3, 0.7)})
     assert (config.model.features, config.optimizer.learning_rate) == (8, 3e-4)
     assert tuple(config.image_size) == (64, 64) and config.dataset.data_dir == "/tmp/x"
     with pytest.raises(ValueError, match="model.features"):
-        protocols.apply_overrides(config, ["model.featurs=8"])
-    with pytest.raises(ValueError, match="integer"):
-        protocols.apply_overrides(config, ["model.features=2.5"])
+        protocols.with_overrides(config, {"model.featurs": 8})
     jobs = protocols.kfold_jobs(config, "unetpp", 3)
     assert [(j.run, j.config.split.fold, j.config.split.num_folds) for j in jobs] == [
         ("fold_0", 0, 3), ("fold_1", 1, 3), ("fold_2", 2, 3)]
@@ -127,7 +121,7 @@ def test_run_jobs_trains_each_fold_once_and_reuses(config, tmp_path):
     assert {r["group"] for r in protocols.load_records([tmp_path])} == {"unetpp", "unetpp-focal_tversky"}
     assert [r["group"] for r in protocols.load_records([tmp_path], ["unetpp"])] == ["unetpp"] * 3
     # A workdir holding another config's run is never overwritten.
-    changed = protocols.kfold_jobs(protocols.apply_overrides(config, ["batch_size=16"]), "unetpp", 1)
+    changed = protocols.kfold_jobs(protocols.with_overrides(config, {"batch_size": 16}), "unetpp", 1)
     with pytest.raises(FileExistsError, match="different config"):
         protocols.run_jobs(changed, tmp_path, train_fn=fake_train)
 
@@ -137,17 +131,39 @@ def test_aggregate_command_writes_table_and_record(config, tmp_path):
         workdir = tmp_path / "runs" / "unet" / f"fold_{k}"
         workdir.mkdir(parents=True)
         (workdir / "summary.json").write_text(json.dumps(_summary(d, 0.5)))
-    assert protocols.main(["aggregate", f"--runs={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}",
-                           "--name=t", "--note=fabricated"]) == 0
+    assert protocols.main(["protocols", "--mode=aggregate", f"--runs={tmp_path / 'runs'}",
+                           f"--out={tmp_path / 'out'}", "--name=t", "--note=fabricated"]) == 0
     text = (tmp_path / "out" / "t.md").read_text()
     assert "| unet | a | 2 | 0.3000 ± 0.1414 |" in text
     assert "git commit:" in text and "wall time:" in text and "fabricated" in text
     record = json.loads((tmp_path / "out" / "t.json").read_text())
-    assert record["provenance"]["command"].startswith("python experiments/protocols.py aggregate")
+    assert record["provenance"]["command"].startswith("python -m experiments.protocols --mode=aggregate")
     assert record["provenance"]["machine"]["cpu_count"] >= 1
     assert {"git_commit", "git_uncommitted_changes", "git_changed_paths", "git_changed_paths_total"} <= set(
         record["provenance"])
     assert np.isclose(record["aggregate"]["groups"]["unet"]["targets"]["a"]["dice"]["mean"], 0.3)
+
+
+def test_command_line_configs_models_and_overrides(tmp_path, capsys, monkeypatch):
+    # Parsing only: the configs --mode=cv would train, with the overrides applied to each of them.
+    seen = []
+    monkeypatch.setattr(protocols, "run_jobs", lambda jobs, root: seen.extend(jobs) or [])
+    monkeypatch.setattr(protocols, "aggregate", lambda *a, **k: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit, match="stop"):
+        protocols.main(["protocols", "--mode=cv", f"--config={REPO}/configs/unet.py:data=phantom,test",
+                        "--models=unetpp", "--folds=2", "--config.model.features=8", f"--out={tmp_path}"])
+    assert [(j.group, j.run) for j in seen] == [("unet", "fold_0"), ("unet", "fold_1"), ("unetpp", "fold_0"),
+                                                 ("unetpp", "fold_1")]
+    assert {j.config.model.features for j in seen} == {8} and seen[2].config.model.name == "unetpp"
+    assert tuple(seen[2].config.loss.deep_supervision_weights) == (0.5, 0.5)  # the model's own loss fields
+    assert protocols.main(["protocols", "--mode=cv", f"--config={REPO}/configs/unet.py:data=phantom,test",
+                           "--config.model.features=2.5", f"--out={tmp_path}"]) == 2
+    assert "features" in capsys.readouterr().err
+    assert protocols.main(["protocols", "--mode=cv", f"--config={REPO}/configs/unet.py:data=phantom,test",
+                           "--config.model.featurs=8", f"--out={tmp_path}"]) == 2
+    assert "close keys: model.features" in capsys.readouterr().err
+    assert protocols.main(["protocols", "--mode=cv", f"--out={tmp_path}"]) == 2
+    assert "--config=configs/<model>.py" in capsys.readouterr().err
 
 
 def _git(repo: pathlib.Path, *args: str) -> None:

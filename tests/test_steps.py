@@ -14,7 +14,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from anemia_jax import augment, losses, metrics, parallel, steps
+from anemia_jax import augment, evaluator, inference, input_pipeline, losses, metrics, parallel, steps
+from anemia_jax.normalization import normalize
 from anemia_jax.models.unet import UNet
 from anemia_jax.models.unetpp import UNetPlusPlus
 
@@ -125,7 +126,7 @@ def test_gradient_is_global_mean_gradient(runs):
     """
     init = runs["init"]
     batch = make_batch(0)
-    images = steps.normalize(batch["image"] / 255.0)
+    images = normalize(batch["image"] / 255.0)
     weights = (batch["mask_weights"] * batch["valid"][:, None])[:, None, None, :]
     plain = MODEL.clone(bn_axis_name=None)  # BatchNorm over the whole batch, one device
 
@@ -269,52 +270,60 @@ def test_batch_norm_model_without_axis_name_is_rejected():
         steps.make_train_step(MODEL.clone(bn_axis_name=None), TX, loss_fn, parallel.make_mesh())
 
 
-def test_eval_step_per_example_outputs(runs):
+def test_evaluator_per_example_outputs(runs):
     mesh, state = runs["eight_mesh"], runs["eight_state"]
     batch = make_batch(5)
-    out = steps.make_eval_step(MODEL, mesh)(state, parallel.host_local_to_global(batch, mesh))
-    assert out["dice"].sharding.spec == P(parallel.DATA_AXIS)
-    out = parallel.fetch(out)
-    host = parallel.fetch(state)
-    logits = MODEL.apply({"params": host.params, "batch_stats": host.batch_stats},
-                         steps.normalize(batch["image"] / 255.0), train=False).logits
-    weights = batch["mask_weights"] * batch["valid"][:, None]
-    counts = metrics.confusion_counts(metrics.binarize(logits), batch["masks"],
+    keep = batch["valid"]  # the evaluator pads its own batches; the padded row is not an example
+    host = input_pipeline.HostExamples(batch["image"][keep], batch["masks"][keep], batch["mask_weights"][keep],
+                                       batch["index"][keep], {}, ("a", "b"))
+    dataset = input_pipeline.DeviceDataset.from_host(host, mesh, batch_size=GLOBAL_BATCH)
+    result = evaluator.Evaluator(dataset, inference.probability_fn(MODEL), ("a", "b")).run(
+        steps.model_variables(state))
+    out = result.per_image
+    fetched = parallel.fetch(state)
+    logits = MODEL.apply({"params": fetched.params, "batch_stats": fetched.batch_stats},
+                         normalize(batch["image"][keep] / 255.0), train=False).logits
+    weights = batch["mask_weights"][keep]
+    counts = metrics.confusion_counts(metrics.binarize(logits), batch["masks"][keep],
                                       weights=weights[:, None, None, :])
     scores = metrics.scores_from_counts(counts)
+    np.testing.assert_array_equal(out["index"], batch["index"][keep])
     for k in ("tp", "fp", "fn", "tn"):
         np.testing.assert_allclose(out[k], counts[k], atol=0.5)
-        assert out[k].shape == (GLOBAL_BATCH, TARGETS)
     for k in ("dice", "iou", "precision", "recall"):
         np.testing.assert_allclose(out[k], scores[k], atol=1e-5)
     np.testing.assert_array_equal(out["weights"], weights)
-    np.testing.assert_array_equal(out["valid"], batch["valid"])
-    np.testing.assert_array_equal(out["index"], batch["index"])
-    # Missing mask and padding row: zero weight and zero counts, so they drop out of any sum.
-    for b, c in ((1, 1), (GLOBAL_BATCH - 1, 0), (GLOBAL_BATCH - 1, 1)):
-        assert out["weights"][b, c] == 0
-        assert sum(out[k][b, c] for k in ("tp", "fp", "fn", "tn")) == 0
+    # A missing mask: zero weight and zero counts, so it drops out of any sum and of the summary.
+    assert out["weights"][1, 1] == 0 and sum(out[k][1, 1] for k in ("tp", "fp", "fn", "tn")) == 0
+    assert result.summary["targets"]["b"]["num_missing_mask"] == 1
+    assert result.scalars["num_images/a"] == keep.sum() and result.scalars["num_images/b"] == keep.sum() - 1
     assert out["tp"][0].sum() + out["fp"][0].sum() + out["fn"][0].sum() + out["tn"][0].sum() == \
         SIZE * SIZE * TARGETS
 
 
-def test_predict_fn_unetpp_prune_level():
+def test_probability_fn_unetpp_prune_level():
     mesh = parallel.make_mesh()
     model = UNetPlusPlus(num_classes=TARGETS, features=4, depth=2, deep_supervision=True,
                          bn_axis_name=parallel.DATA_AXIS)
     host = host_state(model, TX, seed=2)
-    state = parallel.replicate(host, mesh)
-    images = np.random.default_rng(0).uniform(size=(GLOBAL_BATCH, SIZE, SIZE, 3)).astype(np.float32)
+    images = np.random.default_rng(0).integers(0, 256, (GLOBAL_BATCH, SIZE, SIZE, 3), dtype=np.uint8)
     variables = {"params": host.params, "batch_stats": host.batch_stats}
-    x = steps.normalize(images)
+    x = normalize(images / 255.0)
     full = model.apply(variables, x, train=False).heads
     assert len(full) == 2
     for prune_level, expected in ((None, full[-1]), (1, model.apply(variables, x, train=False, prune_level=1).logits)):
-        probs = steps.make_predict_fn(model, mesh, prune_level=prune_level)(
-            state, parallel.host_local_to_global(images, mesh))
+        probs = inference.sharded(inference.probability_fn(model, prune_level=prune_level), mesh)(
+            parallel.replicate(variables, mesh), parallel.host_local_to_global(images, mesh))
         assert probs.shape == (GLOBAL_BATCH, SIZE, SIZE, TARGETS) and probs.dtype == jnp.float32
+        assert probs.sharding.spec == P(parallel.DATA_AXIS)
         np.testing.assert_allclose(parallel.fetch(probs), jax.nn.sigmoid(expected), atol=1e-5)
     assert not np.allclose(jax.nn.sigmoid(full[0]), jax.nn.sigmoid(full[-1]), atol=1e-3)
+    # An ensemble of a model with itself is the model; members keep each probability apart.
+    both = inference.ensemble_fn([inference.probability_fn(model)] * 2)
+    np.testing.assert_allclose(jax.jit(both)((variables, variables), images[:2]),
+                               jax.nn.sigmoid(full[-1][:2]), atol=1e-5)
+    members = jax.jit(inference.members_fn([inference.probability_fn(model)] * 3))((variables,) * 3, images[:2])
+    assert members.shape == (3, 2, SIZE, SIZE, TARGETS)
 
 
 def test_parallel_helpers_roundtrip_and_errors():

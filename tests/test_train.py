@@ -26,7 +26,8 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
-from anemia_jax import checkpointing, config_lib, input_pipeline, optim, parallel, reporting, steps, train
+from anemia_jax import checkpointing, config_lib, evaluate, evaluator, experiment, input_pipeline, parallel, reporting
+from anemia_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/unetpp.py:data=phantom,test"
@@ -55,20 +56,38 @@ class Collect(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+EVALUATIONS: list[dict] = []  # the results of every Evaluator.run while `spy_evaluator` is installed
+
+
+def spy_evaluator(monkeypatch):
+    """Records every `evaluator.Evaluator.run` result (the one evaluation loop) in `EVALUATIONS`."""
+    real = evaluator.Evaluator.run
+
+    def run(self, variables):
+        result = real(self, variables)
+        EVALUATIONS.append(result.scalars)
+        return result
+
+    monkeypatch.setattr(evaluator.Evaluator, "run", run)
+
+
 @pytest.fixture(scope="module")
 def reference(shared, tmp_path_factory):
-    """An uninterrupted run: its workdir, summary and log lines."""
+    """An uninterrupted run: its workdir, summary, log lines and the results of its evaluations."""
     workdir = tmp_path_factory.mktemp("reference")
     collect = Collect()
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_logger().addHandler(collect)
-    try:
-        summary = train.train_and_evaluate(make_config(shared), workdir)
-    finally:
-        absl_logging.get_absl_logger().removeHandler(collect)
-        absl_logging.set_verbosity(verbosity)
-    return workdir, summary, collect.lines
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        spy_evaluator(monkeypatch)
+        EVALUATIONS.clear()
+        try:
+            summary = train.train_and_evaluate(make_config(shared), workdir)
+        finally:
+            absl_logging.get_absl_logger().removeHandler(collect)
+            absl_logging.set_verbosity(verbosity)
+    return workdir, summary, collect.lines, list(EVALUATIONS)
 
 
 def read_jsonl(path):
@@ -78,14 +97,14 @@ def read_jsonl(path):
 def final_state(workdir, config, step=TOTAL):
     """The state saved at ``step`` in ``workdir``, on this process's mesh."""
     mesh = parallel.make_mesh()
-    tx, _ = optim.make_optimizer(config.optimizer, total_steps=TOTAL, warmup_steps=config.warmup_steps)
-    template = train.abstract_train_state(train.build_model(config), tx, config.image_size, mesh)
+    tx, _ = experiment.build_optimizer(config, total_steps=TOTAL, warmup_steps=config.warmup_steps)
+    template = experiment.abstract_train_state(experiment.build_model(config), tx, config.image_size, mesh)
     with checkpointing.CheckpointManager(pathlib.Path(workdir) / "checkpoints", max_to_keep=1) as mgr:
         return mgr.restore(step, template)[0]
 
 
 def test_run_leaves_outputs(reference, shared):
-    workdir, summary, _ = reference
+    workdir, summary, _, _ = reference
     config = make_config(shared)
     assert summary["status"] == "completed" and summary["step"] == TOTAL and summary["steps_this_run"] == TOTAL
     assert summary["config_name"] == "unetpp" and summary["num_devices"] == 8
@@ -130,6 +149,67 @@ def test_progress_and_evaluation_lines(reference):
     assert any(line.startswith("val @ step 12: mean dice") for line in lines)
     assert any(line.startswith("First step (including compilation) took") for line in lines)
     assert any(line.startswith("final val @ step 24") and "hd95" in line for line in lines)
+    assert any(re.match(r"unetpp: 0\.\d+ M parameters; [\d.]+ GFLOP per training step", line) for line in lines)
+
+
+def read_events(workdir):
+    """Every summary value of the run's TensorBoard event files: [(step, tag, value protobuf)].
+
+    Event files are TFRecord files (per record: uint64 length, uint32 CRC, data, uint32 CRC) of `Event` protobufs;
+    tensorboardX ships the protobuf classes, so no TensorFlow is needed to read them back."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    values = []
+    for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            values += [(event.step, v.tag, v) for v in event.summary.value]
+    return values
+
+
+def test_tensorboard_events_hold_scalars_panels_and_hparams(reference):
+    workdir, summary = reference[0], reference[1]
+    values = read_events(workdir)
+    scalars = {(step, tag): v.simple_value for step, tag, v in values if v.HasField("simple_value")}
+    records = read_jsonl(workdir / "metrics.jsonl")
+    for record in records:
+        for name, value in record.items():
+            if name not in ("step", "split") and isinstance(value, float):
+                assert scalars[(record["step"], f"{record['split']}/{name}")] == pytest.approx(value, rel=1e-6)
+    assert scalars[(24, "val/dice/mean")] == pytest.approx(summary["final"]["val"]["dice/mean"], rel=1e-6)
+    images = {step: v.image for step, tag, v in values if tag == "val/panel"}
+    assert sorted(images) == [12, 24]
+    with Image.open(__import__("io").BytesIO(images[24].encoded_image_string)) as panel:
+        assert panel.size == (images[24].width, images[24].height) and panel.width >= 3 * 128
+    tags = {tag for _, tag, _ in values}
+    assert "_hparams_/experiment" in tags and "_hparams_/session_start_info" in tags
+    assert any(tag.startswith("config") for tag in tags)
+
+
+def test_trainer_and_evaluate_command_score_alike(reference, shared, tmp_path, monkeypatch):
+    """The trainer's final validation scores and `python -m anemia_jax.evaluate` on the same checkpoint are the
+    same numbers, from the same `Evaluator.run` (one forward pass per batch: see test_evaluate.py)."""
+    workdir, summary, _, trainer_evaluations = reference
+    # Evaluations of the trainer: at steps 12 and 24 (with panels), then final val (with distances), then best val.
+    same = lambda a, b: reporting.jsonable(a) == reporting.jsonable(b)  # noqa: E731 -- NaN equals NaN here
+    assert len(trainer_evaluations) >= 3 and same(trainer_evaluations[2], summary["final"]["val"])
+    spy_evaluator(monkeypatch)
+    EVALUATIONS.clear()
+    out = tmp_path / "eval"
+    assert evaluate.main(["evaluate", f"--workdir={workdir}", f"--checkpoint={TOTAL}", "--split=val",
+                          f"--out={out}"]) == 0
+    assert len(EVALUATIONS) == 1
+    command = EVALUATIONS[0]
+    assert same(command, summary["final"]["val"])  # exactly: same variables, batches and code
+    written = json.loads((out / "summary.json").read_text())
+    for t in summary["targets"]:
+        assert written["targets"][t]["dice"]["mean"] == command[f"dice/{t}"]
 
 
 def test_config_changes_are_listed():
@@ -232,10 +312,10 @@ def test_invalid_config_fails_before_any_work(shared, tmp_path):
 def test_abstract_state_matches_created_state(shared):
     config = make_config(shared)
     mesh = parallel.make_mesh()
-    model = train.build_model(config)
-    tx, _ = optim.make_optimizer(config.optimizer, total_steps=TOTAL, warmup_steps=2)
-    abstract = train.abstract_train_state(model, tx, config.image_size, mesh)
-    real = steps.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 32, 32, 3)), mesh)
+    model = experiment.build_model(config)
+    tx, _ = experiment.build_optimizer(config, total_steps=TOTAL, warmup_steps=2)
+    abstract = experiment.abstract_train_state(model, tx, config.image_size, mesh)
+    real = experiment.init_train_state(config, model, tx, mesh)
     assert jax.tree.structure(abstract) == jax.tree.structure(real)
     for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
         assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)
@@ -257,7 +337,7 @@ def test_compilation_cache_is_enabled(reference, shared, tmp_path):
         compilation_cache.reset_cache()
         jax.jit(lambda x: x * unique - 1.0)(jnp.ones(5)).block_until_ready()
         assert os.listdir(other), "set-up: the other cache should have opened"
-        train.enable_compilation_cache(cache)
+        experiment.enable_compilation_cache(cache)
         assert jax.config.jax_compilation_cache_dir == cache
         before_run, before_other = set(os.listdir(cache)), set(os.listdir(other))
         jax.jit(lambda x: x * unique + 2.0)(jnp.ones(7)).block_until_ready()
@@ -265,7 +345,7 @@ def test_compilation_cache_is_enabled(reference, shared, tmp_path):
         assert set(os.listdir(other)) == before_other
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
-        train.enable_compilation_cache(cache)
+        experiment.enable_compilation_cache(cache)
 
 
 def test_workdir_paths_keep_urls():
@@ -286,7 +366,7 @@ def test_url_workdir_reaches_no_local_path_and_nothing_before_data(shared, tmp_p
     def no_data(config, mesh):
         raise train.DataNotFoundError("no data here")
 
-    monkeypatch.setattr(train, "load_data", no_data)
+    monkeypatch.setattr(experiment, "load_data", no_data)
     collect = Collect()
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -330,8 +410,9 @@ def test_reporter_on_object_storage(fake_gcs):
     reporter.save_panel(6, np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 8, 1), np.uint8),
                         np.zeros((1, 8, 8, 1), np.float32), ["t"])
     reporter.write_summary({"status": "completed"})
-    assert sorted(fake_gcs.store) == ["/bucket/runs/x/config.json", "/bucket/runs/x/metrics.jsonl",
-                                      "/bucket/runs/x/panels/step_0000006.png", "/bucket/runs/x/summary.json"]
+    assert sorted(k for k in fake_gcs.store if "tfevents" not in k) == [
+        "/bucket/runs/x/config.json", "/bucket/runs/x/metrics.jsonl", "/bucket/runs/x/panels/step_0000006.png",
+        "/bucket/runs/x/summary.json"]
     run = epath.Path("gs://bucket/runs/x")
     assert [(r["step"], r["split"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [
         (2, "train"), (4, "train"), (6, "val")]

@@ -1,4 +1,10 @@
-"""TFDS builders of the project, looked up by name.
+"""TFDS builders of the project and the datasets they provide, each declared beside its builder.
+
+Importing this package imports every builder module, which registers each builder with TFDS (so
+``tfds.builder("eyes_defy_anemia", ...)`` works after ``import anemia_jax.datasets``) and each selectable dataset in
+`DATASETS` (`anemia_jax.datasets.spec.DatasetSpec`: builder, stored resolutions, masks, split protocols, schedule).
+Adding a dataset: a folder ``anemia_jax/datasets/<name>/`` with ``<name>_dataset_builder.py`` defining ``Builder``
+and calling `register_dataset` next to it.
 
 Every builder writes `array_record` files that are read back with `tfds.data_source` (no TensorFlow), and every
 example follows one contract so the input pipeline can treat the sets alike:
@@ -14,28 +20,36 @@ example follows one contract so the input pipeline can treat the sets alike:
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
-# name -> module that defines the `Builder` class (imported lazily: importing one builder must not
-# require the others' optional sources).
-_BUILDER_MODULES = {
-    "eyes_defy_anemia": "anemia_jax.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder",
-    "image_mask_folder": "anemia_jax.datasets.image_mask_folder.image_mask_folder_dataset_builder",
-    "conjunctiva_phantom": "anemia_jax.datasets.conjunctiva_phantom.conjunctiva_phantom_dataset_builder",
-}
+from anemia_jax.datasets.spec import DATASETS, DatasetSpec, register_dataset
 
-BUILDER_NAMES = tuple(_BUILDER_MODULES)
+# name -> the `Builder` class of `anemia_jax/datasets/<name>/<name>_dataset_builder.py` (TFDS's folder convention).
+_BUILDERS: dict[str, type] = {}
+for _package in pkgutil.iter_modules(__path__):
+    if _package.ispkg:
+        _module = importlib.import_module(f"{__name__}.{_package.name}.{_package.name}_dataset_builder")
+        _BUILDERS[_module.Builder.name] = _module.Builder
+
+BUILDER_NAMES = tuple(_BUILDERS)
+
+__all__ = ["BUILDER_NAMES", "DATASETS", "DatasetSpec", "builder_class", "get_builder", "register_dataset"]
 
 
 def builder_class(name: str) -> type:
     """The TFDS builder class registered under ``name``."""
-    if name not in _BUILDER_MODULES:
+    if name not in _BUILDERS:
         raise ValueError(f"Unknown dataset builder {name!r}; choose one of {', '.join(BUILDER_NAMES)}.")
-    return importlib.import_module(_BUILDER_MODULES[name]).Builder
+    return _BUILDERS[name]
 
 
 def get_builder(name: str, *, data_dir: str | None = None, config: str | None = None, **kwargs: Any):
-    """Instantiates builder ``name`` (optionally a named builder ``config``) writing under ``data_dir``."""
+    """Instantiates builder ``name`` (optionally a named builder ``config``) writing under ``data_dir``.
+
+    Nothing is prepared: call ``download_and_prepare`` (or use `anemia_jax.experiment.prepare_builder`, which also
+    turns missing source files into a message saying what to pass).
+    """
     cls = builder_class(name)
     if config is not None:
         kwargs["config"] = config

@@ -64,7 +64,7 @@ def check_images(images: Array, depth: int, model: str) -> None:
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(
             f"{model} expects floating-point images (e.g. float32 in [0, 1]); got dtype "
-            f"{images.dtype}. Convert uint8 images first (anemia_jax.augment.to_float)."
+            f"{images.dtype}. Convert uint8 images first (anemia_jax.normalization.to_float)."
         )
 
 
@@ -275,6 +275,12 @@ class SegmentationModel(nn.Module):
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"{cls}.dropout_rate must be in [0, 1); got {self.dropout_rate!r}.")
         super().__post_init__()
+
+    @property
+    def input_multiple(self) -> int:
+        """H and W of the input must be multiples of this: ``2**depth`` (every level halves the resolution), or 32
+        with a ResNet encoder (``encoder`` field of U-Net / UNet++: five stride-2 stages)."""
+        return 32 if getattr(self, "encoder", None) else 2**self.depth
 
     @property
     def widths(self) -> tuple[int, ...]:

@@ -176,6 +176,8 @@ class SegFormer(nn.Module):
 
     # Read by anemia_jax.steps: the decoder's BatchNorm must be synchronised over the data axis.
     norm = "batch"
+    # H and W must be multiples of this (the last MiT stage is at 1/32).
+    input_multiple = 32
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

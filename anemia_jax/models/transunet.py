@@ -292,6 +292,11 @@ class TransUNet(nn.Module):
     # Read by anemia_jax.steps: the decoder's BatchNorm must be synchronised over the data axis.
     norm = "batch"
 
+    @property
+    def input_multiple(self) -> int:
+        """H and W of the input must be multiples of this: the token stride, ``patch_size``."""
+        return int(self.patch_size)
+
     def __post_init__(self) -> None:
         cls = type(self).__name__
         if self.patch_size != 2 ** len(self.decoder_channels):

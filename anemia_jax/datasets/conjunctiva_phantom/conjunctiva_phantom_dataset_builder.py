@@ -23,6 +23,7 @@ from PIL import Image
 
 from anemia_jax.datasets import features as features_lib
 from anemia_jax.datasets.conjunctiva_phantom import phantom
+from anemia_jax.datasets.spec import DatasetSpec, register_dataset
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -106,3 +107,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 record[name] = _png(getattr(ex, name))
                 record[f"has_{name}"] = True
             yield index, record
+
+
+register_dataset(DatasetSpec(
+    name="phantom", builder="conjunctiva_phantom", stored=((256, "res256"), (512, "res512")),
+    masks=phantom.MASK_NAMES, default_targets=("palpebral", "forniceal_palpebral"), protocols=("kfold", "loco"),
+    schedule=(("num_epochs", 100), ("warmup_epochs", 3), ("eval_every_epochs", 5), ("checkpoint_every_epochs", 5)),
+), aliases=("conjunctiva_phantom",))

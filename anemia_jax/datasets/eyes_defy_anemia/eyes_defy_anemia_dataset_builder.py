@@ -31,6 +31,7 @@ from anemia_jax.datasets.eyes_defy_anemia import photos as photos_lib
 from anemia_jax.datasets.eyes_defy_anemia import source as source_lib
 from anemia_jax.datasets.eyes_defy_anemia import summary as summary_lib
 from anemia_jax.datasets.eyes_defy_anemia.archive import MASK_KINDS
+from anemia_jax.datasets.spec import DatasetSpec, register_dataset
 
 SHEET_NAME = "Foglio1"
 
@@ -216,3 +217,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             example[kind] = masks_lib.encode_mask_png(stored if stored is not None else empty)
             example[f"has_{kind}"] = stored is not None
         return example
+
+
+# ~175 training photos per fold: 11 steps per epoch at batch 16.
+register_dataset(DatasetSpec(
+    name="eyes_defy_anemia", builder="eyes_defy_anemia", stored=((512, "long512"), (1024, "long1024")),
+    masks=MASK_KINDS, default_targets=("palpebral", "forniceal_palpebral"), protocols=("kfold", "loco"),
+    builder_kwargs=(("archive_path", ""),),
+    schedule=(("num_epochs", 300), ("warmup_epochs", 5), ("eval_every_epochs", 10), ("checkpoint_every_epochs", 10)),
+), aliases=("eyes",))

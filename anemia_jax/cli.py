@@ -1,0 +1,233 @@
+"""The one flag grammar of every command: absl flags, with configs as `ml_collections` config flags.
+
+* Training and the experiment scripts take ``--config=configs/<model>.py[:key=value,...]`` (`Command.config_flag`):
+  the config file is loaded, parametrised and locked by ``ml_collections.config_flags``, and any field can be changed
+  with ``--config.<a>.<b>=<value>``; a mistyped key fails naming the closest keys.
+* Commands that work on finished runs (evaluate, predict, export, app) take ``--workdir=RUN`` (repeatable: several
+  runs form an ensemble) and the same ``--config.<a>.<b>=<value>`` overrides, applied to each run's recorded config
+  (`Command.run_flags`, `Command.parse_runs`, `Command.run_configs`), e.g. ``--config.dataset.data_dir=/data`` when
+  the prepared data moved.
+
+Each command owns a `Command` (its own absl ``FlagValues``), so several commands can live in one process (tests call
+``evaluate.main([...])`` and ``predict.main([...])`` side by side). Parsing failures raise `CommandLineError`, which
+the command turns into a one-paragraph message and exit status `EXIT_CONFIG`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
+
+from anemia_jax import config_lib
+
+# Exit statuses shared by the commands (each command's docstring says which it uses).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran, but some of its work failed (e.g. unreadable photos, a non-finite loss)
+EXIT_CONFIG = 2  # invalid command line or config
+EXIT_DATA = 3  # missing or unusable data
+EXIT_CHECKPOINT = 4  # missing or damaged checkpoint, or one written by another model
+EXIT_IO = 5  # cannot write outputs (read-only place, full disk)
+
+__all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_FAILED", "EXIT_IO", "EXIT_OK", "Command",
+           "CommandLineError", "QuietLibraries", "setup_logging"]
+
+
+class CommandLineError(ValueError):
+    """A command line that cannot run; the message says what was wrong and what to pass instead."""
+
+
+class QuietLibraries(pylogging.Filter):
+    """Drops INFO records logged through absl by Orbax (dozens per checkpoint), keeping warnings and errors."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def setup_logging(verbosity: int = logging.INFO) -> None:
+    """absl logging to stderr at ``verbosity``, without Orbax's INFO chatter (idempotent)."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # absl's own flags keep their defaults; commands parse their own
+    logging.use_absl_handler()
+    logging.set_verbosity(verbosity)
+    logger = logging.get_absl_logger()
+    if not any(isinstance(f, QuietLibraries) for f in logger.filters):
+        logger.addFilter(QuietLibraries())
+
+
+def _override_keys(argv: Sequence[str]) -> list[str]:
+    """The dotted keys of ``--config.<key>[=value]`` arguments (for error messages only)."""
+    return [m.group(1) for arg in argv[1:] if (m := re.match(r"^--?config\.([^=]+)", arg))]
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (for error messages and imports before absl parses)."""
+    for i, arg in enumerate(argv[1:], start=1):
+        match = re.match(r"^--?config(?:=(.*))?$", arg)
+        if match:
+            return match.group(1) if match.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+class Command:
+    """The flags of one command line.
+
+    Args:
+        name: the command, e.g. ``'python -m anemia_jax.evaluate'`` (help text).
+        doc: its usage text (the module docstring), printed by ``--help``.
+    """
+
+    def __init__(self, name: str, doc: str):
+        self._prog = name
+        self._usage = doc
+        self.flags = flags.FlagValues()
+        self._template: ml_collections.ConfigDict | None = None
+        self._config_file: bool | None = None  # --config file flag: None none, else whether it is required
+
+    def __getattr__(self, name: str) -> Any:
+        # cmd.split reads the parsed value of --split (any flag name but 'flags').
+        if name.startswith("_") or name == "flags":
+            raise AttributeError(name)
+        return getattr(self.flags, name)
+
+    # ---------------------------------------------------------------------------------------------- flags
+
+    def config_flag(self, *, required: bool = True) -> None:
+        """``--config=configs/<model>.py[:arg]``: a locked `ml_collections` config file, overridable per field.
+
+        (Defined at parse time: config_flags reads the ``--config.<key>`` overrides from the argv it is given then.)
+        """
+        self._config_file = required
+
+    def _define_config_file(self, argv: Sequence[str]) -> None:
+        config_flags.DEFINE_config_file(
+            "config", None, "Config file, optionally parametrised: configs/unetpp.py:data=phantom,size=256. Change "
+            "any field with --config.<key>=<value>.", flag_values=self.flags, lock_config=True, sys_argv=list(argv))
+        if self._config_file:
+            flags.mark_flag_as_required("config", flag_values=self.flags)
+
+    def config_file_name(self) -> str:
+        """The ``path[:arg]`` given to ``--config`` (after parsing)."""
+        return config_flags.get_config_filename(self.flags["config"])
+
+    def run_flags(self, *, verb: str, checkpoint_default: str = "best", tta: bool = True,
+                  checkpoint_help: str = "'best' (validation mean Dice), 'latest' or a step.") -> None:
+        """The flags of a command that restores runs: ``--workdir`` (repeatable), ``--checkpoint`` and, with ``tta``,
+        ``--tta``, ``--tta_flips``, ``--tta_scales``, ``--prune_level``. ``verb`` completes the help texts."""
+        fv = self.flags
+        flags.DEFINE_multi_string("workdir", [], f"Training run directory to {verb} (config.json + checkpoints/), "
+                                  "local or gs://...; repeat it to combine several runs (e.g. the folds of a "
+                                  "cross-validation) into an ensemble averaging their probabilities.", flag_values=fv)
+        flags.DEFINE_string("checkpoint", checkpoint_default, checkpoint_help, flag_values=fv)
+        if tta:
+            flags.DEFINE_bool("tta", False, "Average over test-time augmentation views.", flag_values=fv)
+            flags.DEFINE_string("tta_flips", "none,h", "Comma-separated flips of the TTA views (none, h, v, hv).",
+                                flag_values=fv)
+            flags.DEFINE_string("tta_scales", "1", "Comma-separated scales of the TTA views, e.g. 0.75,1,1.25.",
+                                flag_values=fv)
+            flags.DEFINE_integer("prune_level", None, f"UNet++: {verb} with the pruned network L^k.", flag_values=fv)
+
+    # -------------------------------------------------------------------------------------------- parsing
+
+    def _help(self, argv: Sequence[str]) -> bool:
+        if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv[1:]):
+            print(f"{self._usage.strip()}\n\nFlags of {self._prog}:\n{self.flags.get_help()}")
+            return True
+        return False
+
+    def parse(self, argv: Sequence[str]) -> list[str] | None:
+        """Parses ``argv`` (program name first); returns the positional arguments, or None after printing --help.
+
+        Raises:
+            CommandLineError: an unknown or malformed flag, a missing required one, a bad config file or argument, or
+                an unknown ``--config.<key>`` (listing the closest keys).
+        """
+        argv = list(argv)
+        if self._config_file is not None and "config" not in self.flags:
+            self._define_config_file(argv)
+        if self._help(argv):
+            return None
+        spec = _config_spec(argv)
+        if spec and self._template is None:
+            config_lib.make_config_importable(spec.partition(":")[0])
+        try:
+            return self.flags(argv)[1:]
+        except flags.Error as e:
+            message = str(e)
+            # A bad config argument surfaces as a traceback inside config_flags' message; its last line says it all.
+            for error in (config_lib.ConfigError, FileNotFoundError):
+                marker = f"{error.__name__}: "
+                if marker in message:
+                    message = f"Invalid --config={spec}: {message.rsplit(marker, 1)[1].strip()}"
+            raise CommandLineError(f"{message}\nPass --help to see every flag of {self._prog}.") from None
+        except (AttributeError, KeyError) as e:
+            raise self._unknown_override(argv, spec, e) from None
+        except (FileNotFoundError, config_lib.ConfigError) as e:
+            raise CommandLineError(f"Invalid --config={spec}: {e}") from None
+
+    def _unknown_override(self, argv: Sequence[str], spec: str | None, error: Exception) -> CommandLineError:
+        # ml_collections raises AttributeError/KeyError (with at most one suggestion) for a missing key.
+        messages = []
+        try:
+            config = self._template if self._template is not None else (
+                config_lib.load_config_file(spec) if spec else None)
+            if config is not None:
+                messages = config_lib.unknown_keys(config, _override_keys(argv))
+        except Exception as load_error:  # noqa: BLE001 -- report the original problem below
+            messages = [f"(could not reload {spec} to suggest keys: {load_error})"]
+        return CommandLineError("Invalid --config override: " + ("\n  ".join(messages) or str(error)))
+
+    def parse_runs(self, argv: Sequence[str]) -> list[str] | None:
+        """`parse` for run commands: ``--config.<key>=<value>`` overrides are parsed (typed, key-checked) against
+        the first ``--workdir``'s recorded config; `run_configs` then applies them to every run."""
+        argv = list(argv)
+        if self._help(argv):
+            return None
+        try:
+            self.flags(argv, known_only=True)  # only to read --workdir; everything is parsed again below
+        except flags.Error:
+            pass  # reported by the full parse below
+        workdirs = list(self.flags["workdir"].value or [])
+        self.flags.unparse_flags()
+        if not workdirs:
+            raise CommandLineError(f"Pass the training run to use with --workdir=RUN (repeat it for an ensemble). "
+                                   f"Pass --help to see every flag of {self._prog}.")
+        from anemia_jax import runs  # noqa: PLC0415 -- JAX loads only once the command line looks right
+
+        try:
+            self._template = runs.load_config(workdirs[0])
+        except (FileNotFoundError, ValueError) as e:
+            raise CommandLineError(str(e)) from None
+        if "config" not in self.flags:
+            try:  # a config dict flag parses its overrides when it is defined
+                config_flags.DEFINE_config_dict("config", self._template, "The runs' recorded config; change a "
+                                                "field with --config.<key>=<value>.", flag_values=self.flags,
+                                                lock_config=True, sys_argv=argv)
+            except (AttributeError, KeyError) as e:
+                raise self._unknown_override(argv, None, e) from None
+            except flags.Error as e:
+                raise CommandLineError(f"{e}\nPass --help to see every flag of {self._prog}.") from None
+        return self.parse(argv)
+
+    def run_configs(self) -> list[ml_collections.ConfigDict]:
+        """Each ``--workdir``'s recorded config with the ``--config.<key>=<value>`` overrides applied."""
+        from anemia_jax import runs  # noqa: PLC0415
+
+        overrides = dict(self.flags["config"].override_values) if "config" in self.flags else {}
+        configs = []
+        for workdir in self.flags.workdir:
+            config = runs.load_config(workdir)
+            config.update_from_flattened_dict(overrides)
+            configs.append(config)
+        return configs
+
+    def config_overrides(self) -> dict[str, Any]:
+        """The ``--config.<key>=<value>`` overrides as ``{dotted key: typed value}`` (after parsing)."""
+        return dict(self.flags["config"].override_values)
