@@ -28,7 +28,7 @@ global batch.
 Randomness: by default the per-step key is `fold_in(state.rng, state.step)`,
 so a step is a pure function of (state, batch) and a resumed run draws the
 same keys as an uninterrupted one. `train_step(state, batch, key)` takes the
-step key from the caller instead (issue 4's signature; e.g. for experiments
+step key from the caller instead (e.g. for experiments
 that resample augmentation independently of the step counter). Either way
 each device folds in its `axis_index('data')`, so with augmentation or dropout
 on, results depend on the device count (each device draws its own

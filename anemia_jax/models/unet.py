@@ -28,7 +28,7 @@ class UNet(SegmentationModel):
 
     The defaults (``features=64, depth=4``: widths 64-128-256-512-1024, BatchNorm, 2x2 transposed
     convolutions, 3 input channels, ``num_classes=1``) have **31,037,633** parameters, the same
-    layer for layer as the PyTorch peer in ``shared/tools/peer_bench.py`` (BatchNorm scale and bias
+    layer for layer as a plain PyTorch U-Net of these widths (BatchNorm scale and bias
     are parameters; running statistics live in ``'batch_stats'``).
 
     Parameter scopes: ``encoder_{i}``, ``up_{i}``, ``decoder_{i}``, ``head``.

@@ -47,8 +47,7 @@ class UNetPlusPlus(SegmentationModel):
 
     Parameter counts with the defaults (``features=32, depth=4``, BatchNorm, transposed-conv
     upsampling, 3 input channels, ``num_classes=1``): **9,045,825** with
-    ``deep_supervision=False`` -- layer for layer the PyTorch peer in
-    ``shared/tools/peer_bench.py`` -- and **9,045,924** with ``deep_supervision=True`` (three more
+    ``deep_supervision=False`` -- layer for layer a plain PyTorch UNet++ of these widths -- and **9,045,924** with ``deep_supervision=True`` (three more
     1x1 heads of 33 parameters each).
 
     Parameter scopes: ``X_{i}_{j}`` (node blocks), ``up_{i}_{j}`` (the upsampling feeding
