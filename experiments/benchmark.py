@@ -52,10 +52,15 @@ MODELS = ["unet", "unetpp", "attention_unet", "segformer", "transunet", "transun
 
 def model_and_kwargs(args: argparse.Namespace) -> tuple[str, dict]:
     """The registered model name and its fields for ``--model`` (a preset or a name) and ``--model_kwargs``."""
-    from anemia_jax.convert_weights import parse_kwargs
+    import ast  # noqa: PLC0415
 
     name, kwargs = PRESETS.get(args.model, (args.model, {}))
-    kwargs = {**kwargs, **parse_kwargs(args.model_kwargs)}
+    for item in filter(None, args.model_kwargs.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
     if args.features:
         kwargs["features"] = args.features
     return name, kwargs

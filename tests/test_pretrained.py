@@ -12,6 +12,7 @@ outputs of those PyTorch models (eval mode) with the numpy-seeded weights of tes
 """
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from anemia_jax.models import get_model
 from anemia_jax.models.resnet import ResNet
 from anemia_jax.models.segformer import MixTransformer
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_TRANSUNET = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, resnet_width=32,
                       resnet_layers=(1, 1, 1), decoder_channels=(16, 16, 16, 8), head_channels=32)
 
@@ -209,17 +211,19 @@ def test_vit_npz_and_converter_round_trip(tmp_path):
 
     # Converted once at 128 px: the 4x4 grid is resized (corners aligned) to 8x8; the converted file loads as is.
     out = tmp_path / "converted"
-    kwargs = ",".join(f"{k}={v}".replace(" ", "") for k, v in TINY_TRANSUNET.items())
-    assert convert_weights.main(["--model=transunet", f"--model_kwargs={kwargs}", "--image_size=128",
-                                 f"--in={tmp_path / 'R50+ViT-tiny.npz'}", f"--out={out}"]) == 0
+    # The model comes from the training config, as for `python -m anemia_jax.main` (tiny widths: `test`).
+    config = [f"--config={REPO}/configs/transunet.py:test", "--config.image_size=(128, 128)",
+              "--config.model.num_layers=2"]
+    assert convert_weights.main(["convert_weights", *config, f"--in={tmp_path / 'R50+ViT-tiny.npz'}",
+                                 f"--out={out}"]) == 0
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["image_size"] == 128 and meta["model_kwargs"]["resnet_layers"] == [1, 1, 1]
+    assert meta["image_size"] == [128, 128] and meta["model"]["resnet_layers"] == [1, 1, 1]
     big = concrete(shapes_of(model, 128))
     again = pretrained.apply_to_variables({"pretrained": str(out)}, big, model=model)
     grid = again["params"]["encoder"]["Transformer"]["posembed_input"]["pos_embedding"]
     assert grid.shape == (1, 8, 8, TINY_TRANSUNET["hidden_size"])
     np.testing.assert_allclose(grid[0, ::7, ::7], pos[0, ::3, ::3], rtol=1e-6)  # corners kept
     assert pretrained.apply_to_variables({"pretrained": ""}, big, model=model) is big
-    vit_kwargs = kwargs.replace("resnet_layers=(1,1,1)", "resnet_layers=()")
-    assert convert_weights.main(["--model=transunet_vit", f"--model_kwargs={vit_kwargs}", f"--in={out}/encoder.npz",
+    vit = ["--config.model.name=transunet_vit", "--config.model.resnet_layers=()"]
+    assert convert_weights.main(["convert_weights", *config, *vit, f"--in={out}/encoder.npz",
                                  f"--out={tmp_path / 'x'}"]) == 1  # hybrid weights into the ViT-only model
