@@ -45,6 +45,7 @@ import numpy as np
 from anemia_jax import clinical_stats
 # Re-exported: these lived here before the clinical statistics and the linear models got their own modules.
 from anemia_jax.clinical_stats import roc_auc, youden_threshold
+from anemia_jax.datasets.features import as_text
 from anemia_jax.linear_models import LinearModel, fit_logistic, fit_ridge
 
 __all__ = [
@@ -114,7 +115,7 @@ def _check_folds(folds: Folds, n: int, groups: np.ndarray) -> list[tuple[np.ndar
 def _groups(groups, n: int) -> np.ndarray:
     if groups is None:
         return np.arange(n)
-    groups = np.asarray([g.decode("utf-8") if isinstance(g, bytes) else g for g in groups], dtype=object)
+    groups = np.asarray([as_text(g) for g in groups], dtype=object)
     if groups.shape != (n,):
         raise ValueError(f"groups must have one patient id per example ({n}); got shape {groups.shape}.")
     return groups.astype(str)
