@@ -11,6 +11,15 @@
 Each command owns a `Command` (its own absl ``FlagValues``), so several commands can live in one process (tests call
 ``evaluate.main([...])`` and ``predict.main([...])`` side by side). Parsing failures raise `CommandLineError`, which
 the command turns into a one-paragraph message and exit status `EXIT_CONFIG`, never a traceback.
+
+One error path: every command passes what stopped it to `Command.fail`, which prints the one-paragraph message of
+a known failure (`exit_status`: config, data, checkpoint, output, busy workdir; see `anemia_jax.errors`) and returns
+its exit status; the traceback is printed too only with ``--verbose`` (a flag of every command). Anything else is a
+bug and keeps its traceback.
+
+Exit statuses (every command): 0 done; 1 the command ran but some of its work failed (listed); 2 invalid command
+line or config; 3 missing or unusable data; 4 missing or damaged checkpoint, or one of another model; 5 an output
+cannot be written (read-only, full disk, a file in the way); 6 the run directory is held by another trainer.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import logging as pylogging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,18 +36,19 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from anemia_jax import config_lib
+from anemia_jax import config_lib, errors
 
 # Exit statuses shared by the commands (each command's docstring says which it uses).
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran, but some of its work failed (e.g. unreadable photos, a non-finite loss)
 EXIT_CONFIG = 2  # invalid command line or config
-EXIT_DATA = 3  # missing or unusable data
-EXIT_CHECKPOINT = 4  # missing or damaged checkpoint, or one written by another model
-EXIT_IO = 5  # cannot write outputs (read-only place, full disk)
+EXIT_DATA = errors.EXIT_DATA  # 3: missing or unusable data
+EXIT_CHECKPOINT = errors.EXIT_CHECKPOINT  # 4: missing or damaged checkpoint, or one written by another model
+EXIT_IO = errors.EXIT_IO  # 5: cannot write outputs (read-only place, full disk)
+EXIT_BUSY = errors.EXIT_BUSY  # 6: the run directory is held by another trainer
 
-__all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_FAILED", "EXIT_IO", "EXIT_OK", "Command",
-           "CommandLineError", "QuietLibraries", "setup_logging"]
+__all__ = ["EXIT_BUSY", "EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_FAILED", "EXIT_IO", "EXIT_OK",
+           "Command", "CommandLineError", "QuietLibraries", "exit_status", "failure_message", "setup_logging"]
 
 
 class CommandLineError(ValueError):
@@ -60,6 +71,27 @@ def setup_logging(verbosity: int = logging.INFO) -> None:
     logger = logging.get_absl_logger()
     if not any(isinstance(f, QuietLibraries) for f in logger.filters):
         logger.addFilter(QuietLibraries())
+
+
+def exit_status(error: BaseException) -> int | None:
+    """The exit status of a failure a command reports as a message (see the module docstring); None for anything
+    else, which is a bug and keeps its traceback."""
+    if isinstance(error, (CommandLineError, config_lib.ConfigError)):
+        return EXIT_CONFIG
+    code = getattr(error, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if errors.is_output_failure(error):
+        return EXIT_IO
+    return None
+
+
+def failure_message(error: BaseException) -> str:
+    """The one-paragraph message of a known failure (an OS error of writing gets its path, cause and advice)."""
+    if errors.is_output_failure(error) and not isinstance(error, errors.OutputError):
+        where = getattr(error, "filename", None) or "an output"
+        return f"Could not write {where}: {errors.describe_os_error(error)}. {errors.output_advice(error)}"
+    return str(error).strip()
 
 
 def _override_keys(argv: Sequence[str]) -> list[str]:
@@ -90,12 +122,30 @@ class Command:
         self.flags = flags.FlagValues()
         self._template: ml_collections.ConfigDict | None = None
         self._config_file: bool | None = None  # --config file flag: None none, else whether it is required
+        self._verbose_requested = False  # --verbose seen on a command line that failed to parse
+        flags.DEFINE_bool("verbose", False, "On a failure, print the traceback as well as the message.",
+                          flag_values=self.flags)
 
     def __getattr__(self, name: str) -> Any:
         # cmd.split reads the parsed value of --split (any flag name but 'flags').
         if name.startswith("_") or name == "flags":
             raise AttributeError(name)
         return getattr(self.flags, name)
+
+    def fail(self, error: BaseException) -> int:
+        """Reports ``error`` as this command's one-paragraph message on stderr and returns its exit status; with
+        ``--verbose`` the traceback is printed first. Re-raises anything that is not a known failure (`exit_status`).
+        """
+        status = exit_status(error)
+        if status is None:
+            raise error
+        verbose = self.flags["verbose"].value if self.flags.is_parsed() else self._verbose_requested
+        if verbose:
+            traceback.print_exception(error, file=sys.stderr)
+        name = self._prog.rsplit(".", 1)[-1]
+        hint = "" if verbose or status == EXIT_CONFIG else " (--verbose prints the traceback)"
+        print(f"{name}: {failure_message(error)}{hint}", file=sys.stderr)
+        return status
 
     # ---------------------------------------------------------------------------------------------- flags
 
@@ -150,15 +200,23 @@ class Command:
                 an unknown ``--config.<key>`` (listing the closest keys).
         """
         argv = list(argv)
+        self._verbose_requested = any(a in ("--verbose", "-verbose", "--verbose=true") for a in argv[1:])
         if self._config_file is not None and "config" not in self.flags:
             self._define_config_file(argv)
         if self._help(argv):
             return None
         spec = _config_spec(argv)
         if spec and self._template is None:
-            config_lib.make_config_importable(spec.partition(":")[0])
+            path = spec.partition(":")[0]
+            if not os.path.isfile(os.path.expanduser(path)):
+                raise CommandLineError(f"Config file {path!r} does not exist (looked at {os.path.abspath(path)}). "
+                                       "Pass one of the files in configs/, e.g. --config=configs/unetpp.py.")
+            config_lib.make_config_importable(path)
         try:
-            return self.flags(argv)[1:]
+            rest = self.flags(argv)[1:]
+            if self._config_file is not None and self.flags["config"].present:
+                _ = self.flags.config  # config_flags loads the file lazily: fail here, not at first use
+            return rest
         except flags.Error as e:
             message = str(e)
             # A bad config argument surfaces as a traceback inside config_flags' message; its last line says it all.
@@ -169,7 +227,7 @@ class Command:
             raise CommandLineError(f"{message}\nPass --help to see every flag of {self._prog}.") from None
         except (AttributeError, KeyError) as e:
             raise self._unknown_override(argv, spec, e) from None
-        except (FileNotFoundError, config_lib.ConfigError) as e:
+        except (OSError, config_lib.ConfigError) as e:  # config_flags reports an unloadable file as an OSError
             raise CommandLineError(f"Invalid --config={spec}: {e}") from None
 
     def _unknown_override(self, argv: Sequence[str], spec: str | None, error: Exception) -> CommandLineError:

@@ -236,6 +236,8 @@ def resolve_steps(config: ConfigDict, prefix: str, steps_per_epoch: int, *, requ
     epochs_key = "num_epochs" if prefix == "num_train" else f"{prefix}_epochs"
     steps = config.get(steps_key, 0) or 0
     epochs = config.get(epochs_key, 0) or 0
+    if steps < 0 or epochs < 0:
+        raise ConfigError(f"{steps_key}={steps} and {epochs_key}={epochs} must be >= 0.")
     if steps > 0:
         return int(steps)
     if epochs > 0:
@@ -338,6 +340,18 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
                 suggestion = max(num_devices, round(value / num_devices) * num_devices)
                 errors.append(f"{key}={value} is not divisible by the {num_devices} devices; the global batch is "
                               f"split evenly over them: use a multiple of {num_devices} (e.g. {suggestion}).")
+    # A negative duration would silently fall back to its epochs/steps twin (`resolve_steps`): rejected here.
+    for key, meaning in (("num_train_steps", "0: use num_epochs"), ("num_epochs", "0: use num_train_steps"),
+                         ("warmup_steps", "0: use warmup_epochs"), ("warmup_epochs", "0: no warm-up"),
+                         ("eval_every_steps", "0: use eval_every_epochs"),
+                         ("eval_every_epochs", "0: use eval_every_steps"),
+                         ("checkpoint_every_steps", "0: use checkpoint_every_epochs"),
+                         ("checkpoint_every_epochs", "0: use checkpoint_every_steps"),
+                         ("profile_steps", "0: no profile")):
+        value = config.get(key, 0)
+        check(value >= 0, f"{key}={value} must be >= 0 ({meaning}); a negative duration has no meaning.")
+    freeze = config.optimizer.get("freeze_encoder_steps", 0)
+    check(freeze >= 0, f"optimizer.freeze_encoder_steps={freeze} must be >= 0 (0: never frozen).")
     check(config.num_train_steps > 0 or config.num_epochs > 0,
           "Set num_train_steps or num_epochs to a positive value (the run length).")
     for prefix in ("eval_every", "checkpoint_every"):

@@ -13,7 +13,15 @@ recorded configs (e.g. ``--config.dataset.data_dir=...`` when the prepared data 
 Outputs, in ``--out`` (default ``<workdir>/eval/<split>_step<step>[_tta][_L<k>][_ensemble<M>]``): ``per_image.csv``,
 ``summary.json``, ``summary.md`` (`anemia_jax.eval_report`).
 
-Exit status: 0 written; 2 bad arguments, run or split.
+Failures end with a one-paragraph message and no traceback unless ``--verbose``. Exit status:
+
+| status | meaning |
+|---:|---|
+| 0 | scores written |
+| 2 | bad arguments, run directory, split or ensemble |
+| 3 | the run's data are missing or unusable, or were prepared from another source |
+| 4 | no usable checkpoint: ``--checkpoint=STEP`` damaged or absent, every checkpoint damaged, or one written by a different model configuration (``latest``/``best``/``auto`` fall back to the newest intact one with a warning) |
+| 5 | ``--out`` cannot be written (a file, read-only, full disk) |
 """
 
 from __future__ import annotations
@@ -47,8 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cmd.parse_runs(sys.argv if argv is None else argv) is None:
             return cli.EXIT_OK  # --help
     except cli.CommandLineError as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        return cli.EXIT_CONFIG
+        return cmd.fail(e)
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
@@ -59,15 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         restored = runs.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, split=cmd.split, configs=cmd.run_configs())
         result = evaluator.evaluate_runs(restored, split=cmd.split, transforms=transforms, prune_level=cmd.prune_level,
                                          distances=not cmd.no_distances, threshold=cmd.threshold)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        return cli.EXIT_CONFIG
-    if jax.process_index() == 0:
-        out = cmd.out or eval_report.default_out_dir(restored[0], cmd.split, tta=cmd.tta, prune_level=cmd.prune_level,
-                                                     ensemble=len(restored))
-        out = eval_report.write_outputs(out, result.per_image, result.summary, restored[0].targets)
-        print(eval_report.format_markdown(result.summary))
-        print(f"Wrote {out}/per_image.csv, summary.json and summary.md")
+        if jax.process_index() == 0:
+            out = cmd.out or eval_report.default_out_dir(restored[0], cmd.split, tta=cmd.tta,
+                                                         prune_level=cmd.prune_level, ensemble=len(restored))
+            out = eval_report.write_outputs(out, result.per_image, result.summary, restored[0].targets)
+            print(eval_report.format_markdown(result.summary))
+            print(f"Wrote {out}/per_image.csv, summary.json and summary.md")
+    except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
+        if cli.exit_status(e) is None and isinstance(e, (FileNotFoundError, ValueError)):
+            wrapped = cli.CommandLineError(str(e))  # a split, TTA view or ensemble these runs cannot do
+            wrapped.__cause__, e = e, wrapped
+        return cmd.fail(e)
     return cli.EXIT_OK
 
 

@@ -9,8 +9,20 @@ Multi-host (Cloud TPU pod slices, GPU clusters): run the same command on every h
 ``--workdir`` on storage every host can write (Orbax writes each host's checkpoint shards there). Where JAX detects
 no cluster, also pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``.
 
-Exit status: 0 when training completed; 143 (128 + SIGTERM) after a preemption checkpoint (rerun to resume);
-1 on a non-finite loss; 2 for an invalid config or command line, or missing dataset files.
+Failures end with a one-paragraph message (what, where, what to do) and no traceback unless ``--verbose``.
+
+Exit status:
+
+| status | meaning |
+|---:|---|
+| 0 | training completed |
+| 1 | a non-finite loss or gradient stopped training (the last good checkpoint is kept) |
+| 2 | invalid command line, config file or config value |
+| 3 | missing or unusable data, or a prepared dataset built from another source than the one asked for |
+| 4 | no usable checkpoint to resume from (all damaged), or the workdir's checkpoints belong to another model |
+| 5 | the workdir cannot be written (read-only, full disk) |
+| 6 | another trainer holds the workdir (its process id, host and start time are named) |
+| 143 | (128 + SIGTERM) stopped by SIGTERM after saving a checkpoint: rerun to resume |
 """
 
 from __future__ import annotations
@@ -56,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest:
             raise cli.CommandLineError(f"Unexpected arguments: {' '.join(rest)}")
     except cli.CommandLineError as e:
-        print(e, file=sys.stderr)
-        return cli.EXIT_CONFIG
+        return cmd.fail(e)
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- deferred: --help and flag errors stay fast
 
@@ -72,12 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = cmd.workdir or config_lib.default_workdir(pathlib.Path(path).stem, arg)
     try:
         summary = train.train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, train.DataNotFoundError) as e:
-        logging.error("%s", e)
-        return cli.EXIT_CONFIG
     except train.NonFiniteError as e:
         logging.error("%s", e)
         return cli.EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
+        return cmd.fail(e)
     return EXIT_PREEMPTED if summary["status"] == "preempted" else cli.EXIT_OK
 
 
