@@ -130,7 +130,8 @@ if [[ ,$STAGES, == *,kvasir,* ]]; then
   done
   for m in "${!pids[@]}"; do
     wait "${pids[$m]}"; rc=$?
-    case $rc in 0) why="finished";; 124) why="stopped by SIGTERM at its deadline";; *) why="FAILED";; esac
+    case $rc in 0) why="finished";; 124) why="stopped by SIGTERM at its deadline";;
+      137) why="killed: still running 30 s after its SIGTERM";; *) why="FAILED";; esac
     python3 experiments/gpu/sitting.py note "$WORK/commands_$m.json" trainer_exit "$rc"
     log "kvasir $m trainer exit $rc ($why): $( (grep -E 'First step|best test' "$WORK/train_$m.log" | tail -n 2
       [ "$rc" = 0 ] || tail -n 4 "$WORK/train_$m.log") | cut -c1-300)"

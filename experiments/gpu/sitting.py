@@ -249,7 +249,8 @@ def kvasir_run(work: pathlib.Path, model: str) -> dict[str, Any]:
     per_epoch = summary.get("steps_per_epoch") or math.ceil(KVASIR_TRAIN_IMAGES / ((result["plan"] or {}).get(
         "batch") or 16))
     exit_code = commands.get("trainer_exit")
-    status = summary.get("status") or {"124": "stopped at its deadline (SIGTERM)"}.get(
+    status = summary.get("status") or {"124": "stopped at its deadline (SIGTERM)",
+                                       "137": "killed 30 s after its deadline's SIGTERM"}.get(
         exit_code, (f"failed (exit {exit_code})" if exit_code else "no summary") if metrics else "did not start")
     result["trainer"] = {
         "status": status, "exit_code": exit_code,
