@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["CheckpointError", "DataError", "OutputError", "WorkdirBusyError", "is_output_failure"]
+__all__ = ["CheckpointError", "DataError", "OutputError", "UnusableSourceError", "WorkdirBusyError", "describe_os_error",
+           "is_output_failure", "output_advice"]
 
 EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
@@ -74,3 +75,7 @@ def output_advice(error: OSError) -> str:
     if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return "A file stands where a folder is needed (or the reverse): choose another path or move the file."
     return "Check the place is writable and has space, then run the command again."
+
+
+class UnusableSourceError(DataError, ValueError):
+    """A dataset's source exists but cannot be used (not the dataset, empty, truncated, nothing readable in it)."""

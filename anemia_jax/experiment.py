@@ -4,7 +4,8 @@ One place builds each object, so training (`anemia_jax.train`), evaluation and p
 (`anemia_jax.runs`, `anemia_jax.evaluate`, `anemia_jax.predict`), the experiment scripts and the benchmark all see
 exactly the same model, loss and data as the trainer did:
 
-* `prepare_builder`: the prepared TFDS builder of ``config.dataset`` (process 0 prepares first).
+* `prepare_builder`: the prepared TFDS builder of ``config.dataset`` (process 0 prepares first), checked to have
+  been prepared from the source the config names (`datasets.source_record`); `data_source` says which that was.
 * `split_indices` / `eval_split`: the patient-level cut of the split protocol (K-fold, leave one country out,
   holdout), for training and for scoring a finished run.
 * `load_data`: train / validation (/ test) examples resident on the devices (`input_pipeline.DeviceDataset`).
@@ -34,17 +35,19 @@ from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
-from anemia_jax import datasets, input_pipeline, losses, models, optim, parallel, reporting, splits, steps
+from anemia_jax import config_lib, datasets, errors, input_pipeline, losses, models, optim, parallel, reporting
+from anemia_jax import splits, steps
+from anemia_jax.datasets import source_record
 
 ConfigDict = ml_collections.ConfigDict
 LossFn = Callable[[models.SegmentationOutput, jax.Array, jax.Array], jax.Array]
 
 __all__ = ["Data", "DataNotFoundError", "abstract_train_state", "abstract_variables", "build_loss", "build_model",
-           "build_optimizer", "enable_compilation_cache", "eval_split", "init_train_state", "load_data",
+           "build_optimizer", "data_source", "enable_compilation_cache", "eval_split", "init_train_state", "load_data",
            "prepare_builder", "split_indices"]
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(errors.DataError, FileNotFoundError):
     """The dataset's source files are missing; the message says where they were looked for and how to provide them."""
 
 
@@ -56,6 +59,7 @@ class Data:
     val: input_pipeline.DeviceDataset
     test: input_pipeline.DeviceDataset | None
     description: str
+    source: dict[str, Any] | None = None  # `data_source` of the prepared dataset
 
 
 # ------------------------------------------------------------------------------------------------- runtime
@@ -89,19 +93,32 @@ def enable_compilation_cache(path: str) -> None:
 def prepare_builder(config: ConfigDict):
     """The prepared TFDS builder of ``config.dataset``; prepares it if needed (process 0 first, then the others).
 
+    A dataset already prepared in ``data_dir`` is reused only if it was built from the source (and with the options)
+    that the config names now (`datasets.source_record.check`).
+
     Raises:
         DataNotFoundError: the source files are missing; the message names the flags that point at them.
+        errors.DataError: the source is unusable, or the prepared data came from another source
+            (`source_record.SourceMismatchError`, naming both).
+        config_lib.ConfigError: a ``dataset.builder_kwargs`` value the builder rejects.
     """
     ds = config.dataset
     data_dir = os.path.expanduser(ds.data_dir) if ds.data_dir else None
     kwargs = {k: v for k, v in ds.builder_kwargs.items() if v != ""}
-    builder = datasets.get_builder(ds.builder, data_dir=data_dir, config=ds.builder_config or None, **kwargs)
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(ds.manual_dir) if ds.manual_dir else None)
+    try:
+        builder = datasets.get_builder(ds.builder, data_dir=data_dir, config=ds.builder_config or None, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise config_lib.ConfigError(f"config.dataset.builder_kwargs ({', '.join(kwargs) or 'none'}) or "
+                                     f"builder_config={ds.builder_config!r}: {e}") from None
+    manual_dir = os.path.expanduser(ds.manual_dir) if ds.manual_dir else None
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
 
     def prepare():
         try:
+            source_record.check(builder, manual_dir)
             builder.download_and_prepare(file_format="array_record", download_config=download_config)
+        except errors.DataError:
+            raise
         except FileNotFoundError as e:
             flags = [f"--config.dataset.builder_kwargs.{k}=PATH" for k in ds.builder_kwargs] + [
                 "--config.dataset.manual_dir=DIR"]
@@ -117,7 +134,36 @@ def prepare_builder(config: ConfigDict):
         multihost_utils.sync_global_devices("anemia_jax:dataset_prepared")
         if jax.process_index() != 0:
             prepare()
+    _compare_with_trained(config, builder)
     return builder
+
+
+def _compare_with_trained(config: ConfigDict, builder) -> None:
+    """Warns when a finished run's recorded data (``config.data_source``, from its config.json) differ from the
+    prepared data now in use, e.g. an evaluation on a re-prepared or other copy of the source."""
+    trained = config.get("data_source", None)
+    trained = trained.get("source", None) if trained is not None else None
+    if not hasattr(trained, "get") or not trained.get("sha256"):
+        return
+    now = (source_record.read(builder.data_path) or {}).get("source") or {}
+    if now.get("sha256") != trained.get("sha256"):
+        logging.warning("This run was trained on data prepared from %s; the prepared data used now come from %s. "
+                        "Scores may not be comparable with the run's own.", source_record.describe(dict(trained)),
+                        source_record.describe(now or None))
+
+
+def data_source(builder) -> dict[str, Any]:
+    """What a prepared dataset was built from, for ``config.json`` (``data_source``): the prepared directory, and
+    for builders that read user files the source's path, fingerprint and the options that shaped the data (None
+    where the dataset predates these records)."""
+    record = source_record.read(builder.data_path)
+    out: dict[str, Any] = {"prepared_dir": str(builder.data_path), "builder": builder.name,
+                           "builder_config": builder.builder_config.name if builder.builder_config else ""}
+    if isinstance(builder, source_record.RecordsSource):
+        out.update(source=(record or {}).get("source"), options=(record or {}).get("options"))
+    else:
+        out["source"] = "generated by the builder"
+    return out
 
 
 def split_indices(config: ConfigDict, metadata: Mapping[str, np.ndarray]
@@ -190,7 +236,7 @@ def load_data(config: ConfigDict, mesh: Mesh) -> Data:
         test = make(builder, ds.test_split, np.arange(n), mesh, batch_size=eval_batch, **common)
     description = (f"{ds.name} ({config.split.protocol}): {train.num_examples} train / {val.num_examples} val"
                    + (f" / {test.num_examples} test" if test is not None else "") + " examples")
-    return Data(train, val, test, description)
+    return Data(train, val, test, description, data_source(builder))
 
 
 # ------------------------------------------------------------------------------------------ model and loss

@@ -16,6 +16,10 @@ Naming rules (all derived from the real listing of the public archive):
 * when two files claim the same mask, the canonically named one wins; byte-identical copies are recorded as
   duplicates, differing ones as skipped files;
 * hidden files (``.DS_Store``, ``._*``, ``__MACOSX/``) are ignored and counted.
+
+Files larger than the archive's ``max_file_bytes`` are never read (`FileTooLargeError`, an `OSError` the builder
+records as a skipped file): a zip member's size comes from the central directory, so an oversized member costs
+nothing; the real archive's largest file is a ~5 MB photo.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import re
 import zipfile
 from typing import Iterable, Iterator
 
+from anemia_jax import errors
+
 MASK_KINDS = ("palpebral", "forniceal", "forniceal_palpebral")
 _PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 _MASK_EXTENSIONS = (".png",)
@@ -37,33 +43,66 @@ _COPY_SUFFIX = re.compile(r"\s*\((\d+)\)$")
 # Typos accepted in the kind words; 2 covers every misspelling in the archive and stays far from the other word
 # (edit distance between 'palpebral' and 'forniceal' is 8).
 _MAX_TYPOS = 2
+DEFAULT_MAX_FILE_MB = 100
+
+
+class FileTooLargeError(OSError):
+    """A file of the archive is over the size cap; it is skipped, never read."""
 
 
 class Archive:
     """Read-only view of a zip file or a folder as POSIX-style relative file paths.
 
     Use as a context manager (closes the zip). ``files`` lists regular files, hidden macOS metadata included.
+    ``max_file_bytes`` caps what `read` reads (None: no cap).
+
+    Raises:
+        errors.UnusableSourceError: ``path`` is neither a folder nor a readable zip (e.g. truncated).
+        FileNotFoundError: ``path`` does not exist.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_depth: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, max_depth: int | None = None,
+                 max_file_bytes: int | None = DEFAULT_MAX_FILE_MB << 20):
         self.path = pathlib.Path(path)
+        self.max_file_bytes = max_file_bytes
         self._zip: zipfile.ZipFile | None = None
         if self.path.is_dir():
             self.files = sorted(_walk(self.path, max_depth))
         elif zipfile.is_zipfile(self.path):
-            self._zip = zipfile.ZipFile(self.path)
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise errors.UnusableSourceError(f"{self.path} is a damaged zip archive ({e}).") from e
             self.files = sorted(
                 i.filename.rstrip("/") for i in self._zip.infolist()
                 if not i.is_dir() and (max_depth is None or i.filename.count("/") < max_depth))
         elif self.path.exists():
-            raise ValueError(f"{self.path} is neither a folder nor a zip archive.")
+            raise errors.UnusableSourceError(
+                f"{self.path} is neither a folder nor a readable zip archive (an interrupted download leaves a "
+                "truncated zip like this); download it again or point at the folder it unzips to.")
         else:
             raise FileNotFoundError(f"{self.path} does not exist.")
 
-    def read(self, rel: str) -> bytes:
-        """The bytes of file ``rel`` (a path from ``files``)."""
+    def size(self, rel: str) -> int:
+        """The (uncompressed) size in bytes of file ``rel``, without reading it."""
         if self._zip is not None:
-            return self._zip.read(rel)
+            return self._zip.getinfo(rel).file_size
+        return (self.path / rel).stat().st_size
+
+    def read(self, rel: str) -> bytes:
+        """The bytes of file ``rel`` (a path from ``files``).
+
+        Raises:
+            FileTooLargeError: the file is over ``max_file_bytes`` (nothing of it is read).
+        """
+        size = self.size(rel)
+        cap = self.max_file_bytes
+        if cap is not None and size > cap:
+            raise FileTooLargeError(f"{size / 2**20:.1f} MiB, over the {cap / 2**20:.0f} MiB cap on a file "
+                                    "(builder keyword max_file_mb)")
+        if self._zip is not None:
+            with self._zip.open(rel) as f:
+                return f.read(size)  # the declared size bounds the read, whatever the member's data hold
         return (self.path / rel).read_bytes()
 
     def describe(self, rel: str) -> str:
@@ -193,6 +232,16 @@ def _same_stem(a: str, b: str) -> bool:
     return a == b or (a.isdigit() and b.isdigit() and int(a) == int(b))
 
 
+def _same_bytes(archive: Archive, a: str, b: str) -> bool:
+    """Whether two files hold the same bytes (sizes first: an oversized file is never read)."""
+    if archive.size(a) != archive.size(b):
+        return False
+    try:
+        return archive.read(a) == archive.read(b)
+    except OSError:
+        return False
+
+
 def find_roots(files: Iterable[str]) -> collections.Counter:
     """Candidate dataset roots: folders holding ``<Country>/<number>/<file>``, with how many such files each has."""
     roots: collections.Counter = collections.Counter()
@@ -233,9 +282,12 @@ def scan(archive: Archive) -> ScanResult:
     """
     roots = find_roots(archive.files)
     if not roots:
-        raise ValueError(
+        raise errors.UnusableSourceError(
             f"{archive.path} does not contain the Eyes-defy-anemia patient folders (expected "
-            "'dataset anemia/<Country>/<number>/<photo>.jpg'); is it the right archive?")
+            "'dataset anemia/<Country>/<number>/<photo>.jpg'"
+            + (f"; it holds {len(archive.files)} other files" if archive.files else "; it is empty")
+            + "); is it the right archive? Download the dataset's zip from "
+            "https://www.kaggle.com/datasets/harshwardhanfartale/eyes-defy-anemia.")
     root = roots.most_common(1)[0][0]
     prefix = root + "/" if root else ""
     result = ScanResult(root=root, patients=[], spreadsheets={})
@@ -293,7 +345,7 @@ def _scan_folder(archive: Archive, country: str, number: int, rels: list[str], r
         if notes:
             result.misnamed.append({"path": kept, "kind": kind, "notes": "; ".join(notes)})
         for rel, _ in group[1:]:
-            if archive.read(rel) == archive.read(kept):
+            if _same_bytes(archive, rel, kept):
                 result.duplicates.append({"path": rel, "kept": kept})
             else:
                 result.skipped.append(

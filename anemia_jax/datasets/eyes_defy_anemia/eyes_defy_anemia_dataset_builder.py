@@ -5,6 +5,10 @@ One example per patient folder (218 in the public archive: Italy 1-123, India 1-
 from its cut-out PNG, checked against the photo (`masks.check_alignment`), resized to the stored photo's size and
 stored as a {0, 1} PNG. A mask that is absent, unreadable or misaligned is stored all-zero with ``has_<kind>=False``
 and listed, with the reason, in the build summary (`summary.BuildSummary`, also written to ``build_summary.json``).
+Files over ``max_file_mb`` (builder keyword, default `archive.DEFAULT_MAX_FILE_MB`) are skipped unread, with a
+warning. The prepared data record the source's fingerprint (`anemia_jax.datasets.source_record`), so that they are
+never reused for another archive. A source that is not the dataset, empty or truncated raises
+`errors.UnusableSourceError`.
 
 Usage (no TensorFlow needed)::
 
@@ -16,6 +20,7 @@ Usage (no TensorFlow needed)::
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import zipfile
 import zlib
 from typing import Any, Iterator
@@ -24,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from anemia_jax.datasets import features as features_lib
+from anemia_jax.datasets import source_record
 from anemia_jax.datasets.eyes_defy_anemia import archive as archive_lib
 from anemia_jax.datasets.eyes_defy_anemia import masks as masks_lib
 from anemia_jax.datasets.eyes_defy_anemia import metadata as metadata_lib
@@ -56,7 +62,7 @@ def _read(arc: archive_lib.Archive, rel: str) -> bytes:
         raise masks_lib.UnreadableImageError(f"could not be read from the archive ({type(e).__name__}: {e})") from e
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(source_record.RecordsSource, tfds.core.GeneratorBasedBuilder):
     """Eyes-defy-anemia (Dimauro et al., 2023) as a TFDS dataset; see the module docstring and README.md."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -70,12 +76,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     DEFAULT_BUILDER_CONFIG_NAME = "long512"
     MANUAL_DOWNLOAD_INSTRUCTIONS = source_lib.manual_instructions(None)
 
-    def __init__(self, *, archive_path: str | None = None, **kwargs: Any):
-        """Args: archive_path: zip or folder to build from (overrides the config's); other arguments as in TFDS."""
+    def __init__(self, *, archive_path: str | None = None, max_file_mb: int | str | None = None, **kwargs: Any):
+        """Args: archive_path: zip or folder to build from (overrides the config's); max_file_mb: files larger than
+        this many MiB are skipped unread (default `archive.DEFAULT_MAX_FILE_MB`); other arguments as in TFDS."""
         self._archive_path = archive_path
+        try:
+            self._max_file_mb = int(max_file_mb) if max_file_mb not in (None, "") else archive_lib.DEFAULT_MAX_FILE_MB
+        except ValueError:
+            self._max_file_mb = 0
+        if self._max_file_mb < 1:
+            raise ValueError(f"max_file_mb must be a positive whole number of MiB; got {max_file_mb!r}.")
         super().__init__(**kwargs)
         # Pickling re-runs __init__ with this state.
-        self._original_state["archive_path"] = archive_path
+        self._original_state.update(archive_path=archive_path, max_file_mb=max_file_mb)
         if "file_format" in kwargs:
             self._original_state["file_format"] = kwargs["file_format"]
         self.build_summary: summary_lib.BuildSummary | None = None
@@ -99,15 +112,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self.build_summary.log()
         self.build_summary.write(self.data_dir)  # The temporary dir TFDS renames to data_path on success.
 
+    def source_options(self) -> dict[str, Any]:
+        return {"max_file_mb": self._max_file_mb}
+
+    def requested_source(self, manual_dir):
+        explicit = self._archive_path or self.builder_config.archive_path
+        if explicit:
+            return pathlib.Path(explicit).expanduser()
+        manual = manual_dir or pathlib.Path(self.data_dir_root) / "downloads" / "manual"
+        return source_lib.search_manual_dir(pathlib.Path(manual).expanduser())
+
     def _split_generators(self, dl_manager):
         del dl_manager  # The source is resolved by source_lib (manual_dir, archive_path or kagglehub).
         path, found_by = source_lib.resolve(self._archive_path or self.builder_config.archive_path, self._manual_dir)
         self.build_summary.source, self.build_summary.source_found_by = str(path), found_by
+        self.used_source = path
         return {"train": self._generate_examples(path)}
 
     def _generate_examples(self, path) -> Iterator[tuple[str, dict[str, Any]]]:
         summary = self.build_summary
-        with archive_lib.Archive(path) as arc:
+        with archive_lib.Archive(path, max_file_bytes=self._max_file_mb << 20) as arc:
             scan = archive_lib.scan(arc)
             summary.check_source(source_lib.compare_with_known_archive(scan.patients))
             for skipped in scan.skipped:
@@ -223,6 +247,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 register_dataset(DatasetSpec(
     name="eyes_defy_anemia", builder="eyes_defy_anemia", stored=((512, "long512"), (1024, "long1024")),
     masks=MASK_KINDS, default_targets=("palpebral", "forniceal_palpebral"), protocols=("kfold", "loco"),
-    builder_kwargs=(("archive_path", ""),),
+    builder_kwargs=(("archive_path", ""), ("max_file_mb", "")),
     schedule=(("num_epochs", 300), ("warmup_epochs", 5), ("eval_every_epochs", 10), ("checkpoint_every_epochs", 10)),
 ), aliases=("eyes",))

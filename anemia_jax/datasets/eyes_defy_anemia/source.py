@@ -51,7 +51,8 @@ def holds_dataset(path: pathlib.Path) -> bool:
         return False
 
 
-def _search_manual_dir(manual_dir: pathlib.Path) -> pathlib.Path | None:
+def search_manual_dir(manual_dir: pathlib.Path) -> pathlib.Path | None:
+    """The Eyes-defy-anemia folder or zip in ``manual_dir`` (or its ``eyes_defy_anemia/``), or None."""
     for base in (manual_dir / "eyes_defy_anemia", manual_dir):
         if not base.is_dir():
             continue
@@ -135,7 +136,7 @@ def resolve(archive_path: str | os.PathLike | None, manual_dir: str | os.PathLik
     tried = []
     if manual_dir is not None:
         manual = pathlib.Path(manual_dir).expanduser()
-        found = _search_manual_dir(manual)
+        found = search_manual_dir(manual)
         if found is not None:
             return found, "manual_dir"
         tried.append(f"manual_dir {str(manual)!r}: " + ("no Eyes-defy-anemia zip or folder in it" if manual.is_dir()

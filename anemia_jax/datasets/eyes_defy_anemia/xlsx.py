@@ -5,6 +5,9 @@ An .xlsx file is a zip of SpreadsheetML parts. The Eyes-defy-anemia spreadsheets
 worksheet's ``<c>`` cells: shared strings (``t="s"``), inline strings (``t="inlineStr"``), formula strings
 (``t="str"``), booleans and numbers. Styles, dates and formulas' expressions are ignored: a number formatted as a date
 comes back as its serial number. This keeps openpyxl out of the dependencies.
+
+Whatever is wrong with a file (not a zip, truncated, malformed XML, a missing part, a part over `MAX_PART_BYTES`)
+surfaces as `XlsxError`, so a caller can skip an unreadable sheet and go on.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import posixpath
 import re
 import zipfile
 import xml.etree.ElementTree as ET
+import zlib
 from typing import Union
 
 _MAIN_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
@@ -23,6 +27,10 @@ _PKG_REL_NS = "http://schemas.openxmlformats.org/package/2006/relationships"
 _M = "{%s}" % _MAIN_NS
 
 Cell = Union[str, float, bool, None]
+# Decompressed size cap of one part: the real sheets are a few kB; a zip bomb must not exhaust memory.
+MAX_PART_BYTES = 64 << 20
+# What reading a damaged workbook raises below XlsxError: XML syntax, zip structure, deflate stream, short data.
+_DAMAGE = (ET.ParseError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
 class XlsxError(ValueError):
@@ -55,7 +63,7 @@ def _text_of(element: ET.Element) -> str:
 def _shared_strings(zf: zipfile.ZipFile, path: str | None) -> list[str]:
     if path is None or path not in zf.namelist():
         return []
-    root = ET.fromstring(zf.read(path))
+    root = _part(zf, path)
     return [_text_of(si) for si in root.findall(_M + "si")]
 
 
@@ -68,8 +76,19 @@ def _resolve_target(target: str) -> str:
 
 def sheet_names(source: bytes | str | os.PathLike) -> list[str]:
     """Names of the worksheets of a workbook, in workbook order."""
-    with _open(source) as zf:
-        return [name for name, _ in _sheet_parts(zf)]
+    try:
+        with _open(source) as zf:
+            return [name for name, _ in _sheet_parts(zf)]
+    except _DAMAGE as e:
+        raise XlsxError(f"Not a readable .xlsx workbook ({type(e).__name__}: {e}).") from e
+
+
+def _part(zf: zipfile.ZipFile, name: str) -> ET.Element:
+    """The parsed XML of part ``name`` (KeyError if absent)."""
+    if zf.getinfo(name).file_size > MAX_PART_BYTES:
+        raise XlsxError(f"Part {name} is {zf.getinfo(name).file_size / 2**20:.0f} MiB, over the "
+                        f"{MAX_PART_BYTES >> 20} MiB cap of this reader.")
+    return ET.fromstring(zf.read(name))
 
 
 def _open(source: bytes | str | os.PathLike) -> zipfile.ZipFile:
@@ -84,12 +103,12 @@ def _open(source: bytes | str | os.PathLike) -> zipfile.ZipFile:
 def _sheet_parts(zf: zipfile.ZipFile) -> list[tuple[str, str]]:
     """(sheet name, worksheet part path) pairs."""
     try:
-        workbook = ET.fromstring(zf.read("xl/workbook.xml"))
+        workbook = _part(zf, "xl/workbook.xml")
     except KeyError as e:
         raise XlsxError("Not an .xlsx workbook: it has no xl/workbook.xml part.") from e
     targets = {}
     if "xl/_rels/workbook.xml.rels" in zf.namelist():
-        rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
+        rels = _part(zf, "xl/_rels/workbook.xml.rels")
         for rel in rels.findall("{%s}Relationship" % _PKG_REL_NS):
             targets[rel.get("Id")] = _resolve_target(rel.get("Target", ""))
     parts = []
@@ -103,7 +122,7 @@ def _sheet_parts(zf: zipfile.ZipFile) -> list[tuple[str, str]]:
 
 def _shared_strings_part(zf: zipfile.ZipFile) -> str | None:
     if "xl/_rels/workbook.xml.rels" in zf.namelist():
-        rels = ET.fromstring(zf.read("xl/_rels/workbook.xml.rels"))
+        rels = _part(zf, "xl/_rels/workbook.xml.rels")
         for rel in rels.findall("{%s}Relationship" % _PKG_REL_NS):
             if rel.get("Type", "").endswith("/sharedStrings"):
                 return _resolve_target(rel.get("Target", ""))
@@ -146,8 +165,15 @@ def read_sheet(source: bytes | str | os.PathLike, sheet: str | None = None) -> l
       floats, strings str, booleans bool, empty cells None.
 
     Raises:
-      XlsxError: the file is not an .xlsx workbook or has no sheet of that name.
+      XlsxError: the file is not a readable .xlsx workbook or has no sheet of that name.
     """
+    try:
+        return _read_sheet(source, sheet)
+    except _DAMAGE as e:
+        raise XlsxError(f"Not a readable .xlsx workbook ({type(e).__name__}: {e}).") from e
+
+
+def _read_sheet(source: bytes | str | os.PathLike, sheet: str | None) -> list[list[Cell]]:
     with _open(source) as zf:
         parts = _sheet_parts(zf)
         if not parts:
@@ -161,7 +187,7 @@ def read_sheet(source: bytes | str | os.PathLike, sheet: str | None = None) -> l
             part = matches[0]
         shared = _shared_strings(zf, _shared_strings_part(zf))
         try:
-            root = ET.fromstring(zf.read(part))
+            root = _part(zf, part)
         except KeyError as e:
             raise XlsxError(f"The workbook lists worksheet part {part!r} but does not contain it.") from e
     cells: dict[int, dict[int, Cell]] = {}

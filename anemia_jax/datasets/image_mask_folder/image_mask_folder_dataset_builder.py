@@ -6,8 +6,10 @@ Layout of the source folder (names configurable in `ImageMaskFolderConfig`)::
     <source>/masks/<id><mask_suffix>.<any of those>     # same stem; the extension may differ from the image's
     <source>/<split file>                               # optional: one id per line, per split
 
-Masks are converted to grey levels and binarised at ``gray >= mask_threshold``. Without split files every
-image goes to a single 'train' split. Examples follow the project's dataset contract (`anemia_jax.datasets`):
+Masks are converted to grey levels and binarised at ``gray >= mask_threshold``, except masks whose values are all 0
+or 1 (label images stored as {0, 1} rather than {0, 255}), whose 1s are the foreground whatever the threshold; both
+conventions read correctly without flags. Photos of any bit depth are scaled to 8 bits (`image_io.to_rgb8`), never
+clipped. Without split files every image goes to a single 'train' split. Examples follow the project's dataset contract (`anemia_jax.datasets`):
 ``image`` (JPEG), ``mask`` + ``has_mask`` (an image without a usable mask is kept, all-zero, has_mask=False),
 ``patient_id`` = the file stem, ``country`` = the config's, ``hgb``/``age`` NaN, ``gender`` '', ``anemic`` -1.
 
@@ -16,7 +18,11 @@ are not in the folder and images in no split are reported one by one as warnings
 summary, also kept in ``builder.build_summary[split]``.
 
 The source is ``source_dir=`` (a builder keyword), else ``<manual_dir>/<config.manual_subdir>`` or
-``<manual_dir>`` itself (TFDS's manual_dir, ``<data_dir>/downloads/manual`` by default).
+``<manual_dir>`` itself (TFDS's manual_dir, ``<data_dir>/downloads/manual`` by default). The prepared data record the
+source's fingerprint and the mask threshold (`anemia_jax.datasets.source_record`), so that they are never reused for
+another folder. ``mask_threshold=`` (a builder keyword, ``config.dataset.builder_kwargs.mask_threshold`` from a
+config) overrides the config's threshold. A split of which no image can be read stops preparation with
+`errors.UnusableSourceError`.
 
     builder = Builder(config='kvasir_seg_256', source_dir='/data/kvasir_seg', data_dir=...)
     builder = Builder(config=ImageMaskFolderConfig(name='mine', long_side=512), source_dir='/data/mine')
@@ -35,7 +41,9 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageOps
 
+from anemia_jax import errors, image_io
 from anemia_jax.datasets import features as features_lib
+from anemia_jax.datasets import source_record
 from anemia_jax.datasets.spec import DatasetSpec, register_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -60,8 +68,8 @@ class ImageMaskFolderConfig(tfds.core.BuilderConfig):
       mask_suffix: the mask of ``<id>.<ext>`` is ``<id><mask_suffix>.<ext2>`` (e.g. '_mask'); '' for same name.
       mask_extensions: mask extensions tried, in order of preference after the image's own extension.
       mask_threshold: grey level at or above which a mask pixel is foreground (16-bit masks are scaled to
-        8 bits first; colour and palette masks are converted to luminance, ignoring transparency). Masks
-        stored as 0/1 need ``mask_threshold=1``.
+        8 bits first; colour and palette masks are converted to luminance, ignoring transparency). Masks whose
+        values are all 0 or 1 are read as {0, 1} labels whatever the threshold.
       split_files: split name -> file of ids (one per line, '#' comments, an image extension is stripped),
         relative to the source folder; None writes every image to 'train'.
       long_side: images (and masks) larger than this are downsized so that their long side is ``long_side``
@@ -113,6 +121,7 @@ class BuildSummary:
     masks_missing: int = 0
     masks_rescaled: int = 0
     masks_empty: int = 0
+    masks_labels01: int = 0  # masks stored as {0, 1} labels (read as such)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     masks_unusable: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -121,7 +130,8 @@ class BuildSummary:
         why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
         return (
             f"{self.written} examples written ({self.masks_missing} without a mask, {self.masks_rescaled} masks "
-            f"rescaled to their image, {self.masks_empty} masks empty after thresholding); "
+            f"rescaled to their image, {self.masks_empty} masks empty after thresholding, {self.masks_labels01} "
+            "masks read as {0, 1} labels); "
             f"{len(self.skipped)} images skipped, {len(self.masks_unusable)} masks unusable; reasons: {why}"
         )
 
@@ -181,16 +191,21 @@ def _open_or_record(
         return None
 
 
-def _mask_gray(mask: Image.Image) -> np.ndarray:
-    """Grey levels in [0, 255] (float32 ``[H, W]``) of a mask of any Pillow mode."""
+def _mask_gray(mask: Image.Image) -> tuple[np.ndarray, bool]:
+    """Grey levels in [0, 255] (float32 ``[H, W]``) of a mask of any Pillow mode, and whether it is a {0, 1} label
+    image (every value 0 or 1, at least one 1): those are scaled to {0, 255}, so that any threshold reads them."""
     if mask.mode.startswith("I;16") or mask.mode == "I":
-        return np.asarray(mask, np.float32) / 257.0  # 16-bit grey
-    if mask.mode == "F":
         values = np.asarray(mask, np.float32)
-        return values * 255.0 if values.max(initial=0.0) <= 1.0 else values
-    if mask.mode in ("RGBA", "LA", "PA"):
-        mask = mask.convert("RGB")  # the colour, not the transparency, carries the label
-    return np.asarray(mask.convert("L"), np.float32)
+        scale = 1.0 / 257.0  # 16-bit grey
+    elif mask.mode == "F":
+        values = np.asarray(mask, np.float32)
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+    else:
+        if mask.mode in ("RGBA", "LA", "PA"):
+            mask = mask.convert("RGB")  # the colour, not the transparency, carries the label
+        values, scale = np.asarray(mask.convert("L"), np.float32), 1.0
+    labels01 = mask.mode != "F" and values.max(initial=0.0) == 1.0 and bool(np.isin(values, (0.0, 1.0)).all())
+    return (values * 255.0 if labels01 else values * scale), labels01
 
 
 def _target_size(width: int, height: int, long_side: int | None) -> tuple[int, int]:
@@ -218,7 +233,7 @@ def _kvasir_config(name: str, long_side: int) -> ImageMaskFolderConfig:
     )
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(source_record.RecordsSource, tfds.core.GeneratorBasedBuilder):
     """Image/mask folder builder; configs 'kvasir_seg' (long side 512) and 'kvasir_seg_256'."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -230,12 +245,34 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "source_dir= to the builder. " + _KVASIR_HELP
     )
 
-    def __init__(self, *, source_dir: epath.PathLike | None = None, file_format: str | None = None, **kwargs: Any):
+    def __init__(self, *, source_dir: epath.PathLike | None = None, mask_threshold: int | str | None = None,
+                 file_format: str | None = None, **kwargs: Any):
         # array_record is the only format readable without TensorFlow (tfds.data_source).
         super().__init__(file_format=file_format or "array_record", **kwargs)
         self._source_dir = None if source_dir is None else epath.Path(source_dir)
-        self._original_state["source_dir"] = source_dir  # so that pickled builders keep their source
+        self._mask_threshold = self.builder_config.mask_threshold
+        if mask_threshold is not None:
+            try:
+                self._mask_threshold = int(mask_threshold)
+            except ValueError:
+                self._mask_threshold = 0
+            if not 1 <= self._mask_threshold <= 255:
+                raise ValueError(f"mask_threshold must be an integer grey level in [1, 255]; got {mask_threshold!r}.")
+        # So that pickled builders keep their source and threshold.
+        self._original_state.update(source_dir=source_dir, mask_threshold=mask_threshold)
         self.build_summary: dict[str, BuildSummary] = {}
+
+    def source_options(self) -> dict[str, Any]:
+        return {"mask_threshold": self._mask_threshold}
+
+    def requested_source(self, manual_dir) -> epath.Path | None:
+        manual = epath.Path(manual_dir) if manual_dir else epath.Path(self.data_dir_root) / "downloads" / "manual"
+        if self._source_dir is not None:
+            return self._source_dir
+        try:
+            return self._find_source(manual)
+        except FileNotFoundError:
+            return None
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -247,7 +284,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
-    def _find_source(self, dl_manager: tfds.download.DownloadManager) -> epath.Path:
+    def _find_source(self, manual: epath.Path | None) -> epath.Path:
+        """The source folder: ``source_dir``, else ``manual/<subdir>`` or ``manual`` (None: no manual_dir)."""
         config: ImageMaskFolderConfig = self.builder_config
         subdir = config.manual_subdir or config.name
         layout = (
@@ -260,12 +298,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     f"source_dir={self._source_dir} has no {config.images_dir}/ folder; it must be {layout}."
                 )
             return self._source_dir
-        candidates = []
-        try:
-            manual = epath.Path(dl_manager.manual_dir)
-            candidates = [manual / subdir, manual]
-        except AssertionError:  # TFDS raises this when manual_dir is missing or empty
-            pass
+        candidates = [manual / subdir, manual] if manual is not None else []
         for candidate in candidates:
             if (candidate / config.images_dir).is_dir():
                 return candidate
@@ -280,7 +313,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config: ImageMaskFolderConfig = self.builder_config
-        source = self._find_source(dl_manager)
+        try:
+            manual = epath.Path(dl_manager.manual_dir)
+        except AssertionError:  # TFDS raises this when manual_dir is missing or empty
+            manual = None
+        source = self.used_source = self._find_source(manual)
         mask_root = source / config.masks_dir
         masks = {}
         if mask_root.is_dir():
@@ -288,6 +325,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         else:
             logging.warning("No %s/ folder in %s: every example gets has_mask=False.", config.masks_dir, source)
         folder = _Folder(images=_index_folder(source / config.images_dir, "", IMAGE_EXTENSIONS, "image"), masks=masks)
+        if not folder.images:
+            raise errors.UnusableSourceError(
+                f"{source / config.images_dir} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); point "
+                "source_dir at the folder holding images/ and masks/.")
         orphans = sorted(set(folder.masks) - set(folder.images))
         if orphans:
             logging.warning("%d masks have no image and are ignored: %s", len(orphans), _listed(orphans))
@@ -317,12 +358,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         ``image_size`` is the image's original (W, H): a mask of another size is accepted only with the same
         aspect ratio (a lower-resolution export), never transposed or cropped.
         """
-        config: ImageMaskFolderConfig = self.builder_config
         opened = _open_or_record(path, summary.masks_unusable, "Mask", "; its image is kept with has_mask=False.")
         if opened is None:
             return None
         mask, _ = opened
-        gray = _mask_gray(mask)
+        gray, labels01 = _mask_gray(mask)
+        if labels01:
+            summary.masks_labels01 += 1
         (w, h), (w0, h0) = mask.size, image_size
         if (w, h) != (w0, h0):
             if abs(w * h0 - h * w0) > 0.01 * w0 * h:
@@ -338,12 +380,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             # resized grey levels, which keeps thin structures better than resizing the binary mask.
             resample = Image.Resampling.BOX if w >= size[0] else Image.Resampling.BILINEAR
             gray = np.asarray(Image.fromarray(gray).resize(size, resample), np.float32)
-        binary = (gray >= config.mask_threshold).astype(np.uint8)
+        binary = (gray >= self._mask_threshold).astype(np.uint8)
         if not binary.any() and gray.max(initial=0.0) > 0:
             summary.masks_empty += 1
             logging.warning(
-                "Mask %s is empty after thresholding at %d (its values reach %.0f); masks stored as 0/1 need "
-                "mask_threshold=1.", path, config.mask_threshold, gray.max(),
+                "Mask %s is empty after thresholding at grey level %d (its values reach %.0f): lower the threshold "
+                "with --config.dataset.builder_kwargs.mask_threshold=N (builder keyword mask_threshold).", path,
+                self._mask_threshold, gray.max(),
             )
         return binary
 
@@ -364,6 +407,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         clean = not (summary.skipped or summary.masks_unusable or summary.masks_missing or summary.masks_empty)
         log = logging.info if clean else logging.warning
         log("image_mask_folder/%s split %r: %s", config.name, split, summary)
+        if ids and not summary.written:
+            images = self.used_source / config.images_dir if self.used_source is not None else config.images_dir
+            raise errors.UnusableSourceError(
+                f"None of the {len(dict.fromkeys(ids))} images of split {split!r} in {images} could be read "
+                f"({_listed([f'{k}: {v}' for k, v in summary.skipped.items()])}). Check that source_dir points at "
+                "the right folder and that its images are intact.")
 
     def _example(self, example_id: str, folder: _Folder, summary: BuildSummary) -> dict[str, Any] | None:
         config: ImageMaskFolderConfig = self.builder_config
@@ -379,7 +428,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if is_jpeg and original.mode == "RGB" and size == original.size and not rotated:
             image_bytes = image_path.read_bytes()  # already what we would store: avoid a second JPEG loss
         else:
-            image = original.convert("RGB")
+            image = Image.fromarray(image_io.to_rgb8(original))  # 16-bit photos scaled, not clipped
             if size != image.size:
                 # reducing_gap: a cheap integer pre-reduction first; still antialiased, several times faster.
                 image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -411,6 +460,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 register_dataset(DatasetSpec(
     name="kvasir_seg", builder="image_mask_folder", stored=((256, "kvasir_seg_256"), (512, "kvasir_seg")),
     masks=("mask",), default_targets=("mask",), protocols=("holdout",), test_split="test",
-    builder_kwargs=(("source_dir", ""),),
+    builder_kwargs=(("source_dir", ""), ("mask_threshold", "")),
     schedule=(("num_epochs", 100), ("warmup_epochs", 2), ("eval_every_epochs", 2), ("checkpoint_every_epochs", 2)),
 ), aliases=("kvasir",))
