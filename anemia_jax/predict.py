@@ -2,7 +2,8 @@
 
     python -m anemia_jax.predict --workdir=runs/unetpp [--workdir=RUN2 ...] photo.jpg more_photos/ --out=masks/
         [--checkpoint=best|latest|<step>] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--threshold=0.5]
-        [--prune_level=k] [--batch_size=8] [--config.<key>=<value> ...]
+        [--prune_level=k] [--batch_size=8] [--quality=quality.json] [--screening=screening_model.json
+        [--sex=F|M | --sex_csv=sex.csv]] [--config.<key>=<value> ...]
 
 Each photo (any size or aspect ratio; folders contribute their image files, non-recursively, sorted) is decoded with
 PIL and turned upright by its EXIF orientation (phone photos are often stored sideways with an orientation tag), then
@@ -10,8 +11,23 @@ segmented by `anemia_jax.segmenter.Segmenter`: resized to the training resolutio
 predicted (optionally with test-time augmentation, a pruned UNet++, or averaged over several runs), and its
 probabilities resized back to the photo's own size and thresholded (``p > threshold``).
 
+Each photo also gets a quality verdict, usable or retake with its reasons (`anemia_jax.quality`: no conjunctiva
+found, region too small, segmentation too uncertain, photo too dark, overexposed), with the thresholds of
+``--quality`` (default: ``quality.json`` in the first run's folder or its parent, as ``python -m
+anemia_jax.calibrate_quality`` writes it; else the runs' ``config.quality``). With ``--screening`` (a screening
+model, `anemia_jax.screening_model`) each photo also gets the estimated Hgb with its prediction interval, the
+probability of anemia and the call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex: 13), from colour features
+computed as the model's were (`anemia_jax.photo_report`). Sex: ``--sex=F|M`` for every photo, or ``--sex_csv`` (or,
+without it, a ``sex.csv`` in the photo's folder) with columns ``file,sex`` (``file`` a name or a path relative to
+the CSV; ``sex`` F/M/female/male, empty for unknown).
+
 Outputs in ``--out``: ``<stem>_<target>.png`` (8-bit, 0 background / 255 mask, photo size), ``<stem>_overlay.png``
-(the photo with each mask tinted and outlined) and ``predictions.csv`` (file, size, mask fraction per target).
+(the photo with each mask tinted and outlined, the verdict and any Hgb estimate written across its top),
+``<stem>_uncertainty.png`` (8-bit grey: the per-pixel entropy of the mean probability, 0 certain .. 255 = 1 bit;
+the largest over the targets), ``predictions.csv`` (file, size, mask fraction per target, the verdict and its
+measures, and the screening columns) and ``predictions.json`` (the runs, checkpoints, the quality thresholds and
+where they came from, the screening model, and the usable/retake counts). Photos with the verdict 'retake' keep
+their estimates in the CSV but must not be acted on; their overlay shows none.
 Stems that repeat across folders get ``_2``, ``_3``... appended. A file that cannot be read as an image is reported
 with a warning and skipped. Photos, folders and ``--out`` may be local or on shared/cloud storage (``gs://...``).
 
@@ -26,6 +42,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -35,7 +52,7 @@ import PIL.Image
 from absl import flags, logging
 from etils import epath
 
-from anemia_jax import cli, image_io, reporting
+from anemia_jax import cli, image_io, photo_report, quality, reporting
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _READ_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
@@ -82,13 +99,20 @@ def _unique_stem(path: epath.Path, used: set[str]) -> str:
     return stem
 
 
-def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> PredictionReport:
-    """Segments every photo of ``inputs`` (files or folders) and writes masks, overlays and a CSV into ``out``.
+def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                   assessor: photo_report.PhotoAssessor | None = None, sex: str | None = None,
+                   sex_csv: str | os.PathLike | None = None, record: dict | None = None) -> PredictionReport:
+    """Segments every photo of ``inputs`` (files or folders) and writes masks, overlays, uncertainty maps, the
+    verdicts (and screening) and a CSV into ``out``.
 
     Args:
         segmenter: an `anemia_jax.segmenter.Segmenter` (one run or an ensemble, TTA, threshold).
         inputs: photo files and/or folders of photos.
         out: output folder (created; local or a URL).
+        assessor: the verdict (and screening) of each photo; default: the runs' thresholds
+            (`quality.thresholds_for_runs`), no screening.
+        sex, sex_csv: the photos' sex for screening (`photo_report.photo_sexes`).
+        record: extra entries for ``predictions.json``.
 
     Returns:
         A `PredictionReport`; unreadable photos are in ``failed`` (each also warned about), never raised.
@@ -100,19 +124,34 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
     for path, why in missing.items():
         logging.warning("Skipping %s: %s.", path, why)
     targets = segmenter.targets
+    if assessor is None:
+        assessor = photo_report.PhotoAssessor(targets, quality.thresholds_for_runs(
+            [r.workdir for r in segmenter.runs], segmenter.runs[0].config.get("quality")))
+    screening = assessor.screening is not None
+    sexes = dict(zip(map(str, files), photo_report.photo_sexes(files, sex=sex, sex_csv=sex_csv))) if screening \
+        else {}
     used: set[str] = set()
     rows = []
+    verdicts: dict[str, int] = {"usable": 0, "retake": 0}
 
     def flush(pending: list[tuple[epath.Path, np.ndarray]]) -> None:
-        for (path, photo), seg in zip(pending, segmenter.segment([photo for _, photo in pending])):
+        photos = [photo for _, photo in pending]
+        segs = segmenter.segment(photos)
+        assessed = assessor.assess(photos, segs, [sexes.get(str(path)) for path, _ in pending])
+        for (path, photo), seg, assessment in zip(pending, segs, assessed):
             stem = _unique_stem(path, used)
             for c, t in enumerate(targets):
                 _save_png(seg.masks[..., c].astype(np.uint8) * 255, out / f"{stem}_{t}.png")
             outline = max(1, round(max(photo.shape[:2]) / 300))  # visible on a full-size photo
-            _save_png(image_io.overlay(photo, seg.masks, outline=outline), out / f"{stem}_overlay.png")
+            overlay = image_io.overlay(photo, seg.masks, outline=outline)
+            overlay = photo_report.draw_caption(overlay, photo_report.caption_lines(assessment))
+            _save_png(overlay, out / f"{stem}_overlay.png")
+            _save_png(np.round(np.clip(seg.uncertainty, 0.0, 1.0) * 255).astype(np.uint8),
+                      out / f"{stem}_uncertainty.png")
             report.written[str(path)] = stem
+            verdicts[assessment.verdict.label] += 1
             rows.append([str(path), stem, photo.shape[1], photo.shape[0]]
-                        + [f"{f:.6f}" for f in seg.fractions()])
+                        + [f"{f:.6f}" for f in seg.fractions()] + photo_report.csv_values(assessment, screening))
 
     pending: list[tuple[epath.Path, np.ndarray]] = []
     for path in files:
@@ -132,9 +171,16 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
     if rows:
         with io.StringIO(newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", "stem", "width", "height"] + [f"fraction/{t}" for t in targets])
+            writer.writerow(["file", "stem", "width", "height"] + [f"fraction/{t}" for t in targets]
+                            + photo_report.csv_header(screening))
             writer.writerows(rows)
             (out / "predictions.csv").write_bytes(f.getvalue().encode("utf-8"))
+    summary = {"runs": [str(r.workdir) for r in segmenter.runs], "steps": [r.step for r in segmenter.runs],
+               "mask_threshold": segmenter.threshold, "quality_target": assessor.target,
+               "quality_thresholds": dataclasses.asdict(assessor.thresholds), "verdicts": verdicts,
+               "sex": "--sex" if sex else (str(sex_csv) if sex_csv else f"{photo_report.SEX_CSV} beside the photos"),
+               **(record or {})}
+    (out / "predictions.json").write_text(json.dumps(reporting.jsonable(summary), indent=2) + "\n")
     return report
 
 
@@ -146,6 +192,16 @@ def _command() -> cli.Command:
     flags.mark_flag_as_required("out", flag_values=fv)
     flags.DEFINE_float("threshold", 0.5, "Probability threshold of the masks.", flag_values=fv)
     flags.DEFINE_integer("batch_size", None, "Photos per device call (default: device count).", flag_values=fv)
+    flags.DEFINE_string("quality", None, "Quality thresholds JSON (python -m anemia_jax.calibrate_quality); default: "
+                        f"{quality.THRESHOLDS_FILE} in the first run's folder or its parent, else config.quality.",
+                        flag_values=fv)
+    flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening_model): adds the Hgb "
+                        "estimate, its interval and the anemia call per photo.", flag_values=fv)
+    flags.DEFINE_string("sex", None, "F or M: sex of every photo's subject, for the WHO threshold "
+                      "(default: per photo from --sex_csv or sex.csv beside the photos; else unknown).",
+                      flag_values=fv)
+    flags.DEFINE_string("sex_csv", None, "CSV with columns file,sex (default: sex.csv in each photo's folder).",
+                        flag_values=fv)
     return cmd
 
 
@@ -164,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax import inference, parallel, runs, segmenter  # noqa: PLC0415
+    from anemia_jax import inference, parallel, runs, screening_model, segmenter  # noqa: PLC0415
 
     try:
         transforms = inference.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
@@ -173,7 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   configs=cmd.run_configs())
         seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
                                   prune_level=cmd.prune_level, batch_size=cmd.batch_size)
-        report = predict_photos(seg, inputs, cmd.out)
+        model = screening_model.load(cmd.screening) if cmd.screening else None
+        thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)
+        assessor = photo_report.PhotoAssessor(seg.targets, thresholds, model)
+        record = {"screening_model": None if model is None else {
+            "path": str(cmd.screening), "features_from": model.training.get("features_from"),
+            "constancy": model.constancy, "coverage": model.coverage, "anemia_threshold": model.threshold}}
+        report = predict_photos(seg, inputs, cmd.out, assessor=assessor, sex=cmd.sex, sex_csv=cmd.sex_csv,
+                                record=record)
     except (FileNotFoundError, ValueError) as e:
         print(f"predict: {e}", file=sys.stderr)
         return cli.EXIT_CONFIG

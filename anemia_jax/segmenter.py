@@ -7,17 +7,24 @@
 2. predicts probabilities, batched over the local devices (optionally with test-time augmentation or a pruned
    UNet++);
 3. returns them at the training resolution and resized back to the photo's own size (bilinear per target), with
-   the masks ``probability > threshold``.
+   the masks ``probability > threshold``;
+4. with the per-pixel uncertainty (`anemia_jax.quality.uncertainty_maps`): the entropy of the mean probability (what
+   the verdict and the app show; it also rises where ensemble members disagree) and the members' disagreement
+   (mutual information; zero for a single run).
+
+The quality verdict of a photo (usable / retake, with reasons) is `anemia_jax.quality.verdict` of
+`anemia_jax.quality.measure` (photo, segmentation, target channel).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 
-from anemia_jax import image_io, inference, runs as runs_lib, tta
+from anemia_jax import image_io, inference, quality, runs as runs_lib, tta
 
 __all__ = ["PhotoSegmentation", "Segmenter"]
 
@@ -32,12 +39,32 @@ class PhotoSegmentation:
         masks: bool ``[H, W, C]``, ``probs > threshold``.
         members_model: float32 ``[M, h, w, C]`` each ensemble member's probabilities at the training resolution
             (M = 1 for a single run).
+        threshold: the probability threshold of ``masks``.
+        uncertainty_model: float32 ``[h, w, C]`` per-target entropy (bits, 0..1) of the mean probability
+            (`quality.uncertainty_maps`).
+        disagreement_model: float32 ``[h, w, C]`` the members' mutual information (bits; 0 for a single run).
+
+    ``uncertainty`` (float32 ``[H, W]``, photo size) is the map people look at: the largest per-target entropy of
+    each pixel, resized bilinearly (computed on first use).
     """
 
     probs_model: np.ndarray
     probs: np.ndarray
     masks: np.ndarray
     members_model: np.ndarray
+    threshold: float = 0.5
+    uncertainty_model: np.ndarray | None = None
+    disagreement_model: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.uncertainty_model is None or self.disagreement_model is None:
+            self.uncertainty_model, self.disagreement_model = quality.uncertainty_maps(self.members_model)
+
+    @functools.cached_property
+    def uncertainty(self) -> np.ndarray:
+        """float32 ``[H, W]``: the per-pixel uncertainty at the photo's size (bits; 0 certain, 1 p = 0.5)."""
+        worst = self.uncertainty_model.max(axis=-1, keepdims=True)
+        return image_io.resize_probabilities(worst, self.probs.shape[:2])[..., 0]
 
     def fractions(self) -> np.ndarray:
         """float [C]: the fraction of the photo inside each mask."""
@@ -91,5 +118,5 @@ class Segmenter:
             probs_model = members[:, i].mean(axis=0)
             probs = image_io.resize_probabilities(probs_model, photo.shape[:2])
             out.append(PhotoSegmentation(probs_model=probs_model, probs=probs, masks=probs > self.threshold,
-                                         members_model=members[:, i]))
+                                         members_model=members[:, i], threshold=self.threshold))
         return out

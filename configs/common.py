@@ -24,7 +24,7 @@ from typing import Any
 
 import ml_collections
 
-from anemia_jax import augment, config_lib
+from anemia_jax import augment, config_lib, quality
 
 ARG_DEFAULTS = dict(data="eyes_defy_anemia", size=256, fold=0, loco="", batch=16, epochs=0, steps=0,
                     dtype="bfloat16", seed=0, test=False)
@@ -101,6 +101,9 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
 
     c.compute_dtype = args.dtype
     c.augment = augment.default_config()
+    # The per-photo quality verdict of predict/app (usable / retake): thresholds, and how to choose them on
+    # validation data (python -m anemia_jax.calibrate_quality writes the chosen ones beside the runs).
+    c.quality = quality.default_config()
     c.compilation_cache_dir = config_lib.default_cache_dir()  # '' disables the persistent compilation cache.
     c.max_panels = 8  # Validation examples drawn in each evaluation's PNG panel.
     c.profile_steps = 0  # > 0: a jax.profiler trace of that many steps (after the first) in <workdir>/profile.
