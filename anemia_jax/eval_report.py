@@ -9,7 +9,9 @@ Written by ``python -m anemia_jax.evaluate`` from an `anemia_jax.evaluator.EvalR
 * ``summary.json`` / ``summary.md``: per target, mean ± std over images (std with ddof=0) of each score, the pooled
   Dice, the number of images scored and of images excluded for a missing mask; for distances the mean, std and
   median over the images where they are finite and the count where they are infinite; the same per country; plus
-  the run details (checkpoint, split, model, TTA, ensemble members).
+  the run details (checkpoint, split, model, TTA, ensemble members). For an ensemble, also each run scored alone on
+  the same images and the ensemble's gain over their mean (`format_members`), and how many of the images each run
+  trained on (``training_overlap``; non-zero makes the scores optimistic).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from etils import epath
 from anemia_jax import reporting
 from anemia_jax.evaluator import DISTANCES, SCORES
 
-__all__ = ["default_out_dir", "format_markdown", "write_outputs", "write_per_image_csv"]
+__all__ = ["default_out_dir", "format_markdown", "format_members", "write_outputs", "write_per_image_csv"]
 
 
 def _pm(stats: Mapping[str, float], digits: int) -> str:
@@ -73,8 +75,42 @@ def format_markdown(summary: Mapping[str, Any]) -> str:
                   f"threshold {summary.get('threshold', 0.5):g}; mean ± std over images (ddof=0); distances over images where finite, "
                   "'undefined' counts images where exactly one of prediction and reference is empty", ""]
     lines += _table(summary["targets"])
+    if summary.get("members"):
+        lines += ["", format_members(summary).rstrip("\n")]
+    overlap = summary.get("training_overlap") or []
+    if any(overlap):
+        lines += ["", f"**Optimistic**: the runs trained on {', '.join(map(str, overlap))} of these "
+                      f"{summary.get('num_images', '?')} images (per run, in order)."]
     for country, per_target in summary.get("by_country", {}).items():
         lines += ["", f"## {country}", ""] + _table(per_target)
+    return "\n".join(lines) + "\n"
+
+
+def format_members(summary: Mapping[str, Any]) -> str:
+    """The ensemble against each of its runs alone on the same images: mean Dice (and HD95) per target, the mean of
+    the single runs, and the ensemble minus that mean."""
+    members = summary["members"]
+    targets = list(summary["targets"])
+    distance = all("hd95" in summary["targets"][t] for t in targets)
+    head = [f"Dice {t}" for t in targets] + ([f"HD95 {t} (px)" for t in targets] if distance else [])
+
+    def cells(per_target):
+        dice = [per_target[t]["dice"]["mean"] for t in targets]
+        return dice + ([per_target[t]["hd95"]["mean"] for t in targets] if distance else [])
+
+    def fmt(values, sign=""):
+        return " | ".join("n/a" if not math.isfinite(v) else
+                          f"{v:{sign}.{4 if i < len(targets) else 2}f}" for i, v in enumerate(values))
+
+    ens = cells(summary["targets"])
+    single = np.array([cells(m["targets"]) for m in members], np.float64)
+    mean = np.nanmean(single, axis=0) if len(single) else np.full(len(ens), math.nan)
+    lines = ["## Ensemble vs single runs (the same images)", "",
+             "| model | step | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head),
+             f"| ensemble of {len(members)} | - | {fmt(ens)} |"]
+    lines += [f"| {epath.Path(m['workdir']).name} | {m['step']} | {fmt(row)} |" for m, row in zip(members, single)]
+    lines += [f"| mean of the single runs | - | {fmt(mean)} |",
+              f"| ensemble - mean of single runs | - | {fmt(np.asarray(ens) - mean, '+')} |"]
     return "\n".join(lines) + "\n"
 
 

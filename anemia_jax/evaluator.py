@@ -37,7 +37,8 @@ from anemia_jax.inference import ProbabilityFn, mesh_batch_size
 SCORES = ("dice", "iou", "precision", "recall")
 DISTANCES = ("hd95", "assd")
 
-__all__ = ["DISTANCES", "SCORES", "EvalResult", "Evaluator", "evaluate_runs", "scalars", "summarize"]
+__all__ = ["DISTANCES", "SCORES", "EvalResult", "Evaluator", "evaluate_runs", "scalars", "summarize",
+           "training_overlap"]
 
 
 @dataclasses.dataclass
@@ -131,8 +132,32 @@ class Evaluator:
                           {k: np.concatenate(v) for k, v in panel.items()} if have else None)
 
 
+def training_overlap(runs: Sequence, builder, tfds_split: str, indices: np.ndarray) -> list[int]:
+    """How many of the examples ``indices`` of ``tfds_split`` each run TRAINED on (its own training part).
+
+    The data scored is that of the first run's config (command-line overrides included, e.g. another builder config
+    or data set); each run's training data is that of the config it recorded (``config.json``, as trained). Two
+    data sets are the same when their builder, builder config and TFDS split are (not their folder: data may move).
+    """
+    from anemia_jax import runs as runs_lib  # noqa: PLC0415 -- runs builds on this module's siblings only
+
+    ds = runs[0].config.dataset
+    scored = (ds.builder, ds.builder_config, tfds_split)
+    metadata = None
+    out = []
+    for run in runs:
+        recorded = runs_lib.load_config(run.workdir)
+        if (recorded.dataset.builder, recorded.dataset.builder_config, recorded.dataset.split) != scored:
+            out.append(0)
+            continue
+        metadata = metadata if metadata is not None else input_pipeline.read_metadata(builder, tfds_split)
+        train_idx = experiment.split_indices(recorded, metadata)[0]
+        out.append(int(np.isin(np.asarray(indices), train_idx).sum()))
+    return out
+
+
 def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_level: int | None = None,
-                  distances: bool = True, threshold: float = 0.5, builder=None) -> EvalResult:
+                  distances: bool = True, threshold: float = 0.5, builder=None, members: bool = False) -> EvalResult:
     """Scores restored runs (`anemia_jax.runs.load_runs`; several form an ensemble) on their ``split``.
 
     Args:
@@ -144,9 +169,12 @@ def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_
         distances: also compute HD95 and ASSD.
         threshold: probability threshold of the predicted masks.
         builder: the prepared TFDS builder, if the caller has it (default: prepared from the config).
+        members: for an ensemble, also score each run alone on the same images (``summary['members']``: workdir,
+            step and per-target statistics of each, in order).
 
     Returns:
-        The `EvalResult`, its summary extended with the run details (workdir, checkpoint, split, model, TTA, ...).
+        The `EvalResult`, its summary extended with the run details (workdir, checkpoint, split, model, TTA, ...)
+        and ``training_overlap`` (`training_overlap`: how many of the scored images each run trained on).
     """
     from anemia_jax import runs as runs_lib  # noqa: PLC0415 -- runs builds on this module's siblings only
 
@@ -165,6 +193,14 @@ def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_
     evaluator = Evaluator(dataset, probability, targets, batch_size=batch_size, threshold=threshold,
                           distances=distances, metadata=metadata)
     result = evaluator.run(variables)
+    scored_members = []
+    if members and len(runs) > 1:
+        for run in runs:  # the same device-resident images, one run at a time
+            fn, v = runs_lib.probability_of(run, prune_level=prune_level, transforms=transforms)
+            alone = Evaluator(dataset, fn, targets, batch_size=batch_size, threshold=threshold, distances=distances,
+                              metadata=metadata).run(v)
+            scored_members.append({"workdir": str(run.workdir), "step": run.step,
+                                   "targets": alone.summary["targets"]})
     result.summary = {
         "workdir": str(first.workdir), "config_name": config.get("name", ""), "config_arg": config.get("arg", ""),
         "model": config.model.name, "ensemble": [str(r.workdir) for r in runs] if len(runs) > 1 else None,
@@ -173,6 +209,8 @@ def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_
         "split": split, "tfds_split": tfds_split, "num_images": int(len(result.per_image["index"])),
         "image_size": list(first.image_size), "threshold": threshold, "prune_level": prune_level,
         "tta": [t.name for t in transforms] if transforms else None, "num_devices": first.mesh.size,
+        "training_overlap": training_overlap(runs, builder, tfds_split, indices),
+        **({"members": scored_members} if scored_members else {}),
         **result.summary,
     }
     return result
