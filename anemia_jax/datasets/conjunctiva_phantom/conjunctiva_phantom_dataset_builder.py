@@ -70,6 +70,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         PhantomConfig(name="res256", long_side=256, description="218 examples (like the real set), 256x192."),
         PhantomConfig(name="res512", long_side=512, description="218 examples, 512x384."),
         PhantomConfig(name="res64", long_side=64, num_examples=32, description="32 tiny examples for tests."),
+        # Other patients of the same distribution (another seed): a test set that runs trained on res256/res512
+        # never saw, e.g. for K-fold ensembles, whose folds leave no training photo unseen by every member.
+        PhantomConfig(name="res256_heldout", long_side=256, num_examples=218, seed=1,
+                      description="218 other examples (seed 1), 256x192: a held-out test set."),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "res256"
 
