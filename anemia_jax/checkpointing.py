@@ -5,7 +5,16 @@ One checkpoint is a step directory under ``<workdir>/checkpoints`` holding two i
 * ``state``: the whole `steps.TrainState` (step, params, batch_stats, opt_state, rng) through
   ``ocp.args.StandardSave``; every process writes its shards, as Orbax requires.
 * ``meta``: a small JSON record (``ocp.args.JsonSave``) the trainer uses to carry run bookkeeping across a resume
-  (e.g. the best validation metrics seen so far, cumulative training time).
+  (e.g. the best validation metrics seen so far, cumulative training time, the model config).
+
+Integrity (`anemia_jax.checkpoint_integrity`): each checkpoint also holds ``checksums.json`` (size and SHA-256 of
+every file of its items), written once Orbax has finalised it and before Orbax commits the directory. Every restore
+first verifies it: a damaged checkpoint raises `DamagedCheckpointError` naming it and the difference, never restoring
+altered numbers; one without a manifest (written before manifests existed) is restored with a warning, and any
+failure to read it is a `DamagedCheckpointError` too. A checkpoint whose arrays do not fit the template raises
+`CheckpointMismatchError` ("written by a different model configuration"), listing the differences in one paragraph.
+`restore_latest_intact` is the trainer's resume: the newest usable checkpoint, damaged ones set aside
+(`quarantine`) with a warning.
 
 The position in the data order is not stored separately: the input pipeline's ``train_batch(step)`` is a pure
 function of ``(seed, step)``, so the restored ``state.step`` is the position.
@@ -18,13 +27,12 @@ devices restores on 1 or 2.
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import signal
 import threading
 from collections.abc import Mapping
 from typing import Any
-
-import logging as pylogging
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,12 +40,29 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ppl
 
-from anemia_jax import reporting
+from anemia_jax import checkpoint_integrity, config_lib, errors, reporting
 
 PyTree = Any
 
 _STATE = "state"
 _META = "meta"
+_ITEMS = (_STATE, _META)
+
+
+class MissingCheckpointError(errors.CheckpointError, FileNotFoundError):
+    """No checkpoint at the requested step (or none at all)."""
+
+
+class DamagedCheckpointError(errors.CheckpointError):
+    """A checkpoint's files differ from its manifest, or cannot be read; ``step`` names it."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointMismatchError(errors.CheckpointError):
+    """A checkpoint's arrays do not fit the model it is restored into (another model configuration)."""
 
 
 class _ExpectedWarningsFilter(pylogging.Filter):
@@ -105,6 +130,8 @@ class CheckpointManager:
         def metric(metrics: Mapping[str, float]) -> float:
             return float(metrics[best_metric])
 
+        self._saving: int | None = None  # the step whose asynchronous save is in flight
+        self._async = async_save
         options = ocp.CheckpointManagerOptions(
             # `best_fn` makes `best_step()` rank by the metric; retention itself is the policy below.
             best_fn=metric,
@@ -120,10 +147,134 @@ class CheckpointManager:
             # Set as read_only would set them, so that Orbax does not warn that it changed them.
             create=not read_only,
             save_interval_steps=0 if read_only else 1,
+            # Runs once every process has written its part, before Orbax commits the directory (primary only).
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest_of_save)
+            if async_save and not read_only else None,
         )
         # Before the manager exists: creating a read-only one is what warns. Idempotent (a logger holds a filter once).
         logging.get_absl_logger().addFilter(_EXPECTED_WARNINGS_FILTER)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+
+    # ----------------------------------------------------------------------------------------------- integrity
+
+    def step_dir(self, step: int) -> epath.Path:
+        """The directory of checkpoint ``step``."""
+        return self.directory / str(step)
+
+    def _write_manifest_of_save(self) -> None:
+        step = self._saving
+        if step is None:
+            return
+        # Before the commit the checkpoint lives in Orbax's temporary directory (local disks); object stores have none.
+        pending = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        checkpoint_integrity.write_manifest(pending[-1] if pending else self.step_dir(step), _ITEMS)
+
+    def verify(self, step: int) -> checkpoint_integrity.Verdict:
+        """Checks checkpoint ``step`` against its manifest (`checkpoint_integrity.verify`)."""
+        return checkpoint_integrity.verify(self.step_dir(step))
+
+    def _damaged(self, step: int, reason: str) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"Checkpoint step {step} in {self.directory} is damaged: {reason}.", step)
+
+    def _check_usable(self, step: int) -> None:
+        if step not in self._manager.all_steps():
+            raise MissingCheckpointError(f"No checkpoint for step {step} in {self.directory}; "
+                                         f"available: {self.all_steps() or 'none'}.")
+        verdict = self.verify(step)
+        if verdict.status == "damaged":
+            raise self._damaged(step, verdict.reason)
+        if verdict.status == "unverified":
+            logging.warning("Checkpoint step %d in %s has no checksum manifest (written before manifests existed): "
+                            "restoring it without an integrity check.", step, self.directory)
+
+    def _check_tree(self, step: int, template: PyTree, *, partial: bool,
+                    model_config: Mapping[str, Any] | None) -> None:
+        handler = ocp.PyTreeCheckpointHandler()  # reads the stored tree alone, whatever the manager has registered
+        try:
+            saved = handler.metadata(self.step_dir(step) / _STATE)
+        except Exception as e:  # noqa: BLE001 -- Orbax signals unreadable metadata in many ways
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            raise self._damaged(step, f"its tree metadata cannot be read ({type(e).__name__}: {first_line})") from None
+        finally:
+            handler.close()
+        saved = getattr(saved, "tree", saved)
+        if partial and isinstance(saved, Mapping):
+            saved = {k: v for k, v in saved.items() if k in template}
+        difference = checkpoint_integrity.tree_mismatch(saved, template)
+        if difference is None:
+            return
+        hint = ""
+        if model_config is not None:
+            recorded = self._read_meta(step).get("model")
+            changes = config_lib.config_diff(recorded, dict(model_config)) if isinstance(recorded, Mapping) else []
+            if changes:
+                hint = f" Its model config differs from the one given: {'; '.join(f'model.{c}' for c in changes)}."
+        raise CheckpointMismatchError(
+            f"Checkpoint step {step} in {self.directory} was written by a different model configuration than the "
+            f"one it is being restored into: {difference}.{hint} Use the config the run was trained with (its "
+            "config.json as the trainer wrote it, without --config.model.* overrides), or train a new run in another "
+            "workdir.")
+
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+            return dict(restored[_META] or {})
+        except Exception:  # noqa: BLE001 -- only a hint for a message
+            return {}
+
+    def quarantine(self, step: int) -> epath.Path:
+        """Moves damaged checkpoint ``step`` out of the way (``<directory>_damaged/<step>``, kept for inspection), so
+        that it is neither restored nor in the way of saving that step again. Writers only; every process calls it
+        (process 0 moves, the others wait for it)."""
+        if self.read_only:
+            raise RuntimeError("A read_only CheckpointManager never moves checkpoints.")
+        aside = self.directory.parent / f"{self.directory.name}_damaged"
+        target = aside / str(step)
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = aside / f"{step}.{len(list(aside.iterdir()))}"
+            self.step_dir(step).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f"anemia_jax:quarantine:{step}")
+        self._manager.reload()
+        return target
+
+    def restore_latest_intact(self, template: PyTree, *, model_config: Mapping[str, Any] | None = None
+                              ) -> tuple[int, PyTree, dict[str, Any]] | None:
+        """The newest checkpoint that restores: ``(step, state, meta)``, or None when there is no checkpoint.
+
+        Every damaged checkpoint (newer or older) is moved aside with a warning naming it (`quarantine`), so that
+        'best' never points at it and its step can be saved again.
+
+        Raises:
+            CheckpointMismatchError: the newest readable checkpoint belongs to another model configuration.
+            DamagedCheckpointError: every checkpoint is damaged.
+        """
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, template, model_config=model_config)
+            except DamagedCheckpointError as e:
+                damaged.append(str(e))
+                logging.warning("%s Moved it to %s; using an older checkpoint.", e, self.quarantine(step))
+                continue
+            for other in self.all_steps():
+                verdict = self.verify(other) if other != step else checkpoint_integrity.Verdict("intact")
+                if verdict.status == "damaged":
+                    logging.warning("%s Moved it to %s.", self._damaged(other, verdict.reason),
+                                    self.quarantine(other))
+            return step, state, meta
+        if damaged:
+            raise DamagedCheckpointError(
+                f"No usable checkpoint in {self.directory}: {' '.join(damaged)} They were moved to "
+                f"{self.directory}_damaged/. Rerun to train from scratch, or restore the files from a backup.",
+                -1)
+        return None
+
+    # ----------------------------------------------------------------------------------------------- steps
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None if there is none."""
@@ -169,6 +320,7 @@ class CheckpointManager:
                                "open one without read_only to save.")
         if step in self._manager.all_steps():
             return False
+        self._manager.wait_until_finished()  # the manifest hook below belongs to one save at a time
         if metrics is not None and self.best_metric not in metrics:
             raise KeyError(f"metrics must contain {self.best_metric!r} (the ranking metric); got {sorted(metrics)}.")
         args = ocp.args.Composite(**{
@@ -176,31 +328,48 @@ class CheckpointManager:
             _META: ocp.args.JsonSave(dict(meta or {})),
         })
         clean = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return bool(self._manager.save(step, args=args, metrics=clean, force=True))
+        self._saving = step
+        saved = bool(self._manager.save(step, args=args, metrics=clean, force=True))
+        if saved and not self._async and jax.process_index() == 0:
+            checkpoint_integrity.write_manifest(self.step_dir(step), _ITEMS)  # a synchronous save is committed
+        return saved
 
-    def restore(self, step: int, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
-        """Restores checkpoint ``step`` onto the shapes, dtypes and shardings of ``template``.
+    def _orbax_restore(self, step: int, args) -> Any:
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore report unreadable files in many ways
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            raise self._damaged(step, f"its files cannot be read ({type(e).__name__}: {first_line})") from e
+
+    def restore(self, step: int, template: PyTree, *, model_config: Mapping[str, Any] | None = None
+                ) -> tuple[PyTree, dict[str, Any]]:
+        """Restores checkpoint ``step`` onto the shapes, dtypes and shardings of ``template``, after checking its
+        manifest and its tree.
 
         Args:
             step: an existing checkpoint step (see `latest_step`, `best_step`, `all_steps`).
             template: a state of the same structure, placed as the restored state should be (e.g. the freshly
                 initialised, replicated state on the current mesh) -- or its `abstract_like`.
+            model_config: the model config of ``template`` (``config.model``), named in a mismatch message.
 
         Returns:
             ``(state, meta)``: the restored pytree (structure of ``template``) and the JSON bookkeeping.
+
+        Raises:
+            MissingCheckpointError, DamagedCheckpointError, CheckpointMismatchError: see the module docstring.
         """
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
-                                    f"available: {self.all_steps() or 'none'}.")
+        self._check_usable(step)
         target = abstract_like(template)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        self._check_tree(step, target, partial=False, model_config=model_config)
+        restored = self._orbax_restore(step, ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(target),
             _META: ocp.args.JsonRestore(),
         }))
         state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored[_STATE]))
         return state, dict(restored[_META] or {})
 
-    def restore_variables(self, step: int, template: PyTree) -> PyTree:
+    def restore_variables(self, step: int, template: PyTree, *, model_config: Mapping[str, Any] | None = None
+                          ) -> PyTree:
         """Restores only the model variables of checkpoint ``step``: what inference needs, no optimizer involved.
 
         Args:
@@ -209,14 +378,18 @@ class CheckpointManager:
                 (`experiment.abstract_variables`); the optimizer state and the rest of the saved `steps.TrainState`
                 are not read.
 
+            model_config: as for `restore`.
+
         Returns:
             The variables, structured like ``template``.
+
+        Raises:
+            MissingCheckpointError, DamagedCheckpointError, CheckpointMismatchError: see the module docstring.
         """
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
-                                    f"available: {self.all_steps() or 'none'}.")
+        self._check_usable(step)
         target = abstract_like(template)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        self._check_tree(step, target, partial=True, model_config=model_config)
+        restored = self._orbax_restore(step, ocp.args.Composite(**{
             _STATE: ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True),
         }))

@@ -8,7 +8,11 @@ inference needs, with the experiment's own builders (`anemia_jax.experiment`), s
   by default; a checkpoint written on 8 devices restores on 1);
 * the model variables (``params`` and BatchNorm ``batch_stats``) of a chosen checkpoint -- ``'best'`` by
   validation mean Dice, ``'latest'``, a step number, or ``'auto'`` (see `auto_checkpoint`) -- restored alone: no
-  optimizer is built and its state is never read (`checkpointing.CheckpointManager.restore_variables`).
+  optimizer is built and its state is never read (`checkpointing.CheckpointManager.restore_variables`). Every restore
+  verifies the checkpoint's checksums first: when the chosen 'best'/'latest'/'auto' checkpoint is damaged, the newest
+  intact one is used instead, with a warning naming the damaged one; a damaged ``STEP`` asked for by number is an
+  error (`checkpointing.DamagedCheckpointError`), as is a checkpoint of another model configuration
+  (`checkpointing.CheckpointMismatchError`).
 
 `load_runs` restores several runs at once (e.g. the K folds of a cross-validation) and checks that they can form an
 ensemble; `probability_of` gives the inference function and variables of one run or of such an ensemble.
@@ -33,7 +37,7 @@ from jax.sharding import Mesh
 from anemia_jax import checkpointing, experiment, inference, parallel, reporting, tta
 
 __all__ = ["SELECTION_SPLIT", "Run", "auto_checkpoint", "load_config", "load_run", "load_runs", "probability_of",
-           "resolve_checkpoint"]
+           "resolve_checkpoint", "restore_chosen"]
 
 # The split the trainer ranks checkpoints on ('best' = highest mean Dice there), whatever the protocol.
 SELECTION_SPLIT = "val"
@@ -110,7 +114,8 @@ def resolve_checkpoint(manager: checkpointing.CheckpointManager, which: str | in
     """
     available = manager.all_steps()
     if not available:
-        raise FileNotFoundError(f"No checkpoint in {manager.directory}; has the run saved one yet?")
+        raise checkpointing.MissingCheckpointError(f"No checkpoint in {manager.directory}; has the run saved one "
+                                                   "yet?")
     text = str(which).strip().lower()
     if text == "auto":
         text, why = auto_checkpoint(split)
@@ -128,8 +133,31 @@ def resolve_checkpoint(manager: checkpointing.CheckpointManager, which: str | in
     except ValueError:
         raise ValueError(f"checkpoint must be 'auto', 'best', 'latest' or a step number; got {which!r}.") from None
     if step not in available:
-        raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; available: {available}.")
+        raise checkpointing.MissingCheckpointError(f"No checkpoint for step {step} in {manager.directory}; "
+                                                   f"available: {available}.")
     return step, "step"
+
+
+def restore_chosen(manager: checkpointing.CheckpointManager, step: int, how: str, template: Any, *,
+                   model_config: Any = None) -> tuple[int, Any]:
+    """``(step, variables)`` of checkpoint ``step`` as `resolve_checkpoint` chose it (``how``); if it is damaged and
+    was chosen as 'best' or 'latest', of the newest intact checkpoint instead (with a warning naming the damaged
+    one). A damaged checkpoint asked for by number (``how == 'step'``) raises."""
+    candidates = [step] if how == "step" else [step] + [s for s in reversed(manager.all_steps()) if s != step]
+    damaged = []
+    for candidate in candidates:
+        try:
+            return candidate, manager.restore_variables(candidate, template, model_config=model_config)
+        except checkpointing.DamagedCheckpointError as e:
+            if how == "step":
+                raise checkpointing.DamagedCheckpointError(
+                    f"{e} It was asked for by number (--checkpoint={step}); choose another "
+                    f"(available: {manager.all_steps()}) or --checkpoint=latest, which skips damaged ones.",
+                    step) from None
+            damaged.append(str(e))
+            logging.warning("%s Falling back to the newest intact checkpoint.", e)
+    raise checkpointing.DamagedCheckpointError(f"No intact checkpoint in {manager.directory}: {' '.join(damaged)}",
+                                               step)
 
 
 def load_run(workdir: str | os.PathLike, *, checkpoint: str | int = "best", mesh: Mesh | None = None,
@@ -156,7 +184,8 @@ def load_run(workdir: str | os.PathLike, *, checkpoint: str | int = "best", mesh
                                               read_only=True)
     try:
         step, how = resolve_checkpoint(manager, checkpoint, split=split)
-        variables = manager.restore_variables(step, template)
+        chosen = step
+        step, variables = restore_chosen(manager, step, how, template, model_config=config.model.to_dict())
     finally:
         manager.close()
     logging.info("Restored %s checkpoint step %d of %s.", how, step, workdir)
@@ -164,6 +193,9 @@ def load_run(workdir: str | os.PathLike, *, checkpoint: str | int = "best", mesh
         reason = f"--checkpoint=auto: {auto_checkpoint(split)[1]}"
     else:
         reason = f"requested as {checkpoint!r}"
+    if step != chosen:
+        # The newest intact checkpoint stands in for the damaged choice.
+        how, reason = "latest", f"{reason}; {how} checkpoint step {chosen} is damaged, so the newest intact one"
     return Run(workdir, config, model, mesh, variables, int(step), how, reason)
 
 
