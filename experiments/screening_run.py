@@ -5,6 +5,9 @@
         [--constancy=none,grey_world,white_patch] [--artifact_constancy=none] [--bootstrap=2000]
     # A single run (its validation part only, split again into patient-level folds for the regressors):
     python -m experiments.screening_run --runs=runs/unet --out=...
+    # Also the fold ensemble vs each single fold on a data set none of the folds trained on:
+    python -m experiments.screening_run --runs=/tmp/folds/unet ... --heldout_data=res256_heldout \
+        [--heldout_split=train] [--heldout_constancy=none,grey_world]
 
 For every photo that a segmentation model did NOT train on -- the validation fold of each K-fold run (or the
 left-out country of a leave-one-country-out run) -- the run's model predicts the ``--target`` mask (default
@@ -34,6 +37,16 @@ matplotlib: ``pip install 'anemia_jax[report]'``; skipped with a warning without
 ``<name>_model.json``: the screening model (`anemia_jax.screening_model`) fitted on ALL the out-of-fold features of
 the predicted masks with ``--artifact_constancy``, on the same folds (which also give its CV+ prediction intervals
 and its recorded out-of-fold metrics), for ``predict --screening=...``.
+
+Ensemble vs single fold (``--heldout_data``): out-of-fold photos have no ensemble (every other fold trained on
+them), so the comparison runs on photos none of the runs trained on: every photo of ``--heldout_split`` of the
+runs' data set under builder config ``--heldout_data`` (checked: no run may have trained on it). Each fold model
+alone and the fold ensemble (mean probability, as ``predict`` with every fold) segment them; the second table has
+a row per mask source (ground truth, each fold, the ensemble) and ``--heldout_constancy`` option, its regressors
+cross-validated on 5 patient-level folds of those photos (`experiments.screening_heldout`), with plots
+``<name>_heldout_*.png`` (ground truth, the first fold and the ensemble). Then the SAVED screening model (fitted
+above on the training set) screens those photos from each fold's and the ensemble's masks, its features computed as
+``predict`` computes them: an external check of its Hgb estimates, anemia calls and interval coverage.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ from absl import flags
 
 from anemia_jax import cli, colour, experiment, input_pipeline, plots, runs, screening, screening_model, segmenter
 from anemia_jax.image_io import resize_probabilities
-from experiments import provenance
+from experiments import provenance, screening_heldout
 
 
 def find_runs(path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -123,7 +136,10 @@ def source_name(masks: str, constancy: str) -> str:
 
 
 def predicted_sources(masks: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The predicted-mask sources of the table, ``{label: [N, H, W] bool}`` (an ensemble would add its own)."""
+    """The predicted-mask sources of the table, ``{label: [N, H, W] bool}``: out-of-fold masks (one per photo, from
+    the fold that did not train on it), or on held-out photos each fold's masks and the fold ensemble's."""
+    if "members" in masks:
+        return screening_heldout.predicted_sources(masks)
     return {"predicted mask": masks["pred"]}
 
 
@@ -175,6 +191,45 @@ def _row_record(row: dict[str, Any]) -> dict[str, Any]:
     out["screening_thresholds"] = row["detection"].screening_thresholds
     out["youden_thresholds"] = row["detection"].thresholds
     return out
+
+
+def heldout_section(args, run_dirs, model, constancies: Sequence[str], out: pathlib.Path
+                    ) -> tuple[str, dict[str, Any]]:
+    """The ensemble-vs-single-fold table, its plots and the saved model's external check (module docstring)."""
+    size = _size(args.feature_size, (0, 0)) if args.feature_size else None
+    masks = screening_heldout.heldout_masks(run_dirs, builder_config=args.heldout_data, tfds_split=args.heldout_split,
+                                            target=args.target, checkpoint=args.checkpoint, feature_size=size)
+    predicted = predicted_sources(masks)
+    rows, context, _ = run_screening(masks, seed=args.seed, constancies=constancies, predicted=predicted,
+                                     target_sensitivity=args.target_sensitivity, num_bootstrap=args.bootstrap)
+    shown = {"ground-truth mask", next(iter(predicted)), f"{screening_heldout.ENSEMBLE} mask"}
+    figures = _write_plots([r for r in rows if r["source"].split(",")[0] in shown], masks, out,
+                           f"{args.name}_heldout", args.bootstrap)
+    check = screening_heldout.artifact_check(model, masks, num_bootstrap=args.bootstrap, seed=args.seed)
+    d = masks["data"]
+    seg = "; ".join(f"{k}: {v['dice_mean']:.4f} ± {v['dice_std']:.4f}" for k, v in context.items()
+                    if isinstance(v, dict) and "dice_mean" in v)
+    h, w = masks["feature_size"]
+    body = (f"\n## Fold ensemble vs single folds, on held-out photos\n\n{d['num_photos']} photos of "
+            f"`{d['builder']}/{d['builder_config']}` split '{d['split']}', which none of the {len(run_dirs)} runs "
+            f"trained on (checkpoints {masks['checkpoints']}); the ensemble averages the {len(run_dirs)} folds' "
+            f"probabilities. Dice of the {args.target} masks at {h}x{w}: {seg}. Regressors cross-validated on "
+            f"{context['num_folds']} patient-level folds of these photos; the same statistics as above.\n\n"
+            + screening.format_markdown(rows)
+            + f"\nThe saved screening model `{model_path_name(args)}` (fitted above on the training set's "
+            f"out-of-fold features; colour constancy '{model.constancy}') on these photos, its features computed "
+            f"as `predict --screening` computes them from each source's probabilities: an external check.\n\n"
+            + screening_heldout.format_artifact_check(check, model.coverage)
+            + "".join(f"\n![{f}]({f})" for f in figures) + "\n")
+    data = {"rows": [_row_record(r) for r in rows], "context": context, "data": d,
+            "checkpoints": masks["checkpoints"], "artifact_check": screening_heldout.record_rows(check),
+            "figures": figures}
+    return body, data
+
+
+def model_path_name(args) -> str:
+    """File name of the screening model the script writes."""
+    return f"{args.name}_model.json"
 
 
 def _write_plots(rows, masks, out: pathlib.Path, name: str, num_bootstrap: int) -> list[str]:
@@ -239,6 +294,11 @@ def _command() -> cli.Command:
     flags.mark_flag_as_required("out", flag_values=fv)
     flags.DEFINE_string("name", "screening", "Result file name.", flag_values=fv)
     flags.DEFINE_string("note", "", "Free text stored with the results.", flag_values=fv)
+    flags.DEFINE_string("heldout_data", "", "Builder config of the runs' data set that none of them trained on "
+                        "(e.g. res256_heldout): adds the fold ensemble vs single fold table.", flag_values=fv)
+    flags.DEFINE_string("heldout_split", "train", "TFDS split of --heldout_data.", flag_values=fv)
+    flags.DEFINE_list("heldout_constancy", ["none", "grey_world"], "Colour constancy options of the held-out table.",
+                      flag_values=fv)
     return cmd
 
 
@@ -249,7 +309,7 @@ def main(argv: Sequence[str]) -> int:
         if args.parse(argv) is None:
             return 0  # --help
         constancies = list(args.constancy)
-        for c in {*constancies, args.artifact_constancy}:
+        for c in {*constancies, args.artifact_constancy, *args.heldout_constancy}:
             if c not in colour.CONSTANCY_METHODS:
                 raise cli.CommandLineError(f"unknown colour constancy {c!r}; choose from {colour.CONSTANCY_METHODS}.")
     except cli.CommandLineError as e:
@@ -281,7 +341,7 @@ def main(argv: Sequence[str]) -> int:
                   "checkpoint": args.checkpoint, "steps": masks["checkpoints"], "command": prov["command"],
                   "git_commit": prov["git_commit"], "git_uncommitted_changes": prov["git_uncommitted_changes"],
                   "date_utc": prov["date_utc"], "num_photos": context["num_photos"]})
-    model_path = model.save(out / f"{args.name}_model.json")
+    model_path = model.save(out / model_path_name(args))
     context["model_interval_check"] = check = held_out_coverage(
         fit_inputs["features"][model_source], masks, fit_inputs["folds"], coverage=args.coverage, seed=args.seed)
     figures = _write_plots(rows, masks, out, args.name, args.bootstrap)
@@ -307,6 +367,10 @@ def main(argv: Sequence[str]) -> int:
             f"{check['median_width']:.2f} g/dL).\n" + "".join(f"\n![{f}]({f})" for f in figures) + "\n")
     data = {"rows": [_row_record(r) for r in rows], "context": context, "runs": [str(d) for d in run_dirs],
             "target": args.target, "model": model_path.name, "figures": figures}
+    if args.heldout_data:
+        section, data["heldout"] = heldout_section(args, run_dirs, model, list(args.heldout_constancy), out)
+        body += section
+        prov["wall_time_s"] = round(time.time() - start, 1)
     path = provenance.write_results(out, args.name, "Anemia screening: ground-truth vs predicted masks", body,
                                     data, prov, args.note)
     print(body)

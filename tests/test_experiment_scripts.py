@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-from experiments import pruning_table, screening_run
+from experiments import pruning_table, screening_heldout, screening_run
 
 
 def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
@@ -29,7 +31,8 @@ def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
 
 def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     assert screening_run.main(["screening_run", f"--runs={workdir}", f"--out={tmp_path}", "--name=s",
-                               "--bootstrap=50", "--constancy=none,grey_world"]) == 0
+                               "--bootstrap=50", "--constancy=none,grey_world", "--heldout_data=res64_heldout",
+                               "--heldout_constancy=none"]) == 0
     record = json.loads((tmp_path / "s.json").read_text())
     rows = {r["source"]: r for r in record["rows"]}
     # The untrained model's masks may leave grey-world no reference pixels: such a source is dropped, with a reason.
@@ -53,5 +56,18 @@ def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     model = screening_model.load(tmp_path / "s_model.json")
     assert model.constancy == "none" and model.colour_settings["target"] == "palpebral"
     assert model.training["n_hgb"] == rows["predicted mask"]["n_hgb"] or model.training["n_excluded_no_features"]
-    for figure in record["figures"]:
+    for figure in record["figures"] + record["heldout"]["figures"]:
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+    # The held-out photos (another phantom seed): ground truth, the single run and the "ensemble" (of that one run)
+    # on the same 16 photos, and the saved model checked on them from each run's probabilities.
+    held = record["heldout"]
+    assert held["data"]["num_photos"] == 16 and held["data"]["builder_config"] == "res64_heldout"
+    sources = [r["source"] for r in held["rows"]] + list(held["context"]["dropped_sources"])
+    assert sorted(sources) == sorted(["ground-truth mask", "run mask", "fold ensemble mask"])
+    assert [c["source"] for c in held["artifact_check"]] == ["run mask", "fold ensemble mask"]
+    assert held["artifact_check"][0]["n"] == held["artifact_check"][1]["n"]
+    assert "## Fold ensemble vs single folds, on held-out photos" in text
+    # Photos the run trained on are not held out.
+    with pytest.raises(ValueError, match="not held out"):
+        screening_heldout.heldout_masks([workdir], builder_config="res64", tfds_split="train", target="palpebral",
+                                        checkpoint="latest", feature_size=None)

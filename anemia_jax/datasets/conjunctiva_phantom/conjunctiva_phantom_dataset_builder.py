@@ -74,6 +74,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         # never saw, e.g. for K-fold ensembles, whose folds leave no training photo unseen by every member.
         PhantomConfig(name="res256_heldout", long_side=256, num_examples=218, seed=1,
                       description="218 other examples (seed 1), 256x192: a held-out test set."),
+        PhantomConfig(name="res64_heldout", long_side=64, num_examples=16, seed=1,
+                      description="16 other tiny examples (seed 1): res64's held-out set, for tests."),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "res256"
 
