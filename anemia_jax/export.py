@@ -1,0 +1,209 @@
+"""Exporting trained runs for use outside this package: StableHLO (jax.export) or ONNX, each with a model card.
+
+    python -m anemia_jax.export --workdir=RUN [--workdir=RUN2 ...] --format=stablehlo|onnx --out=FILE
+        [--checkpoint=best|latest|<step>] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--prune_level=k]
+        [--dtype=float32|bfloat16] [--platforms=cpu,cuda,tpu] [--onnx_python=PYTHON] [--threshold=0.5]
+        [--config.<key>=<value> ...]
+
+What is exported is the inference function of `anemia_jax.inference.probability_fn`: uint8 RGB ``images
+[N, H, W, 3]`` at the runs' training size, N symbolic (any batch), in; float32 sigmoid ``probabilities [N, H, W, C]``
+out, one channel per target; the normalisation inside, then the model -- or the mean of the models when several
+``--workdir`` are given (e.g. the K folds of a cross-validation) -- optionally a pruned UNet++ (``--prune_level``)
+and test-time augmentation (``--tta``). Photos must be resized to H x W first as training photos were
+(`anemia_jax.image_io.resize_image`); the card says so. Exported models compute in ``--dtype`` (default float32:
+exact and portable; the runs' bfloat16 is a training speed choice, and ONNX Runtime lacks bfloat16 kernels).
+
+* ``--format=stablehlo``: ``jax.export`` with the variables embedded, serialized to FILE (lowered for every platform
+  of ``--platforms``). Reload it with ``jax.export.deserialize(open(FILE, 'rb').read()).call(images)`` (`load`);
+  its compatibility window is JAX's (README: Export a model).
+* ``--format=onnx``: the runs are written as a bundle, ``<FILE stem>.bundle.npz`` (plain arrays and a manifest;
+  `anemia_jax.export_onnx`), then converted to ONNX by jax2onnx -- in this process if jax2onnx is installed here,
+  otherwise by ``--onnx_python`` (default ``$ANEMIA_JAX_ONNX_PYTHON``), the Python of a separate environment, because
+  jax2onnx pins an Orbax older than this package's. Without either, the bundle stays and the command prints the
+  conversion command to run.
+
+A model card, ``<FILE stem>.card.json`` (`anemia_jax.model_card`), is written beside FILE: input size and dtype,
+normalisation, targets and their threshold, the runs, checkpoints and training protocol, validation metrics.
+
+Exit status: 0 written; 1 the ONNX conversion failed or could not run here (the bundle is kept); 2 bad arguments or
+runs; 4 no usable checkpoint; 5 cannot write FILE.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import flags
+
+from anemia_jax import cli
+
+__all__ = ["export_stablehlo", "load", "main", "onnx_bundle"]
+
+FORMATS = ("stablehlo", "onnx")
+ONNX_PYTHON_ENV = "ANEMIA_JAX_ONNX_PYTHON"
+DEFAULT_PLATFORMS = "cpu,cuda,tpu"
+
+
+def export_stablehlo(fn, variables: Any, image_size: Sequence[int], *, platforms: Sequence[str] | None = None):
+    """``jax.export.Exported`` of ``images_u8 [N, H, W, 3] -> fn(variables, images_u8)``, N symbolic.
+
+    Args:
+        fn: a per-device inference function ``probs(variables, images_u8)`` (`anemia_jax.inference`).
+        variables: its variables; they are copied to the host and embedded in the program as constants.
+        image_size: (H, W) of the input.
+        platforms: lowering platforms (e.g. ``('cpu', 'cuda', 'tpu')``); None: this machine's.
+
+    Returns:
+        The `jax.export.Exported`; ``.serialize()`` gives the bytes to save.
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    host = jax.tree.map(np.asarray, jax.device_get(variables))
+
+    def probabilities(images):
+        return fn(host, images)
+
+    (n,) = jax.export.symbolic_shape("N")
+    h, w = (int(s) for s in image_size)
+    spec = jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8)
+    return jax.export.export(jax.jit(probabilities), platforms=platforms)(spec)
+
+
+def load(path: str | os.PathLike):
+    """A StableHLO export written by this command, ready to call: ``load(path).call(images_u8)``."""
+    import jax  # noqa: PLC0415
+
+    return jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
+
+
+def onnx_bundle(runs, out: str | os.PathLike, *, card: dict, prune_level: int | None = None,
+                transforms=None) -> pathlib.Path:
+    """Writes the ONNX conversion bundle of ``runs`` to ``out`` (`anemia_jax.export_onnx.write_bundle`)."""
+    from anemia_jax import export_onnx  # noqa: PLC0415
+
+    members = [export_onnx.member_spec(run.config.model.name, run.model, prune_level=prune_level,
+                                       transforms=transforms) for run in runs]
+    return export_onnx.write_bundle(out, members=members, variables=[run.variables for run in runs],
+                                    image_size=runs[0].image_size, targets=runs[0].targets, card=card)
+
+
+def _have_jax2onnx() -> bool:
+    try:
+        import jax2onnx  # noqa: F401, PLC0415
+        import onnxruntime  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def _convert_onnx(bundle: pathlib.Path, out: pathlib.Path, python: str, opset: int) -> int:
+    """Converts ``bundle`` here or with ``python``; returns the exit status."""
+    if _have_jax2onnx():
+        from anemia_jax import export_onnx  # noqa: PLC0415
+
+        export_onnx.convert(bundle, out, opset=opset)
+        return cli.EXIT_OK
+    command = [python or ".onnx-venv/bin/python", "-m", "anemia_jax.export_onnx", str(bundle), f"--out={out}",
+               f"--opset={opset}"]
+    if not python:
+        print(f"export: wrote the conversion bundle {bundle}, but jax2onnx is not installed in this environment "
+              f"and no ONNX environment was given (--onnx_python or ${ONNX_PYTHON_ENV}). Create it (README: Export "
+              f"a model) and convert with:\n  {shlex.join(command)}", file=sys.stderr)
+        return cli.EXIT_FAILED
+    if not pathlib.Path(python).is_file():
+        print(f"export: --onnx_python={python} does not exist. Create the ONNX environment (README: Export a "
+              f"model); the bundle {bundle} is kept, convert it with:\n  {shlex.join(command)}", file=sys.stderr)
+        return cli.EXIT_FAILED
+    result = subprocess.run(command, check=False)
+    if result.returncode:
+        print(f"export: ONNX conversion failed (exit status {result.returncode}); the bundle {bundle} is kept. "
+              f"Command: {shlex.join(command)}", file=sys.stderr)
+        return cli.EXIT_FAILED
+    return cli.EXIT_OK
+
+
+def _command() -> cli.Command:
+    cmd = cli.Command("python -m anemia_jax.export", __doc__)
+    cmd.run_flags(verb="export")
+    fv = cmd.flags
+    flags.DEFINE_enum("format", None, FORMATS, "stablehlo (jax.export, serialized) or onnx.", flag_values=fv)
+    flags.mark_flag_as_required("format", flag_values=fv)
+    flags.DEFINE_string("out", None, "The file to write (its model card goes beside it as <stem>.card.json).",
+                        flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "Computation dtype of the exported model "
+                      "(parameters stay float32).", flag_values=fv)
+    flags.DEFINE_string("platforms", DEFAULT_PLATFORMS, "StableHLO: comma-separated platforms to lower for.",
+                        flag_values=fv)
+    flags.DEFINE_string("onnx_python", os.environ.get(ONNX_PYTHON_ENV, ""), "ONNX: the Python of the ONNX "
+                        f"environment that converts the bundle (default ${ONNX_PYTHON_ENV}).", flag_values=fv)
+    flags.DEFINE_integer("opset", 23, "ONNX opset.", flag_values=fv)
+    flags.DEFINE_float("threshold", 0.5, "Mask threshold recorded in the card (mask = probability > threshold).",
+                       flag_values=fv)
+    return cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command on ``argv`` (program name first; default ``sys.argv``) and returns the exit status."""
+    argv = list(sys.argv if argv is None else argv)
+    cmd = _command()
+    try:
+        if cmd.parse_runs(argv) is None:
+            return cli.EXIT_OK  # --help
+        if cmd.format == "onnx" and cmd.dtype != "float32":
+            raise cli.CommandLineError("--format=onnx exports float32 only (ONNX Runtime has no bfloat16 "
+                                       "convolutions); drop --dtype or use --format=stablehlo.")
+    except cli.CommandLineError as e:
+        return cmd.fail(e)
+    cli.setup_logging()
+    import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
+
+    from anemia_jax import inference, model_card, parallel, runs  # noqa: PLC0415
+
+    out = pathlib.Path(cmd.out)
+    try:
+        transforms = inference.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+        configs = cmd.run_configs()
+        for config in configs:
+            config.compute_dtype = cmd.dtype
+        # One device: the export is a single-device program; the variables are copied into it.
+        restored = runs.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=configs,
+                                  mesh=parallel.make_mesh(jax.local_devices()[:1]))
+        fn, variables = runs.probability_of(restored, prune_level=cmd.prune_level, transforms=transforms)
+        card = model_card.build(restored, threshold=cmd.threshold, compute_dtype=cmd.dtype,
+                                prune_level=cmd.prune_level, transforms=transforms, command=shlex.join(argv))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if cmd.format == "stablehlo":
+            platforms = tuple(p.strip() for p in cmd.platforms.split(",") if p.strip())
+            exported = export_stablehlo(fn, variables, restored[0].image_size, platforms=platforms)
+            out.write_bytes(exported.serialize())
+            card_file = model_card.write(card, out, format="stablehlo", jax=jax.__version__,
+                                         platforms=list(exported.platforms),
+                                         calling_convention_version=exported.calling_convention_version,
+                                         input="images uint8 [N, H, W, 3]", output="probabilities float32",
+                                         load="jax.export.deserialize(open(file, 'rb').read()).call(images)")
+            print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {card_file}.")
+            return cli.EXIT_OK
+        bundle = onnx_bundle(restored, out.with_name(f"{out.stem}.bundle.npz"), card=card,
+                             prune_level=cmd.prune_level, transforms=transforms)
+        status = _convert_onnx(bundle, out, cmd.onnx_python, cmd.opset)
+        if status == cli.EXIT_OK:
+            print(f"Wrote {out} and {model_card.card_path(out)} (bundle kept: {bundle}).")
+        return status
+    except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
+        if cli.exit_status(e) is None and isinstance(e, (FileNotFoundError, ValueError)):
+            wrapped = cli.CommandLineError(str(e))
+            wrapped.__cause__, e = e, wrapped
+        return cmd.fail(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
