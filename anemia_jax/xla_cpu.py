@@ -1,0 +1,75 @@
+"""XLA CPU-backend flags that anemia_jax sets when it is imported, before JAX starts its backends.
+
+One flag today, measured on the 2-core development machine (jaxlib 0.10.2, batch 8, 128², float32;
+experiments/results/cpu_speed/): ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
+takes convolutions away from YNNPACK and gives them back to XLA's Eigen/oneDNN path. YNNPACK's
+forward and input-gradient convolutions are about as fast as Eigen's, but its weight gradients (a
+convolution with a 128x128 "kernel") run at 8-18 GFLOP/s against Eigen's 40-100, which made the
+UNet++ train step ~1.8x slower.
+
+How it is applied, and when it is not:
+
+* It is appended to ``XLA_FLAGS`` (a user's own flags are kept, never replaced), so it also reaches
+  programs the user jits around the models. XLA reads ``XLA_FLAGS`` once, when JAX initialises its
+  backends: importing anemia_jax before anything runs on a device (as ``python -m anemia_jax.*``
+  and the experiment scripts do) is enough; if the backends are already up it changes nothing.
+* A flag already named in ``XLA_FLAGS`` (any value) is the user's explicit choice and is left alone;
+  ``ANEMIA_JAX_XLA_CPU_FLAGS=0`` turns the whole module off.
+* Only ``xla_cpu_*`` flags: GPU and TPU compilations ignore them. Only for jaxlib versions where they
+  were measured (`TESTED_JAXLIB`): XLA aborts the process on a flag it does not know, and experimental
+  flags come and go, so any other version is left untouched (and runs at its own defaults).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import MutableMapping
+
+FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
+TESTED_JAXLIB = ("0.10.",)
+OPT_OUT = "ANEMIA_JAX_XLA_CPU_FLAGS"
+
+# What `apply` added in this process (for benchmarks' records).
+applied: list[str] = []
+
+
+def _jaxlib_version() -> str:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _backends_initialised() -> bool:
+    # Without importing JAX: if it has not been imported, nothing has started.
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is None:
+        return False
+    try:
+        return bool(bridge.backends_are_initialized())
+    except AttributeError:  # an older or newer JAX without this helper: assume the worst
+        return True
+
+
+def apply(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Appends the missing `FLAGS` to ``XLA_FLAGS`` where that is safe and still takes effect.
+
+    Args:
+        environ: the environment to edit (default ``os.environ``; tests pass a dict).
+
+    Returns:
+        The ``--flag=value`` strings added (empty when turned off, the jaxlib version is untested, the
+        backends are already initialised, or every flag is already set).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return []
+    if not _jaxlib_version().startswith(TESTED_JAXLIB) or _backends_initialised():
+        return []
+    current = environ.get("XLA_FLAGS", "")
+    added = [f"--{name}={value}" for name, value in FLAGS.items() if f"--{name}" not in current]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([current.strip(), *added]).strip()
+    return added

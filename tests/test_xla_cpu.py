@@ -1,0 +1,72 @@
+"""anemia_jax.xla_cpu: the CPU flags are appended to XLA_FLAGS only where that is safe, and take effect."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from anemia_jax import xla_cpu
+
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """`apply` as if JAX had not started yet, on a tested jaxlib."""
+    monkeypatch.setattr(xla_cpu, "_backends_initialised", lambda: False)
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: "0.10.2")
+
+
+def test_appends_to_the_users_flags(fresh):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_cpu.apply(env) == [FLAG]
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
+    assert xla_cpu.apply(env) == []  # idempotent
+    empty = {}
+    assert xla_cpu.apply(empty) == [FLAG] and empty["XLA_FLAGS"] == FLAG
+
+
+def test_respects_explicit_choices(fresh):
+    mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    env = {"XLA_FLAGS": mine}
+    assert xla_cpu.apply(env) == [] and env["XLA_FLAGS"] == mine
+    off = {xla_cpu.OPT_OUT: "0"}
+    assert xla_cpu.apply(off) == [] and "XLA_FLAGS" not in off
+
+
+def test_leaves_untested_jaxlib_and_started_backends_alone(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "_backends_initialised", lambda: False)
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: "0.11.2")
+    env = {}
+    assert xla_cpu.apply(env) == [] and env == {}
+    monkeypatch.undo()
+    jax.devices()  # the backends are up: a flag set now would not be read
+    assert xla_cpu._backends_initialised()
+    assert xla_cpu.apply({}) == []
+
+
+@pytest.mark.skipif(not xla_cpu._jaxlib_version().startswith(xla_cpu.TESTED_JAXLIB),
+                    reason="the flags are only set on tested jaxlib versions")
+def test_in_effect_beside_conftest_flags():
+    # tests/conftest.py set XLA_FLAGS before importing JAX; importing anemia_jax appended ours.
+    flags = os.environ["XLA_FLAGS"]
+    assert "--xla_force_host_platform_device_count=8" in flags and FLAG in flags
+    assert jax.device_count() == 8
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y**2)
+
+    def ynn_convolutions(compiler_options=None):
+        args = (jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32)))
+        text = jax.jit(jax.grad(loss, argnums=1)).lower(*args).compile(compiler_options).as_text()
+        bodies = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S | re.M))
+        called = re.findall(r"calls=%?([\w.\-]+)[^\n]*__ynn_fusion", text)
+        return sum("convolution(" in bodies.get(name, "") for name in called)
+
+    assert ynn_convolutions() == 0
+    # The check can fail: with YNNPACK convolutions asked for, the same program has them.
+    types = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    assert ynn_convolutions({"xla_cpu_experimental_ynn_fusion_type": types}) > 0
