@@ -128,6 +128,104 @@ class ConvTranspose2x2(nn.Module):
         return y + bias
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv3x3(x: Array, kernel: Array) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+def _kernel_grad_by_output_channels(x: Array, dy: Array) -> Array:
+    """Weight gradient of `_conv3x3`, ``[3, 3, C_in, C_out]``, computed as a convolution over ``dy``.
+
+    XLA computes a weight gradient as a convolution whose batch is one operand's channels and whose
+    contraction runs over the examples, so its CPU backend first transposes that operand to
+    ``[C, H, W, B]`` (the batch becomes the minor axis, a slow gather) and the other to
+    ``[H, W, B, C]`` (a cheap row copy). Autodiff chooses ``x`` for the slow side; this formulation
+    chooses ``dy``, whose channels are fewer than ``x``'s after every skip concatenation and equal
+    elsewhere, and so also packs fewer image patches. Same sums, another order: equal to float
+    tolerance (tests/test_models.py).
+    """
+    # out[o, p, q, i] = sum_{b,h,w} dy_pad[b, h + p, w + q, o] * x[b, h, w, i]: a correlation of the
+    # zero-padded dy (batch = dy's channels, features = examples) with x as the kernel.
+    spec = jax.lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2), out_spec=(0, 3, 1, 2))
+    out = jax.lax.conv_general_dilated(dy, x, (1, 1), ((1, 1), (1, 1)), dimension_numbers=spec)
+    # out[o, p, q, i] is the kernel tap (2 - p, 2 - q).
+    return out[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
+
+
+@jax.custom_vjp
+def conv3x3_cpu(x: Array, kernel: Array) -> Array:
+    """3x3, stride-1, zero-padded ('SAME') NHWC convolution whose weight gradient suits XLA's CPU backend.
+
+    The same function as ``lax.conv_general_dilated(x, kernel, (1, 1), 'SAME')`` with NHWC / HWIO
+    layouts; only the backward pass differs: when ``C_in >= C_out`` the kernel gradient is
+    `_kernel_grad_by_output_channels`. Reverse-mode only (``jax.grad``, ``jax.vjp``); forward-mode
+    autodiff (``jax.jvp``) is not defined for it. `ConvBlock` uses it on the CPU backend only.
+
+    Args:
+        x: ``[B, H, W, C_in]``; kernel: ``[3, 3, C_in, C_out]``.
+
+    Returns:
+        ``[B, H, W, C_out]``.
+    """
+    return _conv3x3(x, kernel)
+
+
+def _conv3x3_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _conv3x3(x, kernel), (x, kernel)
+
+
+def _conv3x3_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _conv3x3(x, kernel), x)[1](dy)[0]
+    if x.shape[-1] >= dy.shape[-1]:
+        dkernel = _kernel_grad_by_output_channels(x, dy)
+    else:  # fewer input channels (an encoder's first conv): autodiff's own choice is the cheaper one
+        dkernel = jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](dy)[0]
+    return dx, dkernel.astype(kernel.dtype)
+
+
+conv3x3_cpu.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def _conv3x3_for_flax(lhs: Array, rhs: Array, window_strides: Any, padding: Any, lhs_dilation: Any = None,
+                      rhs_dilation: Any = None, dimension_numbers: Any = None, feature_group_count: int = 1,
+                      precision: Any = None) -> Array:
+    """`conv3x3_cpu` behind ``nn.Conv``'s ``conv_general_dilated`` hook, for the one case it covers."""
+    plain = (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and feature_group_count == 1
+             and padding in ("SAME", ((1, 1), (1, 1)), [(1, 1), (1, 1)]) and precision is None
+             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+             and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    if not plain:
+        raise ValueError("conv3x3_cpu covers 3x3, stride-1, 'SAME', undilated, ungrouped NHWC convolutions only.")
+    # Inside shard_map (check_vma) the replicated kernel meets per-device images. Autodiff would vary
+    # it implicitly and sum its gradient over devices in the transpose; a custom_vjp rule must return
+    # a gradient of its input's type, so the kernel is varied here, outside the rule, and that cast's
+    # transpose does the sum.
+    axes = _varying_axes(lhs) - _varying_axes(rhs)
+    if axes:
+        rhs = jax.lax.pcast(rhs, tuple(sorted(axes)), to="varying")
+    return conv3x3_cpu(lhs, rhs)
+
+
+def _varying_axes(x: Array) -> frozenset[str]:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside it)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def conv3x3_impl() -> Any:
+    """``nn.Conv(conv_general_dilated=...)`` for a 3x3 'SAME' conv on the default backend, at trace time.
+
+    The CPU backend gets `conv3x3_cpu` (see experiments/results/cpu_speed); GPUs and TPUs keep
+    ``lax.conv_general_dilated`` (None), whose backward pass their compilers already lay out well.
+    Parameters are the same either way.
+    """
+    return _conv3x3_for_flax if jax.default_backend() == "cpu" else None
+
+
 def upsample_2x(
     x: Array,
     features: int,
@@ -225,6 +323,7 @@ class ConvBlock(nn.Module):
                 kernel_init=_CONV_INIT,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                conv_general_dilated=conv3x3_impl(),
                 name=f"conv{k}",
             )(x)
             x = nn.relu(self._norm(x, train, f"norm{k}"))
