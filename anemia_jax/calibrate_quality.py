@@ -11,8 +11,10 @@ Every photo of the split is segmented (`anemia_jax.segmenter.Segmenter`) at the 
 compared with the reference (Dice; photos without a reference mask are left out). `anemia_jax.quality.
 choose_thresholds` then picks ``min_area_fraction`` and ``max_uncertainty`` so that each keeps the share
 ``config.quality.keep_good`` of the photos whose segmentation is good (Dice >= ``config.quality.good_dice``), and
-reports what the rule catches among the poor ones. The exposure thresholds (brightness, washed-out pixels) are
-physical limits copied from ``config.quality`` unchanged; the report counts the photos they flag.
+reports what the rule catches among the poor ones, and how often it would send anemic and non-anemic subjects'
+photos to retake (a verdict that rejects pale conjunctivas more often would bias the screening). The exposure
+thresholds (brightness, washed-out pixels) are physical limits copied from ``config.quality`` unchanged; the report
+counts the photos they flag.
 
 Which uncertainty the thresholds fit matters, since an ensemble is more uncertain where its members disagree:
 
@@ -79,7 +81,7 @@ def measure_split(runs, config, split: str, *, threshold: float, transforms, pru
                   builder=None) -> dict[str, np.ndarray]:
     """Segments every photo of ``split`` (cut by ``config``) with ``runs`` (one run, or an ensemble) and returns
     [N] ``area_fraction``, ``mean_uncertainty``, ``brightness``, ``clipped_fraction`` and ``dice`` (photos with a
-    reference mask of the target only)."""
+    reference mask of the target only), and ``anemic`` (1/0, -1 unknown)."""
     from anemia_jax import experiment, input_pipeline, segmenter  # noqa: PLC0415
 
     builder, tfds_split, indices = experiment.eval_split(config, split, builder)
@@ -96,7 +98,8 @@ def measure_split(runs, config, split: str, *, threshold: float, transforms, pru
                      _dice(seg.probs_model[..., channel] > threshold, truth[..., channel] > 0)])
     names = ("area_fraction", "mean_uncertainty", "brightness", "clipped_fraction", "dice")
     table = np.asarray(rows, np.float64).reshape(-1, len(names))
-    return {name: table[:, k] for k, name in enumerate(names)}
+    anemic = np.asarray(host.metadata.get("anemic", np.full(len(keep), -1)), np.int64)[keep]
+    return {**{name: table[:, k] for k, name in enumerate(names)}, "anemic": anemic}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,6 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {**chosen["report"], "usable": int(sum(v.usable for v in verdicts)),
                   "retake_by_reason": {code: int(sum(code in v.codes for v in verdicts)) for code in
                                        ("too_dark", "no_conjunctiva", "region_too_small", "uncertain", "overexposed")},
+                  # A verdict that rejects anemic patients' (paler) photos more often would bias the screening.
+                  "retake_share_by_anemia": {
+                      label: float(np.mean([not v.usable for v, a in zip(verdicts, measured["anemic"]) if a == flag]))
+                      if np.any(measured["anemic"] == flag) else None
+                      for label, flag in (("anemic", 1), ("not_anemic", 0))},
                   "brightness_range": [float(measured["brightness"].min()), float(measured["brightness"].max())],
                   "clipped_fraction_max": float(measured["clipped_fraction"].max())}
         out = cmd.out or default_out(cmd.workdir)
@@ -166,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"Dice >= {r['good_dice']}, {r['n_bad']} poor): min_area_fraction {thresholds.min_area_fraction:.4f}, "
           f"max_uncertainty {thresholds.max_uncertainty:.4f} bits. Rejected: {r['good_rejected']:.1%} of good, "
           f"{r['bad_rejected']:.1%} of poor photos; ROC AUC of the uncertainty for poor vs good "
-          f"{r['auc_uncertainty_bad_vs_good']:.3f}; usable {r['usable']} of {r['n']}.\nWrote {out}")
+          f"{r['auc_uncertainty_bad_vs_good']:.3f}; usable {r['usable']} of {r['n']}; sent to retake: "
+          + ", ".join(f"{share:.1%} of {label.replace('_', '-')} subjects"
+                      for label, share in r["retake_share_by_anemia"].items() if share is not None)
+          + f".\nWrote {out}")
     return cli.EXIT_OK
 
 
