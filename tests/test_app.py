@@ -1,0 +1,220 @@
+"""Tests of the screening page (anemia_jax.app) on the tiny UNet++ run (_tiny_run.py) with a screening model fitted
+on phantom photos: the HTTP routes (result, CSV, limits, bad uploads, concurrent uploads) with a plain client, and
+the page end to end in headless Chromium driven by Selenium (skipped when Debian's chromium / chromium-driver or
+selenium are absent; .ci/run installs them)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import http.client
+import io
+import json
+import pathlib
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+from anemia_jax import app, colour, image_io, screening, screening_model
+from anemia_jax.datasets.conjunctiva_phantom import phantom
+
+MAX_UPLOAD = 2_000_000
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def screening_path(tmp_path_factory):
+    """A screening model fitted on 40 phantom photos' true palpebral masks (64x48), saved as JSON."""
+    examples = list(phantom.generate(0, 40, long_side=64))
+    feats = colour.batch_colour_features([e.image for e in examples], [e.palpebral for e in examples])
+    groups = np.array([e.patient_id for e in examples])
+    model = screening_model.fit_screening_model(
+        feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]),
+        groups=groups, folds=screening.grouped_folds(groups, 5), num_bootstrap=0,
+        colour_settings={"target": "palpebral", "feature_size": [64, 48], "mask_threshold": 0.5})
+    return model.save(tmp_path_factory.mktemp("model") / "screening_model.json")
+
+
+@pytest.fixture(scope="module")
+def service(workdir, screening_path):
+    cmd = app._command()
+    # --runs is the issue's spelling of --workdir.
+    assert cmd.parse_runs(["app", f"--runs={workdir}", f"--screening={screening_path}", "--max_megapixels=1"]) == []
+    return app.build_service(cmd)
+
+
+@pytest.fixture(scope="module")
+def url(service):
+    server = app.make_server(service, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def photo_file(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("photos") / "phantom_eye.png"
+    path.write_bytes(_png(phantom.generate_example(0, 45, long_side=64).image))
+    return path
+
+
+def _post(url: str, data: bytes, name: str = "x.png", sex: str = "") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/api/photo?name={name}&sex={sex}", data=data, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(url: str) -> tuple[int, bytes, dict]:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.status, response.read(), dict(response.headers)
+
+
+def test_page_and_settings(url):
+    status, page, headers = _get(f"{url}/")
+    assert status == 200 and b"Conjunctiva screening" in page and b'capture="environment"' in page
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert b"http://" not in page and b"https://" not in page  # nothing is fetched from elsewhere
+    info = json.loads(_get(f"{url}/api/info")[1])
+    assert info["targets"] == ["palpebral", "forniceal_palpebral"] and info["screening"] and info["verdict"]
+    assert info["max_upload_bytes"] == MAX_UPLOAD
+
+
+def test_photo_result_matches_the_segmenter_and_lands_in_the_csv(url, service, photo_file):
+    status, result = _post(url, photo_file.read_bytes(), "phantom_eye.png", "F")
+    assert status == 200, result
+    photo = image_io.load_photo(photo_file)
+    seg = service.segmenter.segment([photo])[0]
+    assert [t["fraction"] for t in result["targets"]] == pytest.approx(list(seg.fractions()))
+    assert result["overlay"].startswith("data:image/jpeg;base64,") and (result["width"], result["height"]) == (48, 64)
+    assert result["uncertainty"].startswith("data:image/png;base64,")
+    assert result["verdict"]["label"] in ("usable", "retake") and result["screening"]["sex"] == "F"
+    assert result["screening"]["who_threshold"] == 12.0
+    _, body, headers = _get(f"{url}/results.csv?ids={result['id']},unknown")
+    assert headers["Content-Disposition"].startswith("attachment")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert len(rows) == 1 and rows[0]["file"] == "phantom_eye.png" and rows[0]["sex"] == "F"
+    assert float(rows[0]["fraction/palpebral"]) == pytest.approx(result["targets"][0]["fraction"], abs=1e-6)
+    assert rows[0]["verdict"] == result["verdict"]["label"]
+
+
+def test_bad_uploads_are_messages_and_the_server_keeps_answering(url, photo_file, monkeypatch):
+    status, body = _post(url, b"this is not a photo", "notes.txt")
+    assert status == 415 and "not an image" in body["error"] and "notes.txt" in body["error"]
+    good = photo_file.read_bytes()
+    status, body = _post(url, good[: len(good) // 2], "cut.png")
+    assert status == 400 and "truncated or damaged" in body["error"]
+    status, body = _post(url, b"", "empty.jpg")
+    assert status == 400 and "empty" in body["error"]
+    status, body = _post(url, good, "x.png", "alien")
+    assert status == 400 and "unknown sex" in body["error"]
+
+    # A decompression bomb is refused from its header: the pixels are never decoded.
+    def never(data):
+        raise AssertionError("decoded a photo over the pixel limit")
+
+    monkeypatch.setattr(image_io, "decode_photo", never)
+    status, body = _post(url, _png(np.zeros((1000, 1100, 3), np.uint8)), "huge.png")
+    assert status == 413 and "megapixels" in body["error"]
+    monkeypatch.undo()
+
+    # A body over the size limit is refused from its Content-Length.
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/api/photo?name=big.jpg", body=b"\0" * (MAX_UPLOAD + 1))
+    response = connection.getresponse()
+    assert response.status == 413 and "the limit is 2 MB" in json.loads(response.read())["error"]
+    connection.close()
+
+    assert _get(f"{url}/healthz")[1] == b"ok\n"
+    assert _post(url, good, "again.png")[0] == 200
+
+
+def test_concurrent_uploads_are_all_answered(url, photo_file):
+    data = photo_file.read_bytes()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: _post(url, data, f"p{i}.png"), range(6)))
+    assert all(status == 200 for status, _ in results)
+    fractions = {tuple(t["fraction"] for t in r["targets"]) for _, r in results}
+    assert len(fractions) == 1 and len({r["id"] for _, r in results}) == 6
+
+
+# ------------------------------------------------------------------------------------------- real browser
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
+                    "(apt-get install -y chromium chromium-driver; .ci/run installs them)")
+def test_page_in_headless_chromium(url, photo_file, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    start = time.perf_counter()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # The flags this machine's notes give for Chromium as root with no network beyond the registries.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    wait = WebDriverWait(driver, 120)
+    try:
+        driver.get(url)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        chooser = driver.find_element(By.ID, "photos")
+        driver.execute_script("arguments[0].style.display = 'block';", chooser)  # the label hides it
+        chooser.send_keys(str(photo_file))
+        card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "article.card"))[0]
+        overlay = card.find_element(By.CSS_SELECTOR, "img.overlay")
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
+        assert "phantom_eye.png" in card.text
+        fractions = [td.text for td in card.find_elements(By.CSS_SELECTOR, "td.fraction")]
+        assert len(fractions) == 2 and all(f.endswith("%") for f in fractions)
+        assert card.find_element(By.CSS_SELECTOR, "[data-verdict]").get_attribute("data-verdict") in ("usable",
+                                                                                                       "retake")
+        assert "Hb" in card.find_element(By.CSS_SELECTOR, ".screening").text
+        assert card.find_elements(By.CSS_SELECTOR, "img.uncertainty")
+
+        driver.find_element(By.ID, "csv").click()
+        target = downloads / "screening.csv"
+        deadline = time.time() + 30
+        while not target.is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        rows = list(csv.DictReader(io.StringIO(target.read_text())))
+        assert [r["file"] for r in rows] == ["phantom_eye.png"]
+
+        broken = tmp_path / "broken.jpg"
+        broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        chooser.send_keys(str(broken))
+        wait.until(lambda d: "broken.jpg" in d.find_element(By.ID, "error").text)
+        assert "not an image" in driver.find_element(By.ID, "error").text
+        assert _get(f"{url}/healthz")[1] == b"ok\n"  # the server still answers
+        chooser.send_keys(str(photo_file))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "article.card")) == 2)
+    finally:
+        driver.quit()
+    print(f"BROWSER test: {time.perf_counter() - start:.1f} s")
