@@ -12,13 +12,15 @@ Written by ``python -m anemia_jax.evaluate`` from an `anemia_jax.evaluator.EvalR
   the run details (checkpoint, split, model, TTA, ensemble members). For an ensemble, also each run scored alone on
   the same images and the ensemble's gain over their mean (`format_members`), and how many of the images each run
   trained on (``training_overlap``; non-zero makes the scores optimistic).
+
+Each file is written atomically (`anemia_jax.atomic`: complete under its name or absent); an output folder that
+cannot be written raises `errors.OutputError` naming it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from anemia_jax import reporting
+from anemia_jax import atomic, reporting
 from anemia_jax.evaluator import DISTANCES, SCORES
 
 __all__ = ["default_out_dir", "format_markdown", "format_members", "write_outputs", "write_per_image_csv"]
@@ -135,7 +137,7 @@ def write_per_image_csv(path: str | os.PathLike, per_image: Mapping[str, np.ndar
                         value = float(per_image[name][i, c])
                         row.append(("inf" if math.isinf(value) else f"{value:.6g}") if has else "")
             writer.writerow(row)
-        reporting.as_path(path).write_bytes(f.getvalue().encode("utf-8"))
+        atomic.write_bytes(path, f.getvalue().encode("utf-8"))
 
 
 def default_out_dir(run, split: str, *, tta: bool, prune_level: int | None, ensemble: int = 1) -> epath.Path:
@@ -149,9 +151,8 @@ def write_outputs(out: str | os.PathLike, per_image: Mapping[str, np.ndarray], s
                   targets: Sequence[str]) -> epath.Path:
     """Writes ``per_image.csv``, ``summary.json`` and ``summary.md`` into ``out`` (created; local or a URL);
     returns it."""
-    out = reporting.as_path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = atomic.ensure_dir(out)
     write_per_image_csv(out / "per_image.csv", per_image, targets)
-    (out / "summary.json").write_text(json.dumps(reporting.jsonable(summary), indent=2, sort_keys=True) + "\n")
-    (out / "summary.md").write_text(format_markdown(summary))
+    atomic.write_json(out / "summary.json", summary)
+    atomic.write_text(out / "summary.md", format_markdown(summary))
     return out

@@ -7,7 +7,9 @@
 * `decode_mask`: an encoded {0, 1} mask -> uint8 {0, 1} at a size, by area coverage (stays binary).
 * `resize_probabilities`: per-pixel probabilities back to a photo's size (bilinear per channel).
 * `overlay`: the one mask renderer: each mask tinted in its colour (`COLORS`), optionally outlined, largest first so
-  that a nested region stays visible.
+  that a nested region stays visible. Its cost grows with the masks' bounding box, not with the outline width (a
+  separable running minimum, `scipy.ndimage.minimum_filter`), so a 12-megapixel phone photo takes well under a second
+  (``experiments/predict_timing.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
-import PIL.ImageFilter
 import PIL.ImageOps
+from scipy import ndimage
 
 __all__ = ["COLORS", "decode_mask", "decode_photo", "load_photo", "overlay", "resize_image",
            "resize_probabilities", "to_rgb8"]
@@ -107,15 +109,34 @@ def overlay(image: np.ndarray, masks: np.ndarray, *, alpha: float = DEFAULT_ALPH
         alpha: opacity of the tint.
         outline: width in pixels of a solid outline along each region's inner border (0: none).
     """
-    out = image.astype(np.float32)
+    result = np.array(image, dtype=np.uint8, copy=True)
     masks = np.asarray(masks).astype(bool)
+    box = _bounding_box(masks.any(axis=-1), pad=max(outline, 0))
+    if box is None:
+        return result
+    # Only the masks' bounding box (grown by the outline width) changes: work on that crop alone.
+    out = result[box].astype(np.float32)
+    masks = masks[box]
     order = np.argsort(-masks.reshape(-1, masks.shape[-1]).sum(0), kind="stable")
     for c in order:
         m = masks[..., c]
         colour = np.asarray(colors[c % len(colors)], np.float32)
         out[m] = (1 - alpha) * out[m] + alpha * colour
         if outline > 0 and m.any():
-            eroded = np.asarray(PIL.Image.fromarray(m.astype(np.uint8) * 255).filter(
-                PIL.ImageFilter.MinFilter(2 * outline + 1))) > 0
+            # Erosion by a (2w+1)-square with the border replicated (as PIL's MinFilter does): a separable running
+            # minimum, whose cost does not depend on the width. The crop keeps a w-pixel margin of background
+            # wherever it is not the photo's border, so cropping changes nothing.
+            eroded = ndimage.minimum_filter(m.view(np.uint8), size=2 * outline + 1, mode="nearest") > 0
             out[m & ~eroded] = colour
-    return np.clip(out, 0, 255).astype(np.uint8)
+    result[box] = np.clip(out, 0, 255).astype(np.uint8)
+    return result
+
+
+def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, slice] | None:
+    """The slices of the smallest box holding ``mask``'s pixels, grown by ``pad`` (clipped to the array)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    h, w = mask.shape
+    return (slice(max(rows[0] - pad, 0), min(rows[-1] + pad + 1, h)),
+            slice(max(cols[0] - pad, 0), min(cols[-1] + pad + 1, w)))

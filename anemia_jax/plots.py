@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from anemia_jax import clinical_stats
+from anemia_jax import atomic, clinical_stats
 
 __all__ = ["bland_altman", "calibration", "predicted_vs_measured", "roc", "screening_plots"]
 
@@ -47,10 +47,13 @@ def _grid(plt, count: int, size: float = 3.6):
 
 def _save(fig, path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(path.parent)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI, format="png")
-    _pyplot().close(fig)  # pyplot keeps every open figure alive otherwise
+    try:
+        with atomic.open_atomic(path, "wb") as f:  # complete under its name or absent
+            fig.savefig(f, dpi=_DPI, format="png")
+    finally:
+        _pyplot().close(fig)  # pyplot keeps every open figure alive otherwise
     return path
 
 

@@ -17,6 +17,11 @@ The workdir may be local or on shared/cloud storage (``gs://bucket/runs/x``): ev
 (`as_path`), which reads and writes either. Object stores cannot append to a file, so there ``metrics.jsonl`` is
 rewritten whole at each log call; locally it is appended to. The workdir itself is created by the first write, so a
 run that fails before writing anything (e.g. missing data) leaves no empty directory behind.
+
+Every file but the appended ``metrics.jsonl`` is written atomically (`anemia_jax.atomic`: a temporary file renamed
+over the final name), so a kill or a full disk never leaves a truncated ``config.json``, ``summary.json`` or panel;
+``metrics.jsonl`` rewrites (`truncate_metrics`, object stores) are atomic too, and a line cut short by a kill is
+dropped by the next `truncate_metrics`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
+from anemia_jax import atomic
 from anemia_jax.image_io import COLORS, overlay
 
 _MIN_TILE = 128  # Pixels; smaller images are enlarged to at least this.
@@ -250,13 +256,7 @@ class Reporter:
     def _write_json(self, name: str, value: Any) -> epath.Path:
         self._ensure_workdir()
         path = self.workdir / name
-        text = json.dumps(jsonable(value), indent=2, sort_keys=True) + "\n"
-        if is_url(path):
-            path.write_text(text)  # An object upload is all-or-nothing already.
-        else:
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)  # Readers never see a half-written file.
+        atomic.write_json(path, value)  # readers never see a half-written file
         return path
 
     def write_config(self, config_dict: Mapping[str, Any]) -> None:
@@ -294,25 +294,30 @@ class Reporter:
         if self._lines is None:
             self._lines = self._read_metrics_lines()  # A resumed run continues the file it finds.
         self._lines.append(line)
-        self.metrics_path.write_text("".join(self._lines))
+        atomic.write_text(self.metrics_path, "".join(self._lines))
 
     def truncate_metrics(self, after_step: int) -> int:
         """Drops ``metrics.jsonl`` lines with a step beyond ``after_step`` (left by a run that died after its last
-        checkpoint: a resumed run recomputes those steps). Returns how many lines were dropped."""
+        checkpoint: a resumed run recomputes those steps; 0 when it starts afresh), lines cut short by a kill, and
+        repeats of a (split, step) already kept, rewriting the file atomically. Returns how many lines were dropped.
+        """
         if not self.is_main or not self.metrics_path.exists():
             return 0
-        kept, dropped = [], 0
+        kept, dropped, last = [], 0, {}
         for line in self.metrics_path.read_text().splitlines():
             try:
-                step = json.loads(line)["step"]
+                record = json.loads(line)
+                step, split = int(record["step"]), str(record.get("split", ""))
             except (ValueError, KeyError, TypeError):
                 dropped += 1  # A line cut short by a kill.
                 continue
-            if step > after_step:
-                dropped += 1
+            if step > after_step or step <= last.get(split, -1):
+                dropped += 1  # a rerun step, or an earlier writer's repeat: each (split, step) once, ascending
             else:
                 kept.append(line + "\n")
-        self.metrics_path.write_text("".join(kept))
+                last[split] = step
+        if dropped:
+            atomic.write_text(self.metrics_path, "".join(kept))
         if not self._append:
             self._lines = kept
         return dropped
@@ -326,7 +331,7 @@ class Reporter:
         path = self.workdir / "panels" / f"step_{int(step):07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         panel = make_panel(images, truth, probs, targets, truth_weights=truth_weights, title=f"step {step}")
-        with path.open("wb") as f:
+        with atomic.open_atomic(path, "wb") as f:
             panel.save(f, format="PNG")
         writer = self._events()
         if writer is not None:

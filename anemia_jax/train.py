@@ -22,6 +22,13 @@ Outputs (`reporting.Reporter`): ``config.json``, ``metrics.jsonl``, TensorBoard 
 Stops: a non-finite loss or gradient raises `NonFiniteError` naming the step, after checking every step since the
 last check, so nothing bad is ever saved and the last good checkpoint stays. SIGTERM (preemptible TPU VMs)
 finishes the current step, saves a checkpoint and returns with ``status='preempted'``.
+
+Reliability: one trainer per workdir (`workdir_lock.WorkdirLock`, taken before anything is written and released on
+any exit; a second trainer stops with `errors.WorkdirBusyError` naming the holder); the resume restores the newest
+intact checkpoint, setting damaged ones aside with a warning (`checkpointing.CheckpointManager.restore_latest_intact`);
+``metrics.jsonl`` keeps each step once per split whatever was killed when (`reporting.Reporter.truncate_metrics`
+drops the lines past the restored step, or every line when no checkpoint survives); ``config.json`` records the
+data actually used (``data_source``: the prepared directory, its source and that source's fingerprint).
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from anemia_jax import checkpointing, config_lib, evaluator, experiment, inference, parallel, reporting, steps
+from anemia_jax import checkpointing, config_lib, errors, evaluator, experiment, inference, parallel, reporting, steps
+from anemia_jax import workdir_lock
 
 DataNotFoundError = experiment.DataNotFoundError  # re-exported: what `main` reports for missing data
 
@@ -68,11 +76,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         or 'preempted' after a SIGTERM (a checkpoint was saved; rerun to resume).
 
     Raises:
-        config_lib.ConfigError: invalid config. experiment.DataNotFoundError: missing data. NonFiniteError: the loss
-        or a gradient became non-finite.
+        config_lib.ConfigError: invalid config. errors.DataError (experiment.DataNotFoundError...): missing or
+        unusable data. errors.WorkdirBusyError: another trainer holds the workdir. errors.CheckpointError: no
+        usable checkpoint, or checkpoints of another model. errors.OutputError: the workdir cannot be written.
+        NonFiniteError: the loss or a gradient became non-finite.
     """
-    start_time = time.time()
     workdir = reporting.as_path(workdir)
+    lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
+    try:
+        return _train_and_evaluate(config, workdir, lock)
+    finally:
+        lock.release()
+
+
+def _take(lock: workdir_lock.WorkdirLock) -> None:
+    """Takes the workdir lock on process 0 and stops every process if it is held elsewhere."""
+    failure = None
+    try:
+        lock.acquire()
+    except (errors.WorkdirBusyError, errors.OutputError) as e:
+        failure = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        if int(multihost_utils.broadcast_one_to_all(np.int32(failure is not None))) and failure is None:
+            failure = errors.WorkdirBusyError(f"Process 0 could not lock {lock.workdir} (see its message).")
+    if failure is not None:
+        raise failure
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, lock: workdir_lock.WorkdirLock
+                        ) -> dict[str, Any]:
+    start_time = time.time()
     config_lib.validate(config, num_devices=jax.device_count())
     experiment.enable_compilation_cache(config.compilation_cache_dir)
     mesh = parallel.make_mesh()
@@ -80,8 +115,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     reporter = reporting.Reporter(workdir, is_main=jax.process_index() == 0)
     reporter.info("JAX %s: %d process(es), %d %s device(s); workdir %s", jax.__version__, jax.process_count(),
                   jax.device_count(), jax.devices()[0].platform, workdir)
-
+    # An existing workdir is locked before the data load, so that a second trainer stops at once; a new one only
+    # once the data have loaded (the lock creates it, and a run that fails on its data leaves nothing behind).
+    if jax.process_count() == 1 and workdir.exists():  # (several processes might disagree on "exists")
+        _take(lock)
     data = experiment.load_data(config, mesh)
+    _take(lock)
     steps_per_epoch = data.train.steps_per_epoch(config.batch_size)
     total = config_lib.resolve_steps(config, "num_train", steps_per_epoch)
     warmup = config_lib.resolve_steps(config, "warmup", steps_per_epoch, required=False)
@@ -107,14 +146,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ckpt = checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
                                            cleanup_tmp=True)
     meta: dict[str, Any] = {}
-    resumed_from = ckpt.latest_step()
-    config_dict = config.to_dict()
-    if resumed_from is None:
+    # config.json records the data actually used: the prepared directory and the source it was built from.
+    config_dict = {**config.to_dict(), "data_source": data.source}
+    # Restoring into shapes alone skips compiling the initialisation; damaged checkpoints are set aside.
+    resumed = ckpt.restore_latest_intact(experiment.abstract_train_state(model, tx, config.image_size, mesh),
+                                         model_config=config.model.to_dict())
+    resumed_from = None if resumed is None else resumed[0]
+    # Lines past the restored step (or every line, starting afresh) belong to steps that run again.
+    dropped = reporter.truncate_metrics(resumed_from or 0)
+    if resumed is None:
         state = experiment.init_train_state(config, model, tx, mesh)
+        if dropped:
+            reporter.info("No checkpoint to resume from: dropped %d metrics lines of an earlier attempt.", dropped)
     else:
-        # Restoring into shapes alone skips compiling the initialisation.
-        state, meta = ckpt.restore(resumed_from, experiment.abstract_train_state(model, tx, config.image_size, mesh))
-        dropped = reporter.truncate_metrics(resumed_from)
+        _, state, meta = resumed
         reporter.info("Resumed from checkpoint step %d (%d later metrics lines dropped: those steps rerun).",
                       resumed_from, dropped)
         old_config = workdir / "config.json"
@@ -225,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                             truth_weights=panel["weights"])
                 if is_ckpt:
                     saved = ckpt.save(step, state, meta={"train_time_s": train_time, "config_name": config.name,
-                                                         "num_devices": jax.device_count()},
+                                                         "num_devices": jax.device_count(),
+                                                         "model": config.model.to_dict()},
                                       metrics=None if results is None else {"dice/mean": results["dice/mean"]})
                     if saved:
                         reporter.info("Saving checkpoint step %d (asynchronously).", step)

@@ -10,7 +10,6 @@ prepared data) are not code and are not counted.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -109,13 +108,11 @@ def to_markdown(prov: Mapping[str, Any], note: str = "") -> str:
 
 def write_results(out: str | pathlib.Path, name: str, title: str, body_md: str, data: Mapping[str, Any],
                   prov: Mapping[str, Any], note: str = "") -> pathlib.Path:
-    """Writes ``<out>/<name>.md`` (title, record, tables) and ``<out>/<name>.json`` (data + record); returns the
-    markdown path."""
-    from anemia_jax import reporting  # noqa: PLC0415
+    """Writes ``<out>/<name>.md`` (title, record, tables) and ``<out>/<name>.json`` (data + record), each atomically
+    (`anemia_jax.atomic`: complete or absent, even on a full disk); returns the markdown path."""
+    from anemia_jax import atomic  # noqa: PLC0415
 
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(f"# {title}\n\n" + to_markdown(prov, note) + "\n" + body_md)
-    rec = {"provenance": dict(prov), "note": note, **data}
-    (out / f"{name}.json").write_text(json.dumps(reporting.jsonable(rec), indent=2, sort_keys=True) + "\n")
+    out = pathlib.Path(atomic.ensure_dir(out))
+    atomic.write_text(out / f"{name}.md", f"# {title}\n\n" + to_markdown(prov, note) + "\n" + body_md)
+    atomic.write_json(out / f"{name}.json", {"provenance": dict(prov), "note": note, **data})
     return out / f"{name}.md"

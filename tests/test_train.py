@@ -117,7 +117,10 @@ def test_run_leaves_outputs(reference, shared):
             assert val[f"num_images/{t}"] == summary["num_examples"]["val"]
     written = json.loads((workdir / "summary.json").read_text())
     assert written["final"]["step"] == TOTAL and written["targets"] == list(config.targets) == summary["targets"]
-    assert json.loads((workdir / "config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
+    recorded = json.loads((workdir / "config.json").read_text())
+    data_source = recorded.pop("data_source")  # the data actually used (issue 9)
+    assert recorded == json.loads(json.dumps(config.to_dict()))
+    assert data_source["builder"] == "conjunctiva_phantom" and data_source["prepared_dir"].startswith(shared["data_dir"])
 
     records = read_jsonl(workdir / "metrics.jsonl")
     train_steps = [r["step"] for r in records if r["split"] == "train"]

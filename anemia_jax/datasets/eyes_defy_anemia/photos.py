@@ -13,6 +13,7 @@ import math
 
 from PIL import Image, ImageOps
 
+from anemia_jax import image_io
 from anemia_jax.datasets.eyes_defy_anemia.masks import UnreadableImageError
 
 JPEG_QUALITY = 95
@@ -37,6 +38,8 @@ def load_photo(data: bytes, *, min_long_side: int | None = None) -> Image.Image:
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            return Image.fromarray(image_io.to_rgb8(img))  # 16-bit photos scaled to 8 bits, not clipped
         return img.convert("RGB")
     except Exception as e:  # Pillow signals corrupt files with many exception types.
         raise UnreadableImageError(f"{type(e).__name__}: {e}") from e
