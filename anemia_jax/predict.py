@@ -28,6 +28,7 @@ the largest over the targets), ``predictions.csv`` (file, size, mask fraction pe
 measures, and the screening columns) and ``predictions.json`` (the runs, checkpoints, the quality thresholds and
 where they came from, the screening model, and the usable/retake counts). Photos with the verdict 'retake' keep
 their estimates in the CSV but must not be acted on; their overlay shows none.
+
 Stems that repeat across folders get ``_2``, ``_3``... appended. A file that cannot be read as an image is reported
 with a warning and skipped. Photos, folders and ``--out`` may be local or on shared/cloud storage (``gs://...``).
 
