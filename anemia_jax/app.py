@@ -328,7 +328,7 @@ def _command() -> cli.Command:
 
 
 def build_service(cmd: cli.Command) -> ScreeningService:
-    """The service of a parsed command line: runs restored on one local device, the assessment when available."""
+    """The service of a parsed command line: runs restored on one local device, and the photo assessment."""
     import jax  # noqa: PLC0415
 
     from anemia_jax import inference, parallel, runs, segmenter  # noqa: PLC0415
@@ -346,15 +346,8 @@ def build_service(cmd: cli.Command) -> ScreeningService:
 
 
 def _assessor(cmd: cli.Command, restored, targets):
-    """The photo assessment (verdict; screening with ``--screening``), or None where this installation lacks it."""
-    try:
-        from anemia_jax import photo_report, quality  # noqa: PLC0415
-    except ImportError:
-        if cmd.screening or cmd.quality:
-            raise cli.CommandLineError("--screening and --quality need anemia_jax.photo_report, which this "
-                                       "installation lacks; update anemia_jax.") from None
-        return None
-    from anemia_jax import screening_model  # noqa: PLC0415
+    """The photo assessment: the verdict with predict's thresholds, and screening with ``--screening``."""
+    from anemia_jax import photo_report, quality, screening_model  # noqa: PLC0415
 
     model = screening_model.load(cmd.screening) if cmd.screening else None
     thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)
