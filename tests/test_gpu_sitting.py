@@ -41,7 +41,7 @@ def test_plan_fits_the_time_left():
     assert plan["train_deadline_s"] == 230 and plan["eval_every"] == -(-plan["steps"] // 10)
     assert s.plan_kvasir("unetpp", 600.0, rows, **kw)["steps"] > plan["steps"]
     short = s.plan_kvasir("unetpp", 60.0, [], **kw)  # no benchmark row, no time: one epoch, assumed figures
-    assert short["steps"] == 50 and short["rate_source"].startswith("assumed") and short["train_deadline_s"] == 30
+    assert short["steps"] == 50 and short["rate_source"].startswith("H100") and short["train_deadline_s"] == 30
     assert s.plan_kvasir("unet", 300.0, rows, steps=7, **kw)["steps"] == 7
 
 

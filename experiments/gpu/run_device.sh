@@ -120,9 +120,10 @@ if [[ ,$STAGES, == *,kvasir,* ]]; then
          "--config.eval_every_steps=$every" "--config.checkpoint_every_steps=$every" --config.keep_checkpoints=1)
     # shellcheck disable=SC2206 -- KVASIR_ARGS is a list of flags
     cmd+=(${KVASIR_ARGS:-})
-    log "kvasir $m: $steps steps (plan: $(python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print(
-      f\"{p['epochs']} epochs at {p['rate_images_per_s']} img/s assumed ({p['rate_source']}), \"
-      f\"{p['overhead_s']}s start-up and final scoring\")" "$WORK/plan_$m.json")), SIGTERM after ${deadline}s"
+    log "kvasir $m: $steps steps ($(python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print(
+      f\"{p['epochs']} epochs, fixed by KVASIR_STEPS\" if p['steps_given'] else f\"{p['epochs']} epochs planned at \"
+      f\"{p['rate_images_per_s']} img/s ({p['rate_source']}) after {p['overhead_s']}s of start-up and final \"
+      f\"scoring\")" "$WORK/plan_$m.json")), SIGTERM after ${deadline}s"
     python3 experiments/gpu/sitting.py note "$WORK/commands_$m.json" trainer_command "${cmd[@]}"
     # SIGTERM makes the trainer save a checkpoint and stop; the best one is then still scored below.
     timeout -s TERM -k 30 "$deadline" "${cmd[@]}" > "$WORK/train_$m.log" 2>&1 &

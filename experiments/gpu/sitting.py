@@ -109,8 +109,9 @@ def plan_kvasir(model: str, left_s: float, rows: list[dict], *, batch: int, conc
         SIGTERM: it then saves a checkpoint and stops, and the best one is still scored), and what they came from.
     """
     row = ours(rows)
-    source = "this sitting's benchmark" if row and row.get("images_per_s") else "assumed (no benchmark row)"
-    bench = row if source.startswith("this") else ASSUMED_BENCH[model]
+    measured = bool(row and row.get("images_per_s"))
+    source = "this sitting's benchmark" if measured else "H100 development figures: no benchmark row"
+    bench = row if measured else ASSUMED_BENCH[model]
     cold = float(bench.get("first_step_cold_s") or bench.get("first_step_s") or ASSUMED_BENCH[model][
         "first_step_cold_s"])
     overhead_s = 1.3 * cold + 35.0
