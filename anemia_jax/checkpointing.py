@@ -206,7 +206,8 @@ class CheckpointManager:
         hint = ""
         if model_config is not None:
             recorded = self._read_meta(step).get("model")
-            changes = config_lib.config_diff(recorded, dict(model_config)) if isinstance(recorded, Mapping) else []
+            given = reporting.jsonable(dict(model_config))  # as JSON has it: tuples are lists
+            changes = config_lib.config_diff(recorded, given) if isinstance(recorded, Mapping) else []
             if changes:
                 hint = f" Its model config differs from the one given: {'; '.join(f'model.{c}' for c in changes)}."
         raise CheckpointMismatchError(
