@@ -226,8 +226,8 @@ def _command() -> cli.Command:
     flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening_model): adds the Hgb "
                         "estimate, its interval and the anemia call per photo.", flag_values=fv)
     flags.DEFINE_string("sex", None, "F or M: sex of every photo's subject, for the WHO threshold "
-                      "(default: per photo from --sex_csv or sex.csv beside the photos; else unknown).",
-                      flag_values=fv)
+                        "(default: per photo from --sex_csv or sex.csv beside the photos; else unknown).",
+                        flag_values=fv)
     flags.DEFINE_string("sex_csv", None, "CSV with columns file,sex (default: sex.csv in each photo's folder).",
                         flag_values=fv)
     return cmd

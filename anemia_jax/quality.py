@@ -247,10 +247,10 @@ def choose_thresholds(area_fraction: np.ndarray, mean_uncertainty: np.ndarray, d
 
 def save_thresholds(path: str | os.PathLike, thresholds: QualityThresholds, record: Mapping[str, Any]) -> None:
     """Writes ``thresholds`` with their calibration ``record`` (protocol, runs, report) as JSON at ``path``."""
-    from anemia_jax import reporting  # noqa: PLC0415
+    from anemia_jax import atomic, reporting  # noqa: PLC0415
 
     data = {"format": FORMAT, "version": 1, "thresholds": dataclasses.asdict(thresholds), **record}
-    reporting.as_path(path).write_text(json.dumps(reporting.jsonable(data), indent=2, sort_keys=True) + "\n")
+    atomic.write_text(path, json.dumps(reporting.jsonable(data), indent=2, sort_keys=True) + "\n")
 
 
 def load_thresholds(path: str | os.PathLike) -> tuple[QualityThresholds, dict[str, Any]]:
