@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from anemia_jax import config_lib, datasets, losses, models, optim
+from anemia_jax import config_lib, datasets, experiment, losses, models, optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if "def get_config" in p.read_text())
@@ -24,7 +24,8 @@ def load(name: str, arg: str = ""):
 
 
 def test_config_files_found():
-    assert {p.stem for p in CONFIG_FILES} == {"unet", "unetpp", "attention_unet"}
+    assert {p.stem for p in CONFIG_FILES} == {"unet", "unetpp", "attention_unet", "unet_resnet34", "unetpp_resnet34",
+                                              "transunet", "segformer"}
 
 
 @pytest.mark.parametrize("arg", ARGS)
@@ -34,8 +35,8 @@ def test_every_config_loads_and_validates(path, arg):
     config_lib.validate(config, num_devices=8)
     assert config.name == path.stem and config.arg == arg
     # What the trainer will build from it exists: the model (constructed, not run), the loss, the optimizer.
-    kwargs = {k: v for k, v in config.model.items() if k != "name"}
-    models.get_model(config.model.name, num_classes=len(config.targets), dtype=config.compute_dtype, **kwargs)
+    model = experiment.build_model(config)
+    assert model.num_classes == len(config.targets) and isinstance(model, models.MODELS.get(config.model.name))
     losses.get_loss(config.loss.name, **{k: v for k, v in config.loss.items()
                                          if k not in ("name", "deep_supervision_weights")})
     optim.make_optimizer(config.optimizer, total_steps=100, warmup_steps=10)
