@@ -220,12 +220,24 @@ def with_loss(config: ml_collections.ConfigDict, preset: str) -> ml_collections.
     return c
 
 
+# Fields that do not change what a run trains: where compiled programs are cached, profiling, panels, and the
+# inference-time quality thresholds.
+_NOT_TRAINING = ("compilation_cache_dir", "profile_steps", "max_panels", "quality")
+# Fields added to the configs after runs were recorded, whose default reproduces what those runs did.
+_ADDED_LATER = {("optimizer", "encoder_lr_multiplier"): 1.0, ("optimizer", "freeze_encoder_steps"): 0}
+
+
 def _canonical(config_dict: Mapping[str, Any]) -> str:
-    """A config as comparable text (the compilation cache location does not change a run)."""
+    """A config as comparable text, without the fields that do not change training (`_NOT_TRAINING`) and with the
+    fields added later (`_ADDED_LATER`) dropped where they hold their default, so older runs stay comparable."""
     from anemia_jax import reporting  # noqa: PLC0415
 
     plain = json.loads(json.dumps(reporting.jsonable(dict(config_dict))))
-    plain.pop("compilation_cache_dir", None)
+    for key in _NOT_TRAINING:
+        plain.pop(key, None)
+    for (block, key), default in _ADDED_LATER.items():
+        if plain.get(block, {}).get(key, default) == default:
+            plain.get(block, {}).pop(key, None)
     return json.dumps(plain, sort_keys=True)
 
 
