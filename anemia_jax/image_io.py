@@ -93,9 +93,11 @@ def resize_probabilities(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray
     probs = np.asarray(probs, np.float32)
     if probs.shape[:2] == tuple(size):
         return probs
-    channels = [np.asarray(PIL.Image.fromarray(np.ascontiguousarray(probs[..., c])).resize(
-        (size[1], size[0]), PIL.Image.Resampling.BILINEAR)) for c in range(probs.shape[-1])]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
+    out = np.empty((*size, probs.shape[-1]), np.float32)
+    for c in range(probs.shape[-1]):
+        out[..., c] = np.asarray(PIL.Image.fromarray(np.ascontiguousarray(probs[..., c])).resize(
+            (size[1], size[0]), PIL.Image.Resampling.BILINEAR))
+    return np.clip(out, 0.0, 1.0, out=out)  # in place: a photo-sized copy less
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, *, alpha: float = DEFAULT_ALPHA, outline: int = 0,
@@ -114,21 +116,24 @@ def overlay(image: np.ndarray, masks: np.ndarray, *, alpha: float = DEFAULT_ALPH
     box = _bounding_box(masks.any(axis=-1), pad=max(outline, 0))
     if box is None:
         return result
-    # Only the masks' bounding box (grown by the outline width) changes: work on that crop alone.
-    out = result[box].astype(np.float32)
-    masks = masks[box]
-    order = np.argsort(-masks.reshape(-1, masks.shape[-1]).sum(0), kind="stable")
+    # Only pixels inside a mask change: their values are computed alone (in float32, channel after channel, as a
+    # whole-image float copy would), inside the masks' bounding box grown by the outline width.
+    crop, masks = result[box], masks[box]
+    inside = masks.any(axis=-1)
+    values, selected = crop[inside].astype(np.float32), masks[inside]
+    order = np.argsort(-selected.sum(0), kind="stable")
     for c in order:
-        m = masks[..., c]
+        m = selected[:, c]
         colour = np.asarray(colors[c % len(colors)], np.float32)
-        out[m] = (1 - alpha) * out[m] + alpha * colour
+        values[m] = (1 - alpha) * values[m] + alpha * colour
         if outline > 0 and m.any():
             # Erosion by a (2w+1)-square with the border replicated (as PIL's MinFilter does): a separable running
             # minimum, whose cost does not depend on the width. The crop keeps a w-pixel margin of background
             # wherever it is not the photo's border, so cropping changes nothing.
-            eroded = ndimage.minimum_filter(m.view(np.uint8), size=2 * outline + 1, mode="nearest") > 0
-            out[m & ~eroded] = colour
-    result[box] = np.clip(out, 0, 255).astype(np.uint8)
+            region = masks[..., c]
+            eroded = ndimage.minimum_filter(region.view(np.uint8), size=2 * outline + 1, mode="nearest") > 0
+            values[(region & ~eroded)[inside]] = colour
+    crop[inside] = np.clip(values, 0, 255).astype(np.uint8)
     return result
 
 
