@@ -62,8 +62,22 @@ class QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+_LOG_TRACEBACKS = {"on": False}  # set from --verbose by the command that parsed last
+
+
+class TracebacksOnlyIfVerbose(pylogging.Filter):
+    """Keeps log records but drops their tracebacks unless ``--verbose``: a full disk makes Orbax, TensorStore and
+    asyncio log dozens of them from their threads, burying the one message that says what to do."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.exc_info and not _LOG_TRACEBACKS["on"]:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def setup_logging(verbosity: int = logging.INFO) -> None:
-    """absl logging to stderr at ``verbosity``, without Orbax's INFO chatter (idempotent)."""
+    """absl logging to stderr at ``verbosity``, without Orbax's INFO chatter, and without tracebacks in log records
+    unless the command was given ``--verbose`` (idempotent)."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # absl's own flags keep their defaults; commands parse their own
     logging.use_absl_handler()
@@ -71,6 +85,10 @@ def setup_logging(verbosity: int = logging.INFO) -> None:
     logger = logging.get_absl_logger()
     if not any(isinstance(f, QuietLibraries) for f in logger.filters):
         logger.addFilter(QuietLibraries())
+    # On the handler, so that records of every logger (asyncio's too) pass through it.
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, TracebacksOnlyIfVerbose) for f in handler.filters):
+        handler.addFilter(TracebacksOnlyIfVerbose())
 
 
 def exit_status(error: BaseException) -> int | None:
@@ -216,6 +234,7 @@ class Command:
             rest = self.flags(argv)[1:]
             if self._config_file is not None and self.flags["config"].present:
                 _ = self.flags.config  # config_flags loads the file lazily: fail here, not at first use
+            _LOG_TRACEBACKS["on"] = bool(self.flags["verbose"].value)
             return rest
         except flags.Error as e:
             message = str(e)

@@ -33,6 +33,7 @@ data actually used (``data_source``: the prepared directory, its source and that
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -85,6 +86,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
     try:
         return _train_and_evaluate(config, workdir, lock)
+    except (OSError, ValueError) as e:
+        # Orbax and TensorStore report a full or read-only disk from their threads, naming no path a user knows
+        # (TensorStore as a ValueError 'RESOURCE_EXHAUSTED ... No space left on device').
+        cause = e if errors.is_output_failure(e) else (
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if "No space left on device" in str(e) else None)
+        if cause is None or isinstance(e, errors.OutputError):
+            raise
+        raise errors.OutputError(
+            f"Could not write to the run directory {workdir}: {errors.describe_os_error(cause)}. "
+            f"{errors.output_advice(cause)} The run resumes from its last complete checkpoint.") from e
     finally:
         lock.release()
 

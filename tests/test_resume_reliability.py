@@ -1,4 +1,4 @@
-"""The trainer after kills, damage, model changes and a second trainer (issue 9, items 2, 3, 4 and 6).
+"""The trainer after kills, damage, model changes, a full disk and a second trainer (issue 9, items 2, 3, 4, 6).
 
 One module run (fixture `resumed_run`): the tiny phantom config (8 steps, checkpoints every 4, one evaluation at the
 end) is stopped as its first checkpoint save starts (as a kill there would stop it: nothing saved, metrics lines
@@ -23,6 +23,7 @@ import pytest
 from absl import logging as absl_logging
 
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
+from _filesystems import full_filesystem
 from anemia_jax import checkpointing, cli, config_lib, errors, main, train, workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -138,6 +139,16 @@ def test_resuming_with_another_model_is_a_message(resumed_run, shared, tmp_path,
     assert status == cli.EXIT_CHECKPOINT, err[-3000:]
     assert "Traceback" not in err and "written by a different model configuration" in err
     assert "model.features: 4 -> 8" in err
+
+
+def test_full_disk_is_one_message(shared, tmp_path, capfd):
+    with full_filesystem(tmp_path / "full", size="200k") as place:
+        status = main.main(main_args(shared, place / "run"))
+    err = capfd.readouterr().err
+    assert status == cli.EXIT_IO, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    message = [line for line in err.splitlines() if line.startswith("main: ")]
+    assert len(message) == 1 and "No space left on device" in message[0] and str(place / "run") in message[0]
 
 
 # ------------------------------------------------------------------------------------------------ item 3
