@@ -24,5 +24,13 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert row["step_flops"] > 0
     assert 0 < row["first_step_warm_s"] and 0 < row["first_step_cold_s"]
     assert row["finite"]
+    phases = ("imports", "data", "init", "wait_compile_train", "first_step_run", "compile_eval")
+    for kind in ("cold", "warm"):
+        assert tuple(row[f"first_step_{kind}_phases_s"]) == phases
+        assert all(v >= 0 for v in row[f"first_step_{kind}_phases_s"].values())
+    assert row["overlap"] and row["compile_s"] > 0
+    assert "--xla_force_host_platform_device_count=8" in row["xla_flags"]
+    assert row["machine"]["cpu_count"] and len(row["load_average_before_after"]) == 2
     assert len(row["git"]["git_commit"]) == 40 and "benchmark.py" in row["command"]
-    assert "time to first step" in result.stdout and "anemia_jax" in result.stdout.splitlines()[-1]
+    assert "time to first step, cold cache" in result.stdout and "compile_eval" in result.stdout
+    assert "anemia_jax" in result.stdout.splitlines()[-1]
