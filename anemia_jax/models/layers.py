@@ -257,7 +257,8 @@ def upsample_2x(
     if method == "resize":
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear").astype(x.dtype)
-        return nn.Conv(features, (3, 3), dtype=dtype, param_dtype=param_dtype, name=name)(x)
+        return nn.Conv(features, (3, 3), dtype=dtype, param_dtype=param_dtype, conv_general_dilated=conv3x3_impl(),
+                       name=name)(x)
     raise ValueError(f"upsample must be one of {UPSAMPLES}; got {method!r}.")
 
 
