@@ -1,4 +1,5 @@
-"""experiments/benchmark.py runs end to end (tiny model) and records every figure it promises.
+"""experiments/benchmark.py runs end to end (tiny model from a config) and records every figure it promises; its
+command line fails with a message, never a traceback.
 
 Only that it runs and reports: its speed figures belong to the benchmark's own records, never to a timed test.
 """
@@ -8,18 +9,27 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from anemia_jax import config_lib
+from experiments import benchmark, peer
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "tools" / "peer_bench.py"
 
 
 def test_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--model=unet", "--features=4",
-           "--batch=8", "--size=32", "--dtype=float32", "--steps=1", "--windows=2", "--warmup=1",
-           f"--out={out}"]
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--config=configs/unet.py:size=32,batch=8,dtype=float32",
+           "--config.model.features=4", "--steps=1", "--windows=2", "--warmup=1", f"--out={out}"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert row["devices"] == 8  # the conftest's fake CPU devices reach the child processes
+    # The config and its override reached both children: U-Net of width 4, one head of one channel.
+    assert row["arch"] == "unet features=4" and row["model"]["features"] == 4 and row["targets"] == ["palpebral"]
+    assert row["params"] < 200_000 and (row["batch"], row["size"], row["dtype"]) == (8, 32, "float32")
+    assert row["config"] == "configs/unet.py:size=32,batch=8,dtype=float32 --config.model.features=4"
     assert row["images_per_s"] > 0 and len(row["window_rates"]) == 2
     assert row["step_flops"] > 0
     assert 0 < row["first_step_warm_s"] and 0 < row["first_step_cold_s"]
@@ -31,6 +41,42 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert row["overlap"] and row["compile_s"] > 0
     assert "--xla_force_host_platform_device_count=8" in row["xla_flags"]
     assert row["machine"]["cpu_count"] and len(row["load_average_before_after"]) == 2
-    assert len(row["git"]["git_commit"]) == 40 and "benchmark.py" in row["command"]
+    assert len(row["git"]["git_commit"]) == 40 and "-m experiments.benchmark --config=" in row["command"]
     assert "time to first step, cold cache" in result.stdout and "compile_eval" in result.stdout
     assert "anemia_jax" in result.stdout.splitlines()[-1]
+
+
+def test_measured_config_is_the_peers_work():
+    config = config_lib.load_config_file(f"{ROOT}/configs/unetpp.py:size=64")
+    measured = benchmark.benchmark_config(config, {})
+    assert measured.targets == ("palpebral",) and measured.model.deep_supervision is False
+    assert peer.framework(measured) == "torch"
+    asked = benchmark.benchmark_config(config, {"model.deep_supervision": True})
+    assert asked.model.deep_supervision is True
+    resnet = benchmark.benchmark_config(config_lib.load_config_file(f"{ROOT}/configs/unetpp_resnet34.py:size=64"), {})
+    assert peer.framework(resnet) == "smp"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/unet.py", "--config.model.featurs=4"], "close keys: model.features"),
+    (["--model=unet", "--batch=8"], "come from the config now"),
+    (["--config=configs/segformer.py", f"--peer={PEER}"], "No PyTorch peer for segformer"),
+    (["--config=configs/unetpp_resnet34.py", "--config.model.encoder=resnet50", f"--peer={PEER}"],
+     "No PyTorch peer for unetpp encoder=resnet50"),
+    (["--config=configs/unet.py", "--config.model.name=unett"], "Unknown model 'unett'"),
+])
+def test_bad_command_lines_are_messages(capsys, args, message):
+    assert benchmark.main(["benchmark", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_batch_the_devices_do_not_divide_is_a_message(tmp_path):
+    # Found in the child (the parent never starts a JAX backend); reported by the parent, exit 2.
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--config=configs/unet.py:test", "--config.batch_size=3",
+           f"--out={out}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "config.batch_size=3" in result.stderr and "multiple of the 8 devices" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
