@@ -44,7 +44,8 @@ PY
 fi
 export PATH=$R/venv/bin:$PATH WHEEL_DIR=$R/wheels OUT=$R/out WORK=$R/work
 export BUDGET_S=${BUDGET_S:-1500} BENCH_MAX_S=${BENCH_MAX_S:-600} KVASIR_MIN_S=${KVASIR_MIN_S:-400}
-export BENCH_ARGS=${BENCH_ARGS:---batch=2 --size=32 --dtype=float32 --features=8 --steps=1 --windows=2 --warmup=1}
+export BENCH_CONFIG=${BENCH_CONFIG:-size=32,batch=2,dtype=float32}
+export BENCH_ARGS=${BENCH_ARGS:---config.model.features=8 --steps=1 --windows=2 --warmup=1}
 export KVASIR_SIZE=${KVASIR_SIZE:-64} KVASIR_ARGS=${KVASIR_ARGS:---config.model.features=8}
 rm -rf "$OUT"
 start=$(date +%s)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-call GPU sitting (issue 13): in under 9 minutes of one device call,
-#   1. experiments/benchmark.py beside the PyTorch peer (eager and torch.compile) for UNet++ and U-Net: train step
-#      at batch 32, 256x256, bfloat16, with the time to first step cold and with the compilation cache warm;
+#   1. python -m experiments.benchmark beside the PyTorch peer (eager and torch.compile) for UNet++ and U-Net
+#      (configs/unetpp.py, configs/unet.py; one head, as the peer): train step at batch 32, 256x256, bfloat16, with
+#      the time to first step cold and with the compilation cache warm;
 #   2. U-Net and UNet++ trained at once on Kvasir-SEG's official 880/120 split at 256x256 (best checkpoint chosen on
 #      the trainer's validation holdout of the 880) for as many steps as the minutes left allow, then the 120 test
 #      images scored with `python -m anemia_jax.evaluate --split=test --checkpoint=best`;
@@ -19,7 +20,9 @@
 # Knobs (environment), defaults for the device: BUDGET_S=525 (seconds the whole script may take, wheel unpacking
 # included), STAGES=bench,kvasir, SKIP_WHEELS= (1: use the Python environment as it is), WHEEL_DIR=.whl,
 # PROTOBUF_MIN=6.33.5 (an older protobuf on the device is replaced by the carried one in .whl/fallback),
-# PEER=.device/peer_bench.py ('' skips the peer), BENCH_ARGS (extra benchmark flags, last wins), BENCH_MAX_S=260
+# PEER=.device/peer_bench.py ('' skips the peer), BENCH_CONFIG=size=256,batch=32,dtype=bfloat16 (the benchmarks'
+# config argument: --config=configs/<model>.py:$BENCH_CONFIG), BENCH_ARGS (extra benchmark flags, e.g.
+# --config.model.features=8 --steps=1; last wins), BENCH_MAX_S=260
 # (each benchmark's time limit), KVASIR_MIN_S=200 (seconds kept for Kvasir when sizing the benchmarks),
 # KVASIR_SIZE=256, KVASIR_BATCH=16, KVASIR_ARGS (extra trainer flags), KVASIR_STEPS (fixed steps instead of the
 # time-based plan), KVASIR_RATE_FACTOR=0.35, KVASIR_EVAL_S=50, KVASIR_DATA_DIR=.device/tfds, MEM_FRACTION=0.45 (of
@@ -29,8 +32,9 @@ cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 knobs=""  # the knobs given (before defaults), for the recorded command
-for v in BUDGET_S STAGES SKIP_WHEELS WHEEL_DIR PROTOBUF_MIN PEER BENCH_ARGS BENCH_MAX_S KVASIR_MIN_S KVASIR_SIZE \
-         KVASIR_BATCH KVASIR_ARGS KVASIR_STEPS KVASIR_RATE_FACTOR KVASIR_EVAL_S KVASIR_DATA_DIR MEM_FRACTION; do
+for v in BUDGET_S STAGES SKIP_WHEELS WHEEL_DIR PROTOBUF_MIN PEER BENCH_CONFIG BENCH_ARGS BENCH_MAX_S KVASIR_MIN_S \
+         KVASIR_SIZE KVASIR_BATCH KVASIR_ARGS KVASIR_STEPS KVASIR_RATE_FACTOR KVASIR_EVAL_S KVASIR_DATA_DIR \
+         MEM_FRACTION; do
   if [ -n "${!v+x}" ]; then
     if [[ ${!v} =~ ^[A-Za-z0-9_.,:/=+-]+$ ]]; then knobs+="$v=${!v} "; else knobs+="$v=$(printf %q "${!v}") "; fi
   fi
@@ -88,16 +92,17 @@ bench() {  # model, peer runs (comma list), warm (1: also the warm-cache first s
   [ "$warm" = 1 ] || extra+=(--no_warm)
   log "benchmark $m beside torch ${runs:-(no peer)}, warm cache: $warm, at most ${limit}s"
   # shellcheck disable=SC2086 -- BENCH_ARGS is a list of flags
-  timeout -k 10 "$limit" python3 experiments/benchmark.py --model="$m" --batch=32 --size=256 --dtype=bfloat16 \
+  timeout -k 10 "$limit" python3 -m experiments.benchmark \
+    "--config=configs/$m.py:${BENCH_CONFIG:-size=256,batch=32,dtype=bfloat16}" \
     ${BENCH_ARGS:-} "${extra[@]}" --out="$OUT/bench_$m.json" >> "$OUT/log.txt" 2>&1 \
-    || log "benchmark $m failed or ran out of time (exit $?); its rows are missing"
+    || log "benchmark $m failed or ran out of time (exit $?); the rows it had not finished are missing"
   stage_done "bench_$m" "$t"
 }
 if [[ ,$STAGES, == *,bench,* ]]; then
   bench unetpp eager,compile 1 "$(min "${BENCH_MAX_S:-260}" $(( $(left) - KVASIR_MIN_S )))"
   # U-Net gets what keeps KVASIR_MIN_S for Kvasir: everything if there is ample room (a benchmark killed at its
-  # limit loses all its rows), else our run and the peer's eager run alone (U-Net's target is the ratio to eager),
-  # else nothing.
+  # limit loses the rows it had not finished), else our run and the peer's eager run alone (U-Net's target is the
+  # ratio to eager), else nothing.
   room=$(( $(left) - KVASIR_MIN_S ))
   if (( room >= 200 )); then bench unet eager,compile 1 "$(min "${BENCH_MAX_S:-260}" "$room")"
   elif (( room >= 100 )); then bench unet eager 0 "$room"
