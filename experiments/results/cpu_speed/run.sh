@@ -16,8 +16,9 @@ mkdir -p "$OUT"
 for rep in $(seq 1 "$REPEATS"); do
   for model in unetpp unet; do
     echo "== $model, run $rep; uptime: $(uptime)" | tee -a "$OUT/uptime.log"
-    "$PY" experiments/benchmark.py --model=$model --batch=8 --size=128 --dtype=float32 --steps=4 --windows=3 \
-      --warmup=1 --peer="$PEER" --peer_runs=eager --out="$OUT/${model}_run${rep}.json" | tee "$OUT/${model}_run${rep}.log"
+    "$PY" -m experiments.benchmark "--config=configs/$model.py:size=128,batch=8,dtype=float32" --steps=4 \
+      --windows=3 --warmup=1 --peer="$PEER" --peer_runs=eager --out="$OUT/${model}_run${rep}.json" \
+      | tee "$OUT/${model}_run${rep}.log"
   done
 done
 echo "== done; uptime: $(uptime)" | tee -a "$OUT/uptime.log"
