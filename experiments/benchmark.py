@@ -110,6 +110,44 @@ def _check(cmd: cli.Command, config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------------------- measuring
 
 
+def make_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any, Any, dict]:
+    """``(model, tx, train_step, abstract_batch)``: the benchmarked train step of ``config`` (`benchmark_config`)
+    over ``mesh`` -- the project's own `steps.make_train_step` with the config's model and loss and the peer's
+    optimizer -- and the sharded shapes of its batch."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from anemia_jax import experiment, parallel, steps
+
+    model = experiment.build_model(config)
+    tx = optax.adam(peer.LEARNING_RATE)  # the peer's optimizer, not the config's (see the module docstring)
+    train_step = steps.make_train_step(model, tx, experiment.build_loss(config), mesh,
+                                       compute_dtype=jnp.dtype(config.compute_dtype))
+    batch_size, channels = config.batch_size, len(config.targets)
+    shape = (batch_size, *tuple(config.image_size))
+    specs = {"image": (shape + (3,), jnp.uint8), "masks": (shape + (channels,), jnp.uint8),
+             "mask_weights": ((batch_size, channels), jnp.float32), "valid": ((batch_size,), jnp.bool_)}
+    sharding = parallel.data_sharded(mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in specs.items()}
+    return model, tx, train_step, abstract_batch
+
+
+def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fixed host batch the step is timed on (seeded random uint8 images, masks 30% foreground)."""
+    import numpy as np
+
+    batch_size, channels = config.batch_size, len(config.targets)
+    shape = (batch_size, *tuple(config.image_size))
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.integers(0, 256, shape + (3,), dtype=np.uint8),
+        "masks": (rng.random(shape + (channels,)) > 0.7).astype(np.uint8),
+        "mask_weights": np.ones((batch_size, channels), np.float32),
+        "valid": np.ones((batch_size,), bool),
+    }
+
+
 def _measure(cmd: cli.Command, config: ml_collections.ConfigDict) -> dict:
     """Runs in the child: builds the step, times it (and each phase before the first step), returns the figures."""
     import concurrent.futures
@@ -117,10 +155,9 @@ def _measure(cmd: cli.Command, config: ml_collections.ConfigDict) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     from jax.sharding import PartitionSpec as P
 
-    from anemia_jax import experiment, parallel, steps, xla_cpu
+    from anemia_jax import experiment, parallel, xla_cpu
     from experiments import model_table
 
     phases = {"imports": time.perf_counter() - _PROCESS_START}
@@ -135,17 +172,8 @@ def _measure(cmd: cli.Command, config: ml_collections.ConfigDict) -> dict:
         raise cli.CommandLineError(
             f"The global batch (config.batch_size={batch_size}) must be a multiple of the {mesh.size} devices: "
             f"pass --config=...:batch=N with N a multiple of {mesh.size}.")
-    dtype = jnp.dtype(config.compute_dtype)
-    model = experiment.build_model(config)
-    tx = optax.adam(peer.LEARNING_RATE)  # the peer's optimizer, not the config's (see the module docstring)
-    train_step = steps.make_train_step(model, tx, experiment.build_loss(config), mesh, compute_dtype=dtype)
+    model, tx, train_step, abstract_batch = make_step(config, mesh)
     image_size = tuple(config.image_size)
-    channels = len(config.targets)
-    shape = (batch_size, *image_size)
-    specs = {"image": (shape + (3,), jnp.uint8), "masks": (shape + (channels,), jnp.uint8),
-             "mask_weights": ((batch_size, channels), jnp.float32), "valid": ((batch_size,), jnp.bool_)}
-    sharding = parallel.data_sharded(mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in specs.items()}
 
     def compile_train():
         t = time.perf_counter()
@@ -158,13 +186,7 @@ def _measure(cmd: cli.Command, config: ml_collections.ConfigDict) -> dict:
     pool = concurrent.futures.ThreadPoolExecutor(1)
     pending = None if cmd.no_overlap else pool.submit(compile_train)
     t = time.perf_counter()
-    rng = np.random.default_rng(0)
-    host_batch = {
-        "image": rng.integers(0, 256, shape + (3,), dtype=np.uint8),
-        "masks": (rng.random(shape + (channels,)) > 0.7).astype(np.uint8),
-        "mask_weights": np.ones((batch_size, channels), np.float32),
-        "valid": np.ones((batch_size,), bool),
-    }
+    host_batch = synthetic_batch(config)
     batch = parallel.host_local_to_global(host_batch, mesh)
     phases["data"] = time.perf_counter() - t
     t = time.perf_counter()
