@@ -1,4 +1,5 @@
-"""PNG figures of a screening evaluation: Bland-Altman, ROC, calibration, predicted vs measured Hgb.
+"""PNG figures: of a screening evaluation (Bland-Altman, ROC, calibration, predicted vs measured Hgb), and the
+training curves of runs (`training_curves`, from their ``metrics.jsonl``).
 
 matplotlib is an optional dependency (``pip install 'anemia_jax[report]'``): it is imported inside the functions,
 with the non-interactive Agg backend, and its absence raises an ImportError saying what to install. Every function
@@ -19,7 +20,7 @@ import numpy as np
 
 from anemia_jax import atomic, clinical_stats
 
-__all__ = ["bland_altman", "calibration", "predicted_vs_measured", "roc", "screening_plots"]
+__all__ = ["bland_altman", "calibration", "predicted_vs_measured", "roc", "screening_plots", "training_curves"]
 
 _DPI = 110
 
@@ -185,3 +186,37 @@ def screening_plots(rows: Sequence[Mapping[str, Any]], *, hgb: np.ndarray, anemi
         "hgb_scatter": predicted_vs_measured(reg, out_dir / f"{name}_hgb_scatter.png",
                                              title="Out-of-fold Hgb estimate vs laboratory"),
     }
+
+
+def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, *,
+                    metric: str = "dice/mean", title: str = "") -> pathlib.Path:
+    """Training loss and validation ``metric`` against the step, one line per run, side by side.
+
+    Args:
+        runs: ``{label: records}``, each a run's ``metrics.jsonl`` lines as dicts (``split`` 'train' records with
+            ``loss``; 'val' records with ``metric``; `anemia_jax.reporting` writes them).
+        path: the PNG to write.
+        metric: the validation metric drawn (default the mean Dice over targets); the best value is marked.
+        title: the figure's title.
+    """
+    plt = _pyplot()
+    fig, (loss_ax, val_ax) = _grid(plt, 2, size=4.2)
+    for label, records in runs.items():
+        train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
+        val = [(r["step"], r[metric]) for r in records if r.get("split") == "val" and metric in r]
+        if train:
+            loss_ax.plot(*zip(*train), lw=1.0, label=label)
+        if val:
+            line, = val_ax.plot(*zip(*val), marker="o", ms=3, lw=1.2, label=label)
+            best_step, best = max(val, key=lambda sv: sv[1])
+            val_ax.annotate(f"{best:.3f}", (best_step, best), fontsize=7, color=line.get_color(),
+                            xytext=(0, 5), textcoords="offset points", ha="center")
+    for ax, ylabel in ((loss_ax, "training loss"), (val_ax, f"validation {metric}")):
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -1,4 +1,5 @@
-"""Tests of anemia_jax.plots: the four screening figures are written as valid PNGs (skipped without matplotlib)."""
+"""Tests of anemia_jax.plots: the four screening figures and the training curves are written as valid PNGs (skipped
+without matplotlib)."""
 
 import numpy as np
 import pytest
@@ -45,3 +46,18 @@ def test_missing_matplotlib_message(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"anemia_jax\[report\]"):
         plots.roc({"x": (np.array([0.1, 0.9]), np.array([0, 1]), None)}, "unused.png")
+
+
+def test_training_curves_draw_each_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"split": "train", "step": s, "loss": 1.0 / s} for s in range(10, 200, 10)]
+    records += [{"split": "val", "step": s, "dice/mean": 1 - 1.0 / s} for s in (50, 100, 150)]
+    no_val = [r for r in records if r["split"] == "train"]  # a run stopped before its first evaluation
+    path = plots.training_curves({"a": records, "b": no_val}, tmp_path / "curves.png", title="t")
+    assert path == tmp_path / "curves.png"
+    with Image.open(path) as image:
+        gray = np.asarray(image.convert("L"))
+    assert gray.shape[1] > gray.shape[0] > 200 and gray.std() > 5
+    blank = plots.training_curves({}, tmp_path / "blank.png")  # no run: empty axes, still a figure
+    with Image.open(blank) as image:
+        assert np.asarray(image.convert("L")).std() < gray.std()
