@@ -1,4 +1,4 @@
-"""Smoke tests of experiments/pruning_table.py and experiments/screening_run.py on the tiny UNet++ run of
+"""Smoke tests of experiments/pruning_table.py, screening_run.py and training_curves.py on the tiny UNet++ run of
 tests/_tiny_run.py (untrained parameters, so only the tables' structure and counts are checked, not their scores)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-from experiments import pruning_table, screening_heldout, screening_run
+from experiments import pruning_table, screening_heldout, screening_run, training_curves
 
 
 def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
@@ -71,3 +71,17 @@ def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     with pytest.raises(ValueError, match="not held out"):
         screening_heldout.heldout_masks([workdir], builder_config="res64", tfds_split="train", target="palpebral",
                                         checkpoint="latest", feature_size=None)
+
+
+def test_training_curves_of_a_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"split": "train", "step": s, "loss": 1.0 / s}) for s in (10, 20, 30)]
+    lines += [json.dumps({"split": "val", "step": 30, "dice/mean": 0.5}), '{"split": "tra']  # cut short by a kill
+    (run / "metrics.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "curves.png"
+    assert training_curves.main(["training_curves", f"--workdir={run}", "--labels=tiny", f"--out={out}"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert training_curves.main(["training_curves", f"--workdir={tmp_path}", f"--out={out}"]) == 2  # no run there
+    assert "has no metrics.jsonl" in capsys.readouterr().err
