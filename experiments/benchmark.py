@@ -26,7 +26,8 @@ no augmentation; parameters from ``config.seed`` (and ``config.model.pretrained`
   initialisation, the wait for the train step's compilation, the first step's run; and, after it, the compilation of
   the eval step's forward program (what a trainer adds before its first evaluation). The train step compiles from
   the state's shapes alone, in a background thread while the parameters initialise (``--no_overlap``: after them);
-* peak device memory (``memory_stats()['peak_bytes_in_use']``, where the backend reports it);
+* peak device memory (``memory_stats()['peak_bytes_in_use']``, where the backend reports it; on the CPU, which does
+  not, the process's peak resident memory instead, ``peak_host_rss_bytes``, marked ``*`` in the table);
 * FLOPs per step from the compiled program's ``cost_analysis()`` (summed over devices).
 
 Prints a table last; writes every figure as JSON to ``--out`` after each row (a failed or killed peer run keeps
@@ -254,8 +255,19 @@ def _measure(cmd: cli.Command, config: ml_collections.ConfigDict) -> dict:
         "compile_s": compile_s,
         "step_flops": flops_per_device * mesh.size,
         "peak_bytes": stats.get("peak_bytes_in_use"),
+        "peak_host_rss_bytes": _peak_rss_bytes(),
         "finite": bool(metrics["finite"]),
     }
+
+
+def _peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Linux reports kilobytes, macOS bytes); None where unknown."""
+    try:
+        import resource  # noqa: PLC0415 -- POSIX only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def _machine() -> dict:
@@ -345,10 +357,13 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         rate = r.get("images_per_s") or float("nan")
         flops = (r.get("step_flops") or float("nan")) / r["batch"] / 1e9
-        peak = (r.get("peak_bytes") or float("nan")) / 2**30
+        peak = (r.get("peak_bytes") or r.get("peak_host_rss_bytes") or float("nan")) / 2**30
+        rss = not r.get("peak_bytes") and r.get("peak_host_rss_bytes")
         first = r.get("first_step_s", r.get("compile_s", float("nan")))
         lines.append(f"{r['framework']:<28}{r['arch']:<{width}}{rate:>9.1f}{ours / rate:>8.2f}{first:>14.1f}"
-                     f"{flops:>11.1f}{peak:>10.2f}{r['params'] / 1e6:>10.2f}")
+                     f"{flops:>11.1f}{peak:>9.2f}{'*' if rss else ' '}{r['params'] / 1e6:>10.2f}")
+    if any(not r.get("peak_bytes") and r.get("peak_host_rss_bytes") for r in rows):
+        lines.append("* the process's peak resident memory (this backend reports no device memory)")
     return "\n".join(lines)
 
 
