@@ -1,4 +1,4 @@
-"""Test set-up: eight fake CPU devices, configured before JAX initialises."""
+"""Test set-up: eight fake CPU devices, configured before JAX initialises; fixtures shared by the test files."""
 
 import os
 
@@ -8,9 +8,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import logging  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -19,3 +21,18 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 def shared_dir() -> pathlib.Path:
     """`../shared` beside the checkout; tests that need it skip when it is absent."""
     return SHARED
+
+
+@pytest.fixture
+def warnings_log():
+    """The messages of the warnings logged through absl during the test."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    absl_logging.get_absl_logger().addHandler(handler)
+    yield lines
+    absl_logging.get_absl_logger().removeHandler(handler)

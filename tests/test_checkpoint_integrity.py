@@ -10,12 +10,10 @@ checkpoint was asked for by number or belongs to another model, stop with one pa
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 import shutil
 
 import pytest
-from absl import logging as absl_logging
 
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 from anemia_jax import checkpoint_integrity, checkpointing, cli, evaluate, runs
@@ -26,18 +24,6 @@ def run_copy(workdir, tmp_path):  # noqa: F811 -- fixture
     return pathlib.Path(shutil.copytree(workdir, tmp_path / "run"))
 
 
-@pytest.fixture
-def warnings_log():
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    absl_logging.get_absl_logger().addHandler(handler)
-    yield lines
-    absl_logging.get_absl_logger().removeHandler(handler)
 
 
 def largest_state_file(run: pathlib.Path, step: int) -> pathlib.Path:

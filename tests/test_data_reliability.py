@@ -7,13 +7,11 @@ Sources are tiny synthetic folders and zips made here (`fake_eyes_archive` for E
 from __future__ import annotations
 
 import io
-import logging
 import pathlib
 import zipfile
 
 import numpy as np
 import pytest
-from absl import logging as absl_logging
 from PIL import Image
 
 import fake_eyes_archive as fake
@@ -51,19 +49,6 @@ def first_image_value(builder) -> int:
     return int(builder.as_data_source("train")[0]["image"][0, 0, 0])
 
 
-@pytest.fixture
-def warnings_log():
-    """The messages of the warnings logged through absl during the test."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    absl_logging.get_absl_logger().addHandler(handler)
-    yield lines
-    absl_logging.get_absl_logger().removeHandler(handler)
 
 
 # ------------------------------------------------------------------------------------------------ item 1

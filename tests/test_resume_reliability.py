@@ -10,7 +10,6 @@ on object storage) use no trainer.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -20,7 +19,6 @@ import sys
 import time
 
 import pytest
-from absl import logging as absl_logging
 
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from _filesystems import full_filesystem
@@ -62,18 +60,6 @@ def assert_unique_and_ascending(workdir):
     return records
 
 
-@pytest.fixture
-def warnings_log():
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    absl_logging.get_absl_logger().addHandler(handler)
-    yield lines
-    absl_logging.get_absl_logger().removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
