@@ -16,7 +16,7 @@ with its outline and caption, uncertainty map, PNG files, CSV). Timed separately
   and with a mask whose bounding box is the whole photo (the worst case).
 
 Results (medians, with the machine, the load average and the commit) go to ``<out>/predict_timing.md`` and ``.json``
-(`experiments.provenance`). This is the speed record of issue 9 item 10; no test times anything.
+(`experiments.provenance`). This is the speed record of `predict` on phone photos; no test times anything.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from experiments import provenance
 
 def _old_overlay(image: np.ndarray, masks: np.ndarray, outline: int, alpha: float = image_io.DEFAULT_ALPHA,
                  colors=image_io.COLORS) -> np.ndarray:
-    """`image_io.overlay` as it was before issue 9: PIL's MinFilter over the whole photo."""
+    """`image_io.overlay` as it was before its O(pixels) rewrite: PIL's MinFilter over the whole photo."""
     out = image.astype(np.float32)
     masks = masks.astype(bool)
     for c in np.argsort(-masks.reshape(-1, masks.shape[-1]).sum(0), kind="stable"):

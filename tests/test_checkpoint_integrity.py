@@ -1,4 +1,4 @@
-"""Never trust a damaged checkpoint (issue 9, items 2 and 7), on the shared tiny run (`_tiny_run`: checkpoints 2,
+"""Never trust a damaged checkpoint, nor one of another model, on the shared tiny run (`_tiny_run`: checkpoints 2,
 best, and 4, latest), copied before each test damages it.
 
 Damage as a user or a failing disk would cause it: 1000 bytes overwritten in the largest file under ``state/`` (same

@@ -1,4 +1,4 @@
-"""Never train on the wrong data (issue 9, items 1, 6, 9 and 12): prepared datasets are tied to their source, broken
+"""Never train on the wrong data: prepared datasets are tied to their source, broken
 sources stop with a message, {0, 1} masks read as labels, and oversized zip members are skipped unread.
 
 Sources are tiny synthetic folders and zips made here (`fake_eyes_archive` for Eyes-defy-anemia).

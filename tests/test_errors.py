@@ -1,4 +1,4 @@
-"""One error path (issue 9, items 6 and 8): each failure a user can cause ends with a one-paragraph message and a
+"""One error path: each failure a user can cause ends with a one-paragraph message and a
 documented exit status, without a traceback unless ``--verbose``.
 
 The commands are called in-process (``main.main``/``evaluate.main``/``predict.main`` return their status); stderr is

@@ -1,4 +1,4 @@
-"""Outputs (issue 9, items 5, 10 and 11): atomic files on a full disk, the overlay outline whose cost does not grow
+"""Outputs: atomic files on a full disk, the overlay outline whose cost does not grow
 with its width, and 16-bit photos scaled rather than clipped.
 
 The full disk is a small tmpfs (`_filesystems.full_filesystem`; skipped where mounting is not allowed) or, for the

@@ -1,4 +1,4 @@
-"""The trainer after kills, damage, model changes, a full disk and a second trainer (issue 9, items 2, 3, 4, 6).
+"""The trainer after kills, damage, model changes, a full disk and a second trainer.
 
 One module run (fixture `resumed_run`): the tiny phantom config (8 steps, checkpoints every 4, one evaluation at the
 end) is stopped as its first checkpoint save starts (as a kill there would stop it: nothing saved, metrics lines

@@ -118,7 +118,7 @@ def test_run_leaves_outputs(reference, shared):
     written = json.loads((workdir / "summary.json").read_text())
     assert written["final"]["step"] == TOTAL and written["targets"] == list(config.targets) == summary["targets"]
     recorded = json.loads((workdir / "config.json").read_text())
-    data_source = recorded.pop("data_source")  # the data actually used (issue 9)
+    data_source = recorded.pop("data_source")  # the data actually used (prepared directory and its source)
     assert recorded == json.loads(json.dumps(config.to_dict()))
     assert data_source["builder"] == "conjunctiva_phantom" and data_source["prepared_dir"].startswith(shared["data_dir"])
 
