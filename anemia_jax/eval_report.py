@@ -83,8 +83,10 @@ def format_markdown(summary: Mapping[str, Any]) -> str:
     if any(overlap):
         lines += ["", f"**Optimistic**: the runs trained on {', '.join(map(str, overlap))} of these "
                       f"{summary.get('num_images', '?')} images (per run, in order)."]
-    for country, per_target in summary.get("by_country", {}).items():
-        lines += ["", f"## {country}", ""] + _table(per_target)
+    by_country = summary.get("by_country", {})
+    if len(by_country) > 1:  # one group (e.g. a dataset without countries) would repeat the table above
+        for country, per_target in by_country.items():
+            lines += ["", f"## {country}", ""] + _table(per_target)
     return "\n".join(lines) + "\n"
 
 

@@ -83,6 +83,9 @@ def test_summarize_by_hand():
     assert b["t0"]["hd95"]["count_infinite"] == 1
     text = eval_report.format_markdown(s)
     assert "| t0 | 4 | 0 | 0.6000 ± " in text and "## B" in text
+    # One group (a dataset without countries): no per-country section repeating the table.
+    single = dict(s, by_country={"(unknown)": s["targets"]})
+    assert "## " not in eval_report.format_markdown(single)
 
 
 def test_checkpoint_choice(workdir, best_run):
