@@ -357,12 +357,8 @@ def _assessor(cmd: cli.Command, restored, targets):
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the server until Ctrl-C (argv: program name first; default ``sys.argv``); returns the exit status."""
     cmd = _command()
-    try:
-        if cmd.parse_runs(sys.argv if argv is None else argv) is None:
-            return cli.EXIT_OK  # --help
-    except cli.CommandLineError as e:
-        return cmd.fail(e)
-    cli.setup_logging()
+    if (status := cmd.start_runs(sys.argv if argv is None else argv)) is not None:
+        return status
     try:
         service = build_service(cmd)
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest

@@ -106,12 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command on ``argv`` (program name first; default ``sys.argv``) and returns the exit status."""
     argv = list(sys.argv if argv is None else argv)
     cmd = _command()
-    try:
-        if cmd.parse_runs(argv) is None:
-            return cli.EXIT_OK  # --help
-    except cli.CommandLineError as e:
-        return cmd.fail(e)
-    cli.setup_logging()
+    if (status := cmd.start_runs(argv)) is not None:
+        return status
     from anemia_jax import evaluator, experiment, inference, runs  # noqa: PLC0415
 
     try:

@@ -293,6 +293,18 @@ class Command:
                 raise CommandLineError(f"{e}\nPass --help to see every flag of {self._prog}.") from None
         return self.parse(argv)
 
+    def start_runs(self, argv: Sequence[str]) -> int | None:
+        """The opening of a command on finished runs: `parse_runs` on ``argv``, then `setup_logging`. Returns the exit
+        status to end with at once (`EXIT_OK` after ``--help``; a bad command line's, its message printed), or None
+        when the command goes on."""
+        try:
+            if self.parse_runs(argv) is None:
+                return EXIT_OK
+        except CommandLineError as e:
+            return self.fail(e)
+        setup_logging()
+        return None
+
     def run_configs(self) -> list[ml_collections.ConfigDict]:
         """Each ``--workdir``'s recorded config with the ``--config.<key>=<value>`` overrides applied."""
         from anemia_jax import runs  # noqa: PLC0415

@@ -63,12 +63,8 @@ def _command() -> cli.Command:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command on ``argv`` (program name first; default ``sys.argv``) and returns the exit status."""
     cmd = _command()
-    try:
-        if cmd.parse_runs(sys.argv if argv is None else argv) is None:
-            return cli.EXIT_OK  # --help
-    except cli.CommandLineError as e:
-        return cmd.fail(e)
-    cli.setup_logging()
+    if (status := cmd.start_runs(sys.argv if argv is None else argv)) is not None:
+        return status
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
     from anemia_jax import eval_report, evaluator, experiment, inference, runs  # noqa: PLC0415
