@@ -37,7 +37,7 @@ from anemia_jax import cli, image_io
 from experiments import provenance
 
 
-def _old_overlay(image: np.ndarray, masks: np.ndarray, outline: int, alpha: float = image_io.DEFAULT_ALPHA,
+def old_overlay(image: np.ndarray, masks: np.ndarray, outline: int, alpha: float = image_io.DEFAULT_ALPHA,
                  colors=image_io.COLORS) -> np.ndarray:
     """`image_io.overlay` as it was before its O(pixels) rewrite: PIL's MinFilter over the whole photo."""
     out = image.astype(np.float32)
@@ -143,13 +143,13 @@ def time_predict(megapixels: Sequence[float], *, repeats: int, old_overlay_megap
                 new, old = [], []
                 for _ in range(repeats):
                     for fn, times in ((lambda: image_io.overlay(photo, masks, outline=outline), new),
-                                      (lambda: _old_overlay(photo, masks, outline), old)):
+                                      (lambda: old_overlay(photo, masks, outline), old)):
                         start = time.perf_counter()
                         fn()
                         times.append(time.perf_counter() - start)
                 row["pair_overlay_new_s"], row["pair_overlay_old_s"] = statistics.median(new), statistics.median(old)
                 np.testing.assert_array_equal(image_io.overlay(photo, masks, outline=outline),
-                                              _old_overlay(photo, masks, outline))
+                                              old_overlay(photo, masks, outline))
             rows.append(row)
             print(row, flush=True)
     return rows

@@ -15,13 +15,13 @@ import pathlib
 
 import numpy as np
 import PIL.Image
-import PIL.ImageFilter
 import pytest
 
 from _filesystems import full_filesystem
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 from anemia_jax import atomic, cli, errors, eval_report, image_io, predict
 from anemia_jax.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
+from experiments import predict_timing
 
 # ------------------------------------------------------------------------------------------------ item 5
 
@@ -90,22 +90,7 @@ def test_evaluation_outputs_on_a_full_filesystem(tmp_path):
         assert [p.name for p in out.iterdir()] == []
 
 
-# ----------------------------------------------------------------------------------------------- item 10
-
-
-def _pil_outline_overlay(image, masks, outline, alpha=image_io.DEFAULT_ALPHA, colors=image_io.COLORS):
-    """The overlay as it was drawn before (PIL's MinFilter over the whole image): the reference."""
-    out = image.astype(np.float32)
-    masks = masks.astype(bool)
-    for c in np.argsort(-masks.reshape(-1, masks.shape[-1]).sum(0), kind="stable"):
-        m = masks[..., c]
-        colour = np.asarray(colors[c % len(colors)], np.float32)
-        out[m] = (1 - alpha) * out[m] + alpha * colour
-        if outline > 0 and m.any():
-            eroded = np.asarray(PIL.Image.fromarray(m.astype(np.uint8) * 255).filter(
-                PIL.ImageFilter.MinFilter(2 * outline + 1))) > 0
-            out[m & ~eroded] = colour
-    return np.clip(out, 0, 255).astype(np.uint8)
+# ----------------------------------------------------------------------------------------------- overlay
 
 
 @pytest.mark.parametrize("outline", [0, 1, 3, 7])
@@ -118,7 +103,7 @@ def test_overlay_matches_the_reference_outline(outline):
     edge = (xx < 20) & (yy > 60)  # touches the image border: the border is replicated, not outlined
     masks = np.stack([inner, outer, edge], axis=-1)
     np.testing.assert_array_equal(image_io.overlay(image, masks, outline=outline),
-                                  _pil_outline_overlay(image, masks, outline))
+                                  predict_timing.old_overlay(image, masks, outline))
     np.testing.assert_array_equal(image_io.overlay(image, np.zeros_like(masks), outline=outline), image)
 
 
