@@ -51,7 +51,7 @@ def first_image_value(builder) -> int:
 
 
 
-# ------------------------------------------------------------------------------------------------ item 1
+# ----------------------------------------------------------------------- prepared data tied to its source
 
 
 def test_prepared_folder_dataset_is_never_reused_for_another_source(tmp_path):
@@ -100,7 +100,7 @@ def test_prepared_eyes_dataset_is_never_reused_for_another_archive(tmp_path):
     assert experiment.data_source(builder)["source"]["kind"] == "zip"
 
 
-# ------------------------------------------------------------------------------------------------ item 6
+# ------------------------------------------------------------------------------- messages, not tracebacks
 
 
 def test_malformed_spreadsheet_is_skipped_not_fatal(tmp_path):
@@ -116,7 +116,7 @@ def test_malformed_spreadsheet_is_skipped_not_fatal(tmp_path):
     assert "unreadable spreadsheet" in skipped["dataset anemia/Italy.xlsx"]
 
 
-# ------------------------------------------------------------------------------------------------ item 9
+# -------------------------------------------------------------------------------------------- mask values
 
 
 def test_masks_stored_as_0_1_and_0_255_both_read(tmp_path):
@@ -152,7 +152,7 @@ def test_mask_threshold_is_reachable_from_the_config_and_named_in_messages(tmp_p
         experiment.prepare_builder(config)
 
 
-# ------------------------------------------------------------------------------------------------ item 12
+# ----------------------------------------------------------------------------------- oversized zip members
 
 
 def test_oversized_zip_member_is_skipped_unread(tmp_path, monkeypatch, warnings_log):

@@ -33,7 +33,7 @@ def assert_message(err: str, *fragments: str) -> None:
         assert fragment in err, err[-3000:]
 
 
-# ------------------------------------------------------------------------------------------------ item 8
+# ------------------------------------------------------------------------------------- negative durations
 
 
 @pytest.mark.parametrize("key", ["num_train_steps", "num_epochs", "warmup_steps", "eval_every_steps",
@@ -53,7 +53,7 @@ def test_negative_steps_argument_stops_the_trainer(capfd, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------------------------------------ item 6
+# ------------------------------------------------------------------------------- messages, not tracebacks
 
 
 def test_missing_config_file(capfd, tmp_path):

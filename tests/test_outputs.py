@@ -23,7 +23,7 @@ from anemia_jax import atomic, cli, errors, eval_report, image_io, predict
 from anemia_jax.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
 from experiments import predict_timing
 
-# ------------------------------------------------------------------------------------------------ item 5
+# ------------------------------------------------------------------------------------------------ atomic outputs
 
 
 class _FullDisk(io.FileIO):
@@ -124,7 +124,7 @@ def test_overlay_work_is_confined_to_the_masks(monkeypatch):
     assert seen == [((400 + 26, 800 + 26), 27)]
 
 
-# ----------------------------------------------------------------------------------------------- item 11
+# ----------------------------------------------------------------------------------------------- 16-bit photos
 
 
 def _grey16_png(path: pathlib.Path, h: int = 24, w: int = 32) -> np.ndarray:

@@ -83,7 +83,7 @@ def copy_of(run, tmp_path) -> pathlib.Path:
     return pathlib.Path(shutil.copytree(run, tmp_path / "run"))
 
 
-# ------------------------------------------------------------------------------------------------ item 4
+# ----------------------------------------------------------------------------------- metrics after a kill
 
 
 def test_metrics_unique_after_a_kill_before_the_first_checkpoint(resumed_run, shared):
@@ -98,7 +98,7 @@ def test_metrics_unique_after_a_kill_before_the_first_checkpoint(resumed_run, sh
     assert recorded["builder"] == "conjunctiva_phantom" and recorded["prepared_dir"].startswith(shared["data_dir"])
 
 
-# ------------------------------------------------------------------------------------------------ item 2
+# ------------------------------------------------------------------------------------ damaged checkpoints
 
 
 def test_truncated_latest_checkpoint_resumes_from_the_previous_one(resumed_run, shared, tmp_path, warnings_log):
@@ -115,7 +115,7 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one(resumed_run, 
     assert_unique_and_ascending(run)
 
 
-# ------------------------------------------------------------------------------------------------ item 6
+# ------------------------------------------------------------------------------- messages, not tracebacks
 
 
 def test_resuming_with_another_model_is_a_message(resumed_run, shared, tmp_path, capfd):
@@ -137,7 +137,7 @@ def test_full_disk_is_one_message(shared, tmp_path, capfd):
     assert len(message) == 1 and "No space left on device" in message[0] and str(place / "run") in message[0]
 
 
-# ------------------------------------------------------------------------------------------------ item 3
+# -------------------------------------------------------------------------------- one trainer per workdir
 
 
 def test_second_trainer_stops_at_once_naming_the_holder(resumed_run, shared, capfd):
