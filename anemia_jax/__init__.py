@@ -10,6 +10,6 @@ Public, stable entry points for research code:
 __version__ = "0.1.0"
 
 # Before any submodule imports JAX: XLA reads its flags when the backends start (see xla_cpu.py).
-from anemia_jax import xla_cpu as _xla_cpu  # noqa: E402
+from anemia_jax.utils import xla_cpu as _xla_cpu  # noqa: E402
 
 _xla_cpu.applied[:] = _xla_cpu.apply()

@@ -5,19 +5,19 @@ uncertainty, the usable / retake verdict and the Hb estimate; download a CSV of 
         [--quality=quality.json] [--host=127.0.0.1] [--port=8000] [--checkpoint=best|latest|<step>] [--tta ...]
         [--threshold=0.5] [--max_upload_mb=30] [--max_megapixels=50] [--config.<key>=<value> ...]
 
-``--runs`` is accepted for ``--workdir``. Then open http://127.0.0.1:8000 in a browser on the same machine (on a
-phone browser the "Take a photo" button opens the camera). Nothing leaves the machine: the page carries its own CSS
-and JavaScript (`anemia_jax.app_page`), its Content-Security-Policy allows no other origin, and the server listens
-on the loopback address unless ``--host`` says otherwise (then anyone who can reach that address can use it: there
-is no login).
+``--runs`` is accepted for ``--workdir``. Then open http://127.0.0.1:8000 in a browser on the same machine (on a phone
+browser the "Take a photo" button opens the camera). Nothing leaves the machine: the page carries its own CSS and
+JavaScript (`anemia_jax.screening.app_page`), its Content-Security-Policy allows no other origin, and the server listens
+on the loopback address unless ``--host`` says otherwise (then anyone who can reach that address can use it: there is no
+login).
 
-Per photo the server decodes it as ``predict`` does (`anemia_jax.image_io`: EXIF orientation, 16-bit, greyscale),
-segments it with the runs (`anemia_jax.segmenter.Segmenter`; several runs are averaged), and, with the photo
-assessment of `anemia_jax.photo_report` (quality verdict; the screening model of ``--screening``, with the sex the
-health worker picks), reports the same values as ``predict``'s CSV. Safety: the body size is capped
+Per photo the server decodes it as ``predict`` does (`anemia_jax.utils.image_io`: EXIF orientation, 16-bit, greyscale),
+segments it with the runs (`anemia_jax.inference.segmenter.Segmenter`; several runs are averaged), and, with the photo
+assessment of `anemia_jax.screening.photo_report` (quality verdict; the screening model of ``--screening``, with the sex
+the health worker picks), reports the same values as ``predict``'s CSV. Safety: the body size is capped
 (``--max_upload_mb``, checked before reading), the decoded size too (``--max_megapixels``, checked from the header
-before decoding: a decompression bomb is refused unread), anything that does not decode is a message on the page,
-never a crash; requests are served on threads and the model runs under one lock, one photo at a time.
+before decoding: a decompression bomb is refused unread), anything that does not decode is a message on the page, never
+a crash; requests are served on threads and the model runs under one lock, one photo at a time.
 
 Why the standard library's ``http.server`` and no framework: four routes, one at a time through the model, on
 localhost -- a WSGI/ASGI framework would add a dependency (and for Flask/Starlette a server) without removing any of
@@ -48,7 +48,9 @@ import numpy as np
 import PIL.Image
 from absl import flags
 
-from anemia_jax import app_page, cli, image_io
+from anemia_jax import cli
+from anemia_jax.screening import app_page
+from anemia_jax.utils import image_io
 
 __all__ = ["PhotoError", "ScreeningService", "main", "make_server"]
 
@@ -95,8 +97,9 @@ class ScreeningService:
     recent results kept for the batch CSV.
 
     Args:
-        segmenter: an `anemia_jax.segmenter.Segmenter`.
-        assessor: an `anemia_jax.photo_report.PhotoAssessor` (verdict, and screening if it has a model), or None
+        segmenter: an `anemia_jax.inference.segmenter.Segmenter`.
+        assessor: an `anemia_jax.screening.photo_report.PhotoAssessor` (verdict, and screening if it has a model), or
+        None
             for masks and areas only.
         max_megapixels: the largest decoded photo accepted (checked from the header, before decoding).
         display_size: the longest side of the overlay and uncertainty images sent to the page.
@@ -123,7 +126,7 @@ class ScreeningService:
         """The CSV header: file, size, each target's area fraction, then the assessment's columns."""
         cols = ["file", "width", "height"] + [f"fraction/{t}" for t in self.segmenter.targets]
         if self.assessor is not None:
-            from anemia_jax import photo_report  # noqa: PLC0415
+            from anemia_jax.screening import photo_report  # noqa: PLC0415
 
             cols += photo_report.csv_header(self.screening)
         return cols
@@ -159,7 +162,7 @@ class ScreeningService:
         start = time.perf_counter()
         photo = self.decode(data, name)
         if sex:
-            from anemia_jax import screening_model  # noqa: PLC0415
+            from anemia_jax.screening import screening_model  # noqa: PLC0415
 
             try:
                 sex = screening_model.normalise_sex(sex)
@@ -182,7 +185,7 @@ class ScreeningService:
             result["uncertainty"] = _data_url(_heat(uncertainty), self.display_size, "PNG")
         row = [name, photo.shape[1], photo.shape[0]] + [f"{t['fraction']:.6f}" for t in result["targets"]]
         if report is not None:
-            from anemia_jax import photo_report  # noqa: PLC0415
+            from anemia_jax.screening import photo_report  # noqa: PLC0415
 
             result["verdict"] = {"label": report.verdict.label, "reasons": list(report.verdict.reasons),
                                  "target": report.target}
@@ -314,8 +317,8 @@ def _command() -> cli.Command:
     cmd.run_flags(verb="screen with")
     fv = cmd.flags
     flags.DEFINE_alias("runs", "workdir", flag_values=fv)
-    flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening_model): Hb estimate, its "
-                        "interval and the anemia probability per photo.", flag_values=fv)
+    flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening.screening_model): Hb "
+                        "estimate, its interval and the anemia probability per photo.", flag_values=fv)
     flags.DEFINE_string("quality", None, "Quality thresholds JSON (default as predict: quality.json beside the "
                         "runs, else their config).", flag_values=fv)
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (the default is this machine only).",
@@ -331,11 +334,13 @@ def build_service(cmd: cli.Command) -> ScreeningService:
     """The service of a parsed command line: runs restored on one local device, and the photo assessment."""
     import jax  # noqa: PLC0415
 
-    from anemia_jax import inference, parallel, runs, segmenter  # noqa: PLC0415
+    from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
+    from anemia_jax.runs import restore
+    from anemia_jax.utils import parallel
 
-    transforms = inference.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
-    restored = runs.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=cmd.run_configs(),
-                              mesh=parallel.make_mesh(jax.local_devices()[:1]))  # one photo per request
+    transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+    restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=cmd.run_configs(),
+                                 mesh=parallel.make_mesh(jax.local_devices()[:1]))  # one photo per request
     seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
                               prune_level=cmd.prune_level, batch_size=1)
     assessor = _assessor(cmd, restored, seg.targets)
@@ -347,7 +352,7 @@ def build_service(cmd: cli.Command) -> ScreeningService:
 
 def _assessor(cmd: cli.Command, restored, targets):
     """The photo assessment: the verdict with predict's thresholds, and screening with ``--screening``."""
-    from anemia_jax import photo_report, quality, screening_model  # noqa: PLC0415
+    from anemia_jax.screening import photo_report, quality, screening_model  # noqa: PLC0415
 
     model = screening_model.load(cmd.screening) if cmd.screening else None
     thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)

@@ -6,15 +6,15 @@
     python -m anemia_jax.calibrate_quality --workdir=... --workdir=... --split=test [--config.dataset.<key>=...]
         [--checkpoint=auto] [--tta ...] [--threshold=0.5] [--out=PATH] [--verbose]
 
-Every photo of the split is segmented (`anemia_jax.segmenter.Segmenter`) at the runs' resolution and measured
-(`anemia_jax.quality.measure`: the quality target's predicted area and mean uncertainty) and its predicted mask
-compared with the reference (Dice; photos without a reference mask are left out). `anemia_jax.quality.
+Every photo of the split is segmented (`anemia_jax.inference.segmenter.Segmenter`) at the runs' resolution and measured
+(`anemia_jax.screening.quality.measure`: the quality target's predicted area and mean uncertainty) and its predicted
+mask compared with the reference (Dice; photos without a reference mask are left out). `anemia_jax.screening.quality.
 choose_thresholds` then picks ``min_area_fraction`` and ``max_uncertainty`` so that each keeps the share
 ``config.quality.keep_good`` of the photos whose segmentation is good (Dice >= ``config.quality.good_dice``), and
-reports what the rule catches among the poor ones, and how often it would send anemic and non-anemic subjects'
-photos to retake (a verdict that rejects pale conjunctivas more often would bias the screening). The exposure
-thresholds (brightness, washed-out pixels) are physical limits copied from ``config.quality`` unchanged; the report
-counts the photos they flag.
+reports what the rule catches among the poor ones, and how often it would send anemic and non-anemic subjects' photos to
+retake (a verdict that rejects pale conjunctivas more often would bias the screening). The exposure thresholds
+(brightness, washed-out pixels) are physical limits copied from ``config.quality`` unchanged; the report counts the
+photos they flag.
 
 Which uncertainty the thresholds fit matters, since an ensemble is more uncertain where its members disagree:
 
@@ -46,7 +46,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import flags
 
-from anemia_jax import cli, quality
+from anemia_jax import cli
+from anemia_jax.screening import quality
 
 
 def _command() -> cli.Command:
@@ -82,7 +83,9 @@ def measure_split(runs, config, split: str, *, threshold: float, transforms, pru
     """Segments every photo of ``split`` (cut by ``config``) with ``runs`` (one run, or an ensemble) and returns
     [N] ``area_fraction``, ``mean_uncertainty``, ``brightness``, ``clipped_fraction`` and ``dice`` (photos with a
     reference mask of the target only), and ``anemic`` (1/0, -1 unknown)."""
-    from anemia_jax import experiment, input_pipeline, segmenter  # noqa: PLC0415
+    from anemia_jax.data import input_pipeline  # noqa: PLC0415
+    from anemia_jax.inference import segmenter
+    from anemia_jax.training import experiment
 
     builder, tfds_split, indices = experiment.eval_split(config, split, builder)
     first = runs[0]
@@ -108,11 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = _command()
     if (status := cmd.start_runs(argv)) is not None:
         return status
-    from anemia_jax import evaluator, experiment, inference, runs  # noqa: PLC0415
+    from anemia_jax.evaluation import evaluator  # noqa: PLC0415
+    from anemia_jax.inference import probabilities
+    from anemia_jax.runs import restore
+    from anemia_jax.training import experiment
 
     try:
-        transforms = inference.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
-        restored = runs.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, split=cmd.split, configs=cmd.run_configs())
+        transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+        restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, split=cmd.split, configs=cmd.run_configs())
         settings = {**quality.default_config().to_dict(), **dict(restored[0].config.get("quality") or {})}
         channel = quality.target_channel(restored[0].targets, settings["target"])
         target = restored[0].targets[channel]

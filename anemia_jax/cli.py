@@ -12,10 +12,10 @@ Each command owns a `Command` (its own absl ``FlagValues``), so several commands
 ``evaluate.main([...])`` and ``predict.main([...])`` side by side). Parsing failures raise `CommandLineError`, which
 the command turns into a one-paragraph message and exit status `EXIT_CONFIG`, never a traceback.
 
-One error path: every command passes what stopped it to `Command.fail`, which prints the one-paragraph message of
-a known failure (`exit_status`: config, data, checkpoint, output, busy workdir; see `anemia_jax.errors`) and returns
-its exit status; the traceback is printed too only with ``--verbose`` (a flag of every command). Anything else is a
-bug and keeps its traceback.
+One error path: every command passes what stopped it to `Command.fail`, which prints the one-paragraph message of a
+known failure (`exit_status`: config, data, checkpoint, output, busy workdir; see `anemia_jax.utils.errors`) and returns
+its exit status; the traceback is printed too only with ``--verbose`` (a flag of every command). Anything else is a bug
+and keeps its traceback.
 
 Exit statuses (every command): 0 done; 1 the command ran but some of its work failed (listed); 2 invalid command
 line or config; 3 missing or unusable data; 4 missing or damaged checkpoint, or one of another model; 5 an output
@@ -36,7 +36,8 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from anemia_jax import config_lib, errors
+from anemia_jax.runs import config_lib
+from anemia_jax.utils import errors
 
 # Exit statuses shared by the commands (each command's docstring says which it uses).
 EXIT_OK = 0
@@ -276,10 +277,10 @@ class Command:
         if not workdirs:
             raise CommandLineError(f"Pass the training run to use with --workdir=RUN (repeat it for an ensemble). "
                                    f"Pass --help to see every flag of {self._prog}.")
-        from anemia_jax import runs  # noqa: PLC0415 -- JAX loads only once the command line looks right
+        from anemia_jax.runs import restore  # noqa: PLC0415 -- JAX loads only once the command line looks right
 
         try:
-            self._template = runs.load_config(workdirs[0])
+            self._template = restore.load_config(workdirs[0])
         except (FileNotFoundError, ValueError) as e:
             raise CommandLineError(str(e)) from None
         if "config" not in self.flags:
@@ -307,12 +308,12 @@ class Command:
 
     def run_configs(self) -> list[ml_collections.ConfigDict]:
         """Each ``--workdir``'s recorded config with the ``--config.<key>=<value>`` overrides applied."""
-        from anemia_jax import runs  # noqa: PLC0415
+        from anemia_jax.runs import restore  # noqa: PLC0415
 
         overrides = dict(self.flags["config"].override_values) if "config" in self.flags else {}
         configs = []
         for workdir in self.flags.workdir:
-            config = runs.load_config(workdir)
+            config = restore.load_config(workdir)
             config.update_from_flattened_dict(overrides)
             configs.append(config)
         return configs

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli.EXIT_CONFIG
     import jax  # noqa: PLC0415 -- after the flags
 
-    from anemia_jax import experiment, pretrained  # noqa: PLC0415
+    from anemia_jax.training import experiment, pretrained  # noqa: PLC0415
 
     config = cmd.config
     model = experiment.build_model(config)

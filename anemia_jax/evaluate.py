@@ -4,11 +4,11 @@
         [--checkpoint=auto|latest|best|STEP] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--prune_level=K]
         [--threshold=0.5] [--no_distances] [--out=DIR] [--allow_training_overlap] [--config.<key>=<value> ...]
 
-The split is cut exactly as training cut it (`anemia_jax.experiment.eval_split`); the images are scored by the same
-`anemia_jax.evaluator.Evaluator` the trainer uses, at the run's training resolution: Dice, IoU, precision, recall
-(`anemia_jax.metrics`, with their empty-mask conventions) and the boundary distances HD95 and ASSD in its pixels.
-Several ``--workdir`` form an ensemble (their probabilities averaged); ``--config.<key>=<value>`` changes the runs'
-recorded configs (e.g. ``--config.dataset.data_dir=...`` when the prepared data moved).
+The split is cut exactly as training cut it (`anemia_jax.training.experiment.eval_split`); the images are scored by the
+same `anemia_jax.evaluation.evaluator.Evaluator` the trainer uses, at the run's training resolution: Dice, IoU,
+precision, recall (`anemia_jax.metrics`, with their empty-mask conventions) and the boundary distances HD95 and ASSD in
+its pixels. Several ``--workdir`` form an ensemble (their probabilities averaged); ``--config.<key>=<value>`` changes
+the runs' recorded configs (e.g. ``--config.dataset.data_dir=...`` when the prepared data moved).
 
 Ensembles vs single runs: with several ``--workdir`` the ensemble AND each run alone are scored on the same images
 (``members`` in summary.json, a table in summary.md with the mean of the members and the ensemble's gain over it).
@@ -21,7 +21,7 @@ scored images (``training_overlap`` in summary.json counts them per run, from ea
 ``--allow_training_overlap`` is given.
 
 Outputs, in ``--out`` (default ``<workdir>/eval/<split>_step<step>[_tta][_L<k>][_ensemble<M>]``): ``per_image.csv``,
-``summary.json``, ``summary.md`` (`anemia_jax.eval_report`).
+``summary.json``, ``summary.md`` (`anemia_jax.evaluation.eval_report`).
 
 Failures end with a one-paragraph message and no traceback unless ``--verbose``. Exit status:
 
@@ -67,11 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax import eval_report, evaluator, experiment, inference, runs  # noqa: PLC0415
+    from anemia_jax.evaluation import eval_report, evaluator  # noqa: PLC0415
+    from anemia_jax.inference import probabilities
+    from anemia_jax.runs import restore
+    from anemia_jax.training import experiment
 
     try:
-        transforms = inference.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
-        restored = runs.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, split=cmd.split, configs=cmd.run_configs())
+        transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+        restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, split=cmd.split, configs=cmd.run_configs())
         builder, tfds_split, indices = experiment.eval_split(restored[0].config, cmd.split)
         overlap = evaluator.training_overlap(restored, builder, tfds_split, indices)
         if len(restored) > 1 and any(overlap) and not cmd.allow_training_overlap:

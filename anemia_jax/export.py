@@ -5,25 +5,25 @@
         [--dtype=float32|bfloat16] [--platforms=cpu,cuda,tpu] [--onnx_python=PYTHON] [--threshold=0.5]
         [--config.<key>=<value> ...]
 
-What is exported is the inference function of `anemia_jax.inference.probability_fn`: uint8 RGB ``images
+What is exported is the inference function of `anemia_jax.inference.probabilities.probability_fn`: uint8 RGB ``images
 [N, H, W, 3]`` at the runs' training size, N symbolic (any batch), in; float32 sigmoid ``probabilities [N, H, W, C]``
 out, one channel per target; the normalisation inside, then the model -- or the mean of the models when several
 ``--workdir`` are given (e.g. the K folds of a cross-validation) -- optionally a pruned UNet++ (``--prune_level``)
 and test-time augmentation (``--tta``). Photos must be resized to H x W first as training photos were
-(`anemia_jax.image_io.resize_image`); the card says so. Exported models compute in ``--dtype`` (default float32:
+(`anemia_jax.utils.image_io.resize_image`); the card says so. Exported models compute in ``--dtype`` (default float32:
 exact and portable; the runs' bfloat16 is a training speed choice, and ONNX Runtime lacks bfloat16 kernels).
 
 * ``--format=stablehlo``: ``jax.export`` with the variables embedded, serialized to FILE (lowered for every platform
   of ``--platforms``). Reload it with ``jax.export.deserialize(open(FILE, 'rb').read()).call(images)`` (`load`);
   its compatibility window is JAX's (README: Export a model).
 * ``--format=onnx``: the runs are written as a bundle, ``<FILE stem>.bundle.npz`` (plain arrays and a manifest;
-  `anemia_jax.export_onnx`), then converted to ONNX by jax2onnx -- in this process if jax2onnx is installed here,
-  otherwise by ``--onnx_python`` (default ``$ANEMIA_JAX_ONNX_PYTHON``), the Python of a separate environment, because
-  jax2onnx pins an Orbax older than this package's. Without either, the bundle stays and the command prints the
+  `anemia_jax.inference.export_onnx`), then converted to ONNX by jax2onnx -- in this process if jax2onnx is installed
+  here, otherwise by ``--onnx_python`` (default ``$ANEMIA_JAX_ONNX_PYTHON``), the Python of a separate environment,
+  because jax2onnx pins an Orbax older than this package's. Without either, the bundle stays and the command prints the
   conversion command to run.
 
-A model card, ``<FILE stem>.card.json`` (`anemia_jax.model_card`), is written beside FILE: input size and dtype,
-normalisation, targets and their threshold, the runs, checkpoints and training protocol, validation metrics.
+A model card, ``<FILE stem>.card.json`` (`anemia_jax.inference.model_card`), is written beside FILE: input size and
+dtype, normalisation, targets and their threshold, the runs, checkpoints and training protocol, validation metrics.
 
 Exit status: 0 written; 1 the ONNX conversion failed or could not run here (the bundle is kept); 2 bad arguments or
 runs; 4 no usable checkpoint; 5 cannot write FILE.
@@ -54,7 +54,7 @@ def export_stablehlo(fn, variables: Any, image_size: Sequence[int], *, platforms
     """``jax.export.Exported`` of ``images_u8 [N, H, W, 3] -> fn(variables, images_u8)``, N symbolic.
 
     Args:
-        fn: a per-device inference function ``probs(variables, images_u8)`` (`anemia_jax.inference`).
+        fn: a per-device inference function ``probs(variables, images_u8)`` (`anemia_jax.inference.probabilities`).
         variables: its variables; they are copied to the host and embedded in the program as constants.
         image_size: (H, W) of the input.
         platforms: lowering platforms (e.g. ``('cpu', 'cuda', 'tpu')``); None: this machine's.
@@ -86,8 +86,8 @@ def load(path: str | os.PathLike):
 
 def onnx_bundle(runs, out: str | os.PathLike, *, card: dict, prune_level: int | None = None,
                 transforms=None) -> pathlib.Path:
-    """Writes the ONNX conversion bundle of ``runs`` to ``out`` (`anemia_jax.export_onnx.write_bundle`)."""
-    from anemia_jax import export_onnx  # noqa: PLC0415
+    """Writes the ONNX conversion bundle of ``runs`` to ``out`` (`anemia_jax.inference.export_onnx.write_bundle`)."""
+    from anemia_jax.inference import export_onnx  # noqa: PLC0415
 
     members = [export_onnx.member_spec(run.config.model.name, run.model, prune_level=prune_level,
                                        transforms=transforms) for run in runs]
@@ -107,7 +107,7 @@ def _have_jax2onnx() -> bool:
 def _convert_onnx(bundle: pathlib.Path, out: pathlib.Path, python: str, opset: int) -> int:
     """Converts ``bundle`` here or with ``python``; returns the exit status."""
     if _have_jax2onnx():
-        from anemia_jax import export_onnx  # noqa: PLC0415
+        from anemia_jax.inference import export_onnx  # noqa: PLC0415
 
         export_onnx.convert(bundle, out, opset=opset)
         return cli.EXIT_OK
@@ -166,18 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax import inference, model_card, parallel, runs  # noqa: PLC0415
+    from anemia_jax.inference import probabilities, model_card  # noqa: PLC0415
+    from anemia_jax.runs import restore
+    from anemia_jax.utils import parallel
 
     out = pathlib.Path(cmd.out)
     try:
-        transforms = inference.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+        transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
         configs = cmd.run_configs()
         for config in configs:
             config.compute_dtype = cmd.dtype
         # One device: the export is a single-device program; the variables are copied into it.
-        restored = runs.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=configs,
-                                  mesh=parallel.make_mesh(jax.local_devices()[:1]))
-        fn, variables = runs.probability_of(restored, prune_level=cmd.prune_level, transforms=transforms)
+        restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=configs,
+                                     mesh=parallel.make_mesh(jax.local_devices()[:1]))
+        fn, variables = restore.probability_of(restored, prune_level=cmd.prune_level, transforms=transforms)
         card = model_card.build(restored, threshold=cmd.threshold, compute_dtype=cmd.dtype,
                                 prune_level=cmd.prune_level, transforms=transforms, command=shlex.join(argv))
         out.parent.mkdir(parents=True, exist_ok=True)

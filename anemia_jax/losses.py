@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from anemia_jax.registry import Registry
+from anemia_jax.utils.registry import Registry
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 
 from absl import flags, logging
 
-from anemia_jax import cli, config_lib
+from anemia_jax import cli
+from anemia_jax.runs import config_lib
 
 EXIT_PREEMPTED = 128 + 15
 
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd.distributed:
         jax.distributed.initialize(coordinator_address=cmd.coordinator_address, num_processes=cmd.num_processes,
                                    process_id=cmd.process_id)
-    from anemia_jax import train  # noqa: PLC0415
+    from anemia_jax.training import train  # noqa: PLC0415
 
     config = cmd.config
     # The file stem, not config.name: a copied config file gets its own default workdir.

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anemia_jax import parallel
+from anemia_jax.utils import parallel
 from anemia_jax.surface_distance import (
     average_surface_distance,
     batch_surface_distances,

@@ -7,19 +7,19 @@
 
 Each photo (any size or aspect ratio; folders contribute their image files, non-recursively, sorted) is decoded with
 PIL and turned upright by its EXIF orientation (phone photos are often stored sideways with an orientation tag), then
-segmented by `anemia_jax.segmenter.Segmenter`: resized to the training resolution as training photos were,
+segmented by `anemia_jax.inference.segmenter.Segmenter`: resized to the training resolution as training photos were,
 predicted (optionally with test-time augmentation, a pruned UNet++, or averaged over several runs), and its
 probabilities resized back to the photo's own size and thresholded (``p > threshold``).
 
-Each photo also gets a quality verdict, usable or retake with its reasons (`anemia_jax.quality`: no conjunctiva
-found, region too small, segmentation too uncertain, photo too dark, overexposed), with the thresholds of
+Each photo also gets a quality verdict, usable or retake with its reasons (`anemia_jax.screening.quality`: no
+conjunctiva found, region too small, segmentation too uncertain, photo too dark, overexposed), with the thresholds of
 ``--quality`` (default: ``quality.json`` in the first run's folder or its parent, as ``python -m
-anemia_jax.calibrate_quality`` writes it; else the runs' ``config.quality``). With ``--screening`` (a screening
-model, `anemia_jax.screening_model`) each photo also gets the estimated Hgb with its prediction interval, the
-probability of anemia and the call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex: 13), from colour features
-computed as the model's were (`anemia_jax.photo_report`). Sex: ``--sex=F|M`` for every photo, or ``--sex_csv`` (or,
-without it, a ``sex.csv`` in the photo's folder) with columns ``file,sex`` (``file`` a name or a path relative to
-the CSV; ``sex`` F/M/female/male, empty for unknown).
+anemia_jax.calibrate_quality`` writes it; else the runs' ``config.quality``). With ``--screening`` (a screening model,
+`anemia_jax.screening.screening_model`) each photo also gets the estimated Hgb with its prediction interval, the
+probability of anemia and the call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex: 13), from colour features computed
+as the model's were (`anemia_jax.screening.photo_report`). Sex: ``--sex=F|M`` for every photo, or ``--sex_csv`` (or,
+without it, a ``sex.csv`` in the photo's folder) with columns ``file,sex`` (``file`` a name or a path relative to the
+CSV; ``sex`` F/M/female/male, empty for unknown).
 
 Outputs in ``--out``: ``<stem>_<target>.png`` (8-bit, 0 background / 255 mask, photo size), ``<stem>_overlay.png``
 (the photo with each mask tinted and outlined, the verdict and any Hgb estimate written across its top),
@@ -35,10 +35,10 @@ with a warning and skipped. Photos, folders and ``--out`` may be local or on sha
 It runs in one process (over that process's devices); photos are batched ``--batch_size`` at a time at the
 training resolution, so memory does not grow with the photos' size beyond one decoded photo per batch slot.
 
-Every output file is written atomically (`anemia_jax.atomic`): it appears complete under its name or not at all, even
-on a full disk or a kill. ``predictions.csv`` is rewritten after every batch, so it always lists the photos whose
-files are all written; when writing fails (full disk, read-only ``--out``) the command stops with a message saying
-how many photos were done.
+Every output file is written atomically (`anemia_jax.utils.atomic`): it appears complete under its name or not at all,
+even on a full disk or a kill. ``predictions.csv`` is rewritten after every batch, so it always lists the photos whose
+files are all written; when writing fails (full disk, read-only ``--out``) the command stops with a message saying how
+many photos were done.
 
 Failures end with a one-paragraph message and no traceback unless ``--verbose``. Exit status:
 
@@ -66,7 +66,10 @@ import PIL.Image
 from absl import flags, logging
 from etils import epath
 
-from anemia_jax import atomic, cli, errors, image_io, photo_report, quality, reporting
+from anemia_jax import cli
+from anemia_jax.screening import photo_report, quality
+from anemia_jax.training import reporting
+from anemia_jax.utils import atomic, errors, image_io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _READ_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
@@ -120,7 +123,7 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
     verdicts (and screening) and a CSV into ``out``.
 
     Args:
-        segmenter: an `anemia_jax.segmenter.Segmenter` (one run or an ensemble, TTA, threshold).
+        segmenter: an `anemia_jax.inference.segmenter.Segmenter` (one run or an ensemble, TTA, threshold).
         inputs: photo files and/or folders of photos.
         out: output folder (created; local or a URL).
         assessor: the verdict (and screening) of each photo; default: the runs' thresholds
@@ -223,7 +226,7 @@ def _command() -> cli.Command:
     flags.DEFINE_string("quality", None, "Quality thresholds JSON (python -m anemia_jax.calibrate_quality); default: "
                         f"{quality.THRESHOLDS_FILE} in the first run's folder or its parent, else config.quality.",
                         flag_values=fv)
-    flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening_model): adds the Hgb "
+    flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening.screening_model): adds the Hgb "
                         "estimate, its interval and the anemia call per photo.", flag_values=fv)
     flags.DEFINE_string("sex", None, "F or M: sex of every photo's subject, for the WHO threshold "
                         "(default: per photo from --sex_csv or sex.csv beside the photos; else unknown).",
@@ -247,13 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax import inference, parallel, runs, screening_model, segmenter  # noqa: PLC0415
+    from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
+    from anemia_jax.runs import restore
+    from anemia_jax.screening import screening_model
+    from anemia_jax.utils import parallel
 
     try:
-        transforms = inference.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+        transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
         # This process's devices only: every process of a multi-host job would otherwise need the same photos.
-        restored = runs.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, mesh=parallel.make_mesh(jax.local_devices()),
-                                  configs=cmd.run_configs())
+        restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint,
+                                     mesh=parallel.make_mesh(jax.local_devices()), configs=cmd.run_configs())
         seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
                                   prune_level=cmd.prune_level, batch_size=cmd.batch_size)
         model = screening_model.load(cmd.screening) if cmd.screening else None

@@ -24,7 +24,9 @@ from typing import Any
 
 import ml_collections
 
-from anemia_jax import augment, config_lib, quality
+from anemia_jax.data import augment
+from anemia_jax.runs import config_lib
+from anemia_jax.screening import quality
 
 ARG_DEFAULTS = dict(data="eyes_defy_anemia", size=256, fold=0, loco="", batch=16, epochs=0, steps=0,
                     dtype="bfloat16", seed=0, test=False)

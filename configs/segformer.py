@@ -15,7 +15,7 @@ MODEL = dict(
     drop_path_rate=0.1,
     dropout_rate=0.1,
     attention_dropout=0.0,
-    pretrained="",  # '' trains from scratch; nvidia/mit-bN model.safetensors (anemia_jax.pretrained) initialises MiT.
+    pretrained="",  # '' trains from scratch; nvidia/mit-bN model.safetensors (anemia_jax.training.pretrained) initialises MiT.
 )
 TEST_MODEL = dict(variant="tiny")
 

@@ -25,7 +25,7 @@ MODEL = dict(
     n_skip=3,
     dropout_rate=0.1,
     attention_dropout_rate=0.0,
-    pretrained="",  # '' trains from scratch; an .npz (anemia_jax.pretrained) initialises the encoder.
+    pretrained="",  # '' trains from scratch; an .npz (anemia_jax.training.pretrained) initialises the encoder.
 )
 TEST_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, resnet_width=32, resnet_layers=(1, 1, 1),
                   decoder_channels=(16, 16, 16, 8), head_channels=32)

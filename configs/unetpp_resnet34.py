@@ -14,7 +14,7 @@ MODEL = dict(
     name="unetpp",
     encoder="resnet34",  # 26.1 M parameters with the decoder, as smp.UnetPlusPlus('resnet34').
     decoder_channels=(256, 128, 64, 32, 16),
-    pretrained="",  # '' trains from scratch; a weight file (anemia_jax.pretrained) initialises the encoder.
+    pretrained="",  # '' trains from scratch; a weight file (anemia_jax.training.pretrained) initialises the encoder.
 )
 TEST_MODEL = dict(encoder="resnet_tiny", decoder_channels=(32, 16, 16, 8, 8))
 

@@ -1,7 +1,7 @@
 """Training-step throughput benchmark (not a test): images/s, time to first step, memory, FLOPs.
 
-Measures the project's own jitted, data-parallel `train_step` (anemia_jax.steps, under shard_map on every device)
-of a config's model on a synthetic batch held in device memory (no input pipeline). From the repository root::
+Measures the project's own jitted, data-parallel `train_step` (anemia_jax.training.steps, under shard_map on every
+device) of a config's model on a synthetic batch held in device memory (no input pipeline). From the repository root::
 
     python -m experiments.benchmark --config=configs/unetpp.py:size=256,batch=32,dtype=bfloat16 \
         [--config.model.features=16] [--steps=10 --windows=5 --warmup=3] [--no_warm] [--no_overlap] \
@@ -98,7 +98,7 @@ def benchmark_config(config: ml_collections.ConfigDict, overrides: Mapping[str, 
 
 def _check(cmd: cli.Command, config: ml_collections.ConfigDict) -> None:
     """Everything the parent can check before minutes of measuring: the model builds, the peer exists."""
-    from anemia_jax import experiment  # noqa: PLC0415
+    from anemia_jax.training import experiment  # noqa: PLC0415
 
     try:
         experiment.build_model(config)
@@ -119,7 +119,8 @@ def make_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any, Any, d
     import jax.numpy as jnp
     import optax
 
-    from anemia_jax import experiment, parallel, steps
+    from anemia_jax.training import experiment, steps
+    from anemia_jax.utils import parallel
 
     model = experiment.build_model(config)
     tx = optax.adam(peer.LEARNING_RATE)  # the peer's optimizer, not the config's (see the module docstring)
@@ -158,7 +159,8 @@ def _measure(cmd: cli.Command, config: ml_collections.ConfigDict) -> dict:
     import numpy as np
     from jax.sharding import PartitionSpec as P
 
-    from anemia_jax import experiment, parallel, xla_cpu
+    from anemia_jax.training import experiment
+    from anemia_jax.utils import parallel, xla_cpu
     from experiments import model_table
 
     phases = {"imports": time.perf_counter() - _PROCESS_START}
@@ -392,7 +394,7 @@ def _command() -> cli.Command:
 def _save(path: str | None, rows: list[dict] | None) -> None:
     """Writes ``rows`` to ``path`` atomically; ``rows=None`` only checks, before minutes of measuring, that its
     folder takes a file (an earlier result at ``path`` stays until this run's first row replaces it)."""
-    from anemia_jax import atomic  # noqa: PLC0415
+    from anemia_jax.utils import atomic  # noqa: PLC0415
 
     if path and rows is not None:
         atomic.write_text(path, json.dumps(rows, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
     python -m experiments.model_table [--size=256] [--configs=unet,unetpp]
 
-Each row's model is built as training builds it, by `anemia_jax.experiment.build_model` from a config file of
+Each row's model is built as training builds it, by `anemia_jax.training.experiment.build_model` from a config file of
 configs/ (`ROWS`: each file, and the encoder/variant swaps its docstring names), with one output channel (the first
 target) and float32; a registered model that no config builds gets a row of its defaults. The ``fields`` column is
 what the model's config sets differently from the model class's defaults (`model_label`; e.g. UNet++'s deep
@@ -24,7 +24,8 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from anemia_jax import cli, config_lib
+from anemia_jax import cli
+from anemia_jax.runs import config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # (config file stem, config.model fields changed): every config, then the swaps the config files document.
@@ -84,7 +85,7 @@ def measure(config: ml_collections.ConfigDict) -> tuple[int, float]:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from anemia_jax import experiment  # noqa: PLC0415
+    from anemia_jax.training import experiment  # noqa: PLC0415
 
     model = experiment.build_model(config)
     images = jax.ShapeDtypeStruct((1, *config.image_size, 3), jnp.float32)

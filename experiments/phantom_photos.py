@@ -3,7 +3,7 @@
     python -m experiments.phantom_photos --out=/tmp/photos [--seed=2] [--count=8] [--long_side=256]
 
 Writes ``<out>/phantom_s<seed>_<i>.jpg`` (JPEG quality 92) for phantom examples ``0 .. count-1`` of phantom set
-``--seed`` (`anemia_jax.datasets.conjunctiva_phantom.phantom`; seed 0 is the training set ``res256``, seed 1 the
+``--seed`` (`anemia_jax.data.datasets.conjunctiva_phantom.phantom`; seed 0 is the training set ``res256``, seed 1 the
 held-out set ``res256_heldout``, so the default seed 2 gives photos no run or experiment has used), ``sex.csv``
 (``file,sex`` as ``predict`` reads it; every fourth photo's sex left empty, i.e. unknown) and ``truth.csv``
 (``file,patient_id,sex,hgb,anemic``: the phantom's laboratory values, to compare with the estimates).
@@ -20,7 +20,7 @@ import PIL.Image
 from absl import flags
 
 from anemia_jax import cli
-from anemia_jax.datasets.conjunctiva_phantom import phantom
+from anemia_jax.data.datasets.conjunctiva_phantom import phantom
 
 
 def write_photos(out: str | pathlib.Path, *, seed: int, count: int, long_side: int = 256) -> list[pathlib.Path]:

@@ -32,7 +32,8 @@ import PIL.Image
 import PIL.ImageFilter
 from absl import flags
 
-from anemia_jax import cli, image_io
+from anemia_jax import cli
+from anemia_jax.utils import image_io
 
 from experiments import provenance
 
@@ -91,7 +92,9 @@ def _median_times(fn: Callable[[], object], repeats: int) -> tuple[float, float]
 
 def _write_run(root, size: int, features: int) -> str:
     """A UNet++ run (config.json + one checkpoint of its initial state) in ``root/run``; returns the workdir."""
-    from anemia_jax import checkpointing, config_lib, experiment, parallel, reporting  # noqa: PLC0415
+    from anemia_jax.runs import checkpointing, config_lib  # noqa: PLC0415
+    from anemia_jax.training import experiment, reporting
+    from anemia_jax.utils import parallel
 
     config = config_lib.load_config_file(f"{provenance.REPO}/configs/unetpp.py:data=phantom,size={size},dtype=float32")
     config.model.features = features
@@ -108,11 +111,13 @@ def _write_run(root, size: int, features: int) -> str:
 
 def time_predict(megapixels: Sequence[float], *, repeats: int, old_overlay_megapixels: float, size: int,
                  features: int) -> list[dict]:
-    from anemia_jax import predict, runs, segmenter  # noqa: PLC0415
+    from anemia_jax import predict  # noqa: PLC0415
+    from anemia_jax.inference import segmenter
+    from anemia_jax.runs import restore
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        run = runs.load_run(_write_run(root, size, features), checkpoint="latest")
+        run = restore.load_run(_write_run(root, size, features), checkpoint="latest")
         seg = segmenter.Segmenter([run])
         seg.segment([np.zeros((64, 64, 3), np.uint8)])  # compile once, outside the timings
         for mp in megapixels:

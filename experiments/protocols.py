@@ -1,7 +1,7 @@
 """Evaluation protocols: K-fold cross-validation, leave-one-country-out, loss comparison; fold aggregation.
 
-Runs the trainer (`anemia_jax.train.train_and_evaluate`, in this process) once per fold, each in its own workdir,
-then aggregates the folds' ``summary.json`` files into a markdown table (mean ± std over folds per model and
+Runs the trainer (`anemia_jax.training.train.train_and_evaluate`, in this process) once per fold, each in its own
+workdir, then aggregates the folds' ``summary.json`` files into a markdown table (mean ± std over folds per model and
 target) written beside a record of the command, git commit and uncommitted paths, machine and wall time
 (`experiments/provenance.py`)::
 
@@ -43,7 +43,8 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from anemia_jax import cli, config_lib
+from anemia_jax import cli
+from anemia_jax.runs import config_lib
 from experiments import provenance
 
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
@@ -230,7 +231,7 @@ _ADDED_LATER = {("optimizer", "encoder_lr_multiplier"): 1.0, ("optimizer", "free
 def _canonical(config_dict: Mapping[str, Any]) -> str:
     """A config as comparable text, without the fields that do not change training (`_NOT_TRAINING`) and with the
     fields added later (`_ADDED_LATER`) dropped where they hold their default, so older runs stay comparable."""
-    from anemia_jax import reporting  # noqa: PLC0415
+    from anemia_jax.training import reporting  # noqa: PLC0415
 
     plain = json.loads(json.dumps(reporting.jsonable(dict(config_dict))))
     for key in _NOT_TRAINING:
@@ -263,7 +264,7 @@ def run_jobs(jobs: Sequence[Job], workdir_root: str | pathlib.Path, *,
     Args:
         jobs: from `kfold_jobs` / `loco_jobs`.
         workdir_root: parent of the per-run workdirs.
-        train_fn: ``(config, workdir) -> summary``; default `anemia_jax.train.train_and_evaluate`.
+        train_fn: ``(config, workdir) -> summary``; default `anemia_jax.training.train.train_and_evaluate`.
 
     Returns:
         ``[{'group', 'run', 'workdir', 'summary', 'reused'}]`` in job order.
@@ -273,7 +274,7 @@ def run_jobs(jobs: Sequence[Job], workdir_root: str | pathlib.Path, *,
         RuntimeError: a run did not complete (e.g. preempted; rerunning the command resumes it).
     """
     if train_fn is None:
-        from anemia_jax import train  # noqa: PLC0415
+        from anemia_jax.training import train  # noqa: PLC0415
 
         train_fn = train.train_and_evaluate
     root = pathlib.Path(workdir_root).expanduser().absolute()
@@ -382,7 +383,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"protocols: {e}", file=sys.stderr)
         return cli.EXIT_CONFIG
     if mode != "aggregate":
-        from anemia_jax import experiment, input_pipeline  # noqa: PLC0415 -- JAX only when training
+        from anemia_jax.data import input_pipeline  # noqa: PLC0415 -- JAX only when training
+        from anemia_jax.training import experiment
 
         cli.setup_logging()
         names = [c.name for c in configs]

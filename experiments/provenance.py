@@ -109,8 +109,8 @@ def to_markdown(prov: Mapping[str, Any], note: str = "") -> str:
 def write_results(out: str | pathlib.Path, name: str, title: str, body_md: str, data: Mapping[str, Any],
                   prov: Mapping[str, Any], note: str = "") -> pathlib.Path:
     """Writes ``<out>/<name>.md`` (title, record, tables) and ``<out>/<name>.json`` (data + record), each atomically
-    (`anemia_jax.atomic`: complete or absent, even on a full disk); returns the markdown path."""
-    from anemia_jax import atomic  # noqa: PLC0415
+    (`anemia_jax.utils.atomic`: complete or absent, even on a full disk); returns the markdown path."""
+    from anemia_jax.utils import atomic  # noqa: PLC0415
 
     out = pathlib.Path(atomic.ensure_dir(out))
     atomic.write_text(out / f"{name}.md", f"# {title}\n\n" + to_markdown(prov, note) + "\n" + body_md)

@@ -7,11 +7,11 @@ One deep-supervised UNet++ (Zhou et al. 2018) is evaluated without retraining as
 
 * the full network (every node; its deepest head X^{0,depth} is the prediction), and
 * UNet++ L^k for k = 1..depth: only the nodes X^{i,j} with i + j <= k and the head on X^{0,k}
-  (`inference.probability_fn(model, prune_level=k)`); L^depth computes every node but one head.
+  (`probabilities.probability_fn(model, prune_level=k)`); L^depth computes every node but one head.
 
 Per row: parameters the row's forward pass uses (counted from the parameter scopes ``X_i_j``, ``up_i_j``,
 ``head_j``), XLA's FLOP count per image of the compiled inference function, per-image Dice per target on
-``--split`` (`anemia_jax.evaluator.evaluate_runs`, threshold 0.5), and inference images/s: the median over
+``--split`` (`anemia_jax.evaluation.evaluator.evaluate_runs`, threshold 0.5), and inference images/s: the median over
 ``--repeats`` timed calls of a batch of ``--batch`` images at the training resolution held on the devices (after
 compilation and one warm-up call; each call ends with ``block_until_ready``).
 """
@@ -29,7 +29,11 @@ import jax
 import numpy as np
 from absl import flags
 
-from anemia_jax import cli, evaluator, inference, parallel, runs
+from anemia_jax import cli
+from anemia_jax.evaluation import evaluator
+from anemia_jax.inference import probabilities
+from anemia_jax.runs import restore
+from anemia_jax.utils import parallel
 from experiments import provenance
 
 
@@ -52,10 +56,10 @@ def parameter_count(params: Any, level: int | None) -> int:
     return total
 
 
-def time_inference(run: runs.Run, probability, *, batch: int, repeats: int) -> tuple[float, float]:
+def time_inference(run: restore.Run, probability, *, batch: int, repeats: int) -> tuple[float, float]:
     """(images/s median over ``repeats`` calls, FLOPs per image) of the sharded ``probability`` on a resident
     batch."""
-    batch = inference.mesh_batch_size(batch, run.mesh)
+    batch = probabilities.mesh_batch_size(batch, run.mesh)
     rng = np.random.default_rng(0)
     images = parallel.host_local_to_global(
         rng.integers(0, 256, (batch, *run.image_size, 3), dtype=np.uint8), run.mesh)
@@ -72,7 +76,7 @@ def time_inference(run: runs.Run, probability, *, batch: int, repeats: int) -> t
     return batch / statistics.median(times), flops
 
 
-def pruning_rows(run: runs.Run, *, split: str, batch: int, repeats: int) -> list[dict[str, Any]]:
+def pruning_rows(run: restore.Run, *, split: str, batch: int, repeats: int) -> list[dict[str, Any]]:
     """One row per network: 'full', then L1..L(depth)."""
     if run.config.model.name != "unetpp" or not run.config.model.get("deep_supervision", False):
         raise ValueError(f"{run.workdir} is not a deep-supervised UNet++ run (model {run.config.model.name!r}); "
@@ -82,7 +86,7 @@ def pruning_rows(run: runs.Run, *, split: str, batch: int, repeats: int) -> list
     rows = []
     for level in (None, *range(1, depth + 1)):
         summary = evaluator.evaluate_runs([run], split=split, prune_level=level, distances=False).summary
-        probability = inference.sharded(inference.probability_fn(run.model, prune_level=level), run.mesh)
+        probability = probabilities.sharded(probabilities.probability_fn(run.model, prune_level=level), run.mesh)
         rate, flops = time_inference(run, probability, batch=batch, repeats=repeats)
         rows.append({"network": "full" if level is None else f"L{level}", "prune_level": level,
                      "parameters": parameter_count(params, level), "gflops_per_image": flops / 1e9,
@@ -130,7 +134,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"pruning_table: {e}", file=sys.stderr)
         return cli.EXIT_CONFIG
     cli.setup_logging()
-    run = runs.load_run(cmd.workdir[0], checkpoint=cmd.checkpoint, config=cmd.run_configs()[0])
+    run = restore.load_run(cmd.workdir[0], checkpoint=cmd.checkpoint, config=cmd.run_configs()[0])
     rows = pruning_rows(run, split=cmd.split, batch=cmd.batch, repeats=cmd.repeats)
     h, w = run.image_size
     body = (f"One deep-supervised UNet++ ({run.workdir}, checkpoint step {run.step}, {cmd.checkpoint}) at {h}x{w}; "

@@ -2,12 +2,12 @@
 
 In a K-fold cross-validation every photo of the training set was trained on by K-1 of the K fold models, so the
 out-of-fold rows of ``experiments/screening_run.py`` can compare ground-truth with predicted masks but never the
-ensemble of the folds (what ``predict`` uses) with a single fold. This module segments a data set that NONE of the
-runs trained on -- another builder config of the same data set, e.g. the phantom's ``res256_heldout`` (other
-patients) -- with each fold model alone and with their ensemble (mean probability, `anemia_jax.segmenter`), so that
-the screening table can put them side by side on the same photos (its regressors then cross-validated on those
-photos' patient-level folds), and checks the SAVED screening model (fitted on the training set's out-of-fold
-features) on them: an external test of its estimates, calls and prediction intervals.
+ensemble of the folds (what ``predict`` uses) with a single fold. This module segments a data set that NONE of the runs
+trained on -- another builder config of the same data set, e.g. the phantom's ``res256_heldout`` (other patients) --
+with each fold model alone and with their ensemble (mean probability, `anemia_jax.inference.segmenter`), so that the
+screening table can put them side by side on the same photos (its regressors then cross-validated on those photos'
+patient-level folds), and checks the SAVED screening model (fitted on the training set's out-of-fold features) on them:
+an external test of its estimates, calls and prediction intervals.
 """
 
 from __future__ import annotations
@@ -18,9 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from anemia_jax import clinical_stats, evaluator, experiment, input_pipeline, runs, segmenter
-from anemia_jax.image_io import resize_probabilities
-from anemia_jax.photo_report import screening_features
+from anemia_jax.data import input_pipeline
+from anemia_jax.evaluation import evaluator
+from anemia_jax.inference import segmenter
+from anemia_jax.runs import restore
+from anemia_jax.screening import clinical_stats
+from anemia_jax.training import experiment
+from anemia_jax.utils.image_io import resize_probabilities
+from anemia_jax.screening.photo_report import screening_features
 
 ENSEMBLE = "fold ensemble"
 
@@ -38,7 +43,7 @@ def heldout_masks(run_dirs: Sequence, *, builder_config: str, tfds_split: str, t
     Raises:
         ValueError: some run trained on some of these photos (then they are not held out).
     """
-    restored = runs.load_runs(list(run_dirs), checkpoint=checkpoint, split="test")
+    restored = restore.load_runs(list(run_dirs), checkpoint=checkpoint, split="test")
     config = restored[0].config.copy_and_resolve_references()
     config.dataset.builder_config = builder_config
     config.dataset.test_split = tfds_split

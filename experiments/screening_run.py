@@ -9,23 +9,23 @@
     python -m experiments.screening_run --runs=/tmp/folds/unet ... --heldout_data=res256_heldout \
         [--heldout_split=train] [--heldout_constancy=none,grey_world]
 
-For every photo that a segmentation model did NOT train on -- the validation fold of each K-fold run (or the
-left-out country of a leave-one-country-out run) -- the run's model predicts the ``--target`` mask (default
-palpebral, the region the anemia literature reads colour from) at its training resolution; the probabilities are
-resized to ``--feature_size`` (default: the training resolution) and thresholded at 0.5. Colour features
-(`anemia_jax.colour`: CIELAB means, a*/L*, mean RGB and chromaticities, erythema index, high hue ratio) are
-computed inside the ground-truth mask and inside the predicted mask of the same photo, each with every
-``--constancy`` option (none, grey-world, white patch: see `anemia_jax.colour`), and
-`anemia_jax.screening.screening_table` cross-validates Hgb regression (ridge) and anemia detection (logistic
-regression; Youden and screening thresholds chosen on training parts) from each feature set on the same
-patient-level folds, with the clinical statistics of `anemia_jax.clinical_stats` (Bland-Altman bias and limits of
-agreement, MAE, RMSE, r, AUC with patient-bootstrap 95% intervals; sensitivity/specificity at the threshold reaching
-``--target_sensitivity`` on the training folds, with Wilson intervals):
+For every photo that a segmentation model did NOT train on -- the validation fold of each K-fold run (or the left-out
+country of a leave-one-country-out run) -- the run's model predicts the ``--target`` mask (default palpebral, the region
+the anemia literature reads colour from) at its training resolution; the probabilities are resized to ``--feature_size``
+(default: the training resolution) and thresholded at 0.5. Colour features (`anemia_jax.screening.colour`: CIELAB means,
+a*/L*, mean RGB and chromaticities, erythema index, high hue ratio) are computed inside the ground-truth mask and inside
+the predicted mask of the same photo, each with every ``--constancy`` option (none, grey-world, white patch: see
+`anemia_jax.screening.colour`), and `anemia_jax.screening.cross_validation.screening_table` cross-validates Hgb
+regression (ridge) and anemia detection (logistic regression; Youden and screening thresholds chosen on training parts)
+from each feature set on the same patient-level folds, with the clinical statistics of
+`anemia_jax.screening.clinical_stats` (Bland-Altman bias and limits of agreement, MAE, RMSE, r, AUC with
+patient-bootstrap 95% intervals; sensitivity/specificity at the threshold reaching ``--target_sensitivity`` on the
+training folds, with Wilson intervals):
 
 * a K-fold set: the segmentation folds themselves (fold k's regressors train on the other folds' photos, whose
   predicted masks come from the other folds' models), so no photo's mask, features or label leaks into its own
   prediction;
-* a single run: `screening.grouped_folds` over the patients of its validation part.
+* a single run: `cross_validation.grouped_folds` over the patients of its validation part.
 
 Photos whose mask is missing or empty (or whose colour constancy finds no reference pixels) under any source are
 excluded from every row and counted; a source with usable features for fewer than half of the photos is left out
@@ -33,10 +33,10 @@ of the table with a warning (and listed in the record's ``dropped_sources``) rat
 checkpoint defaults to 'latest': in K-fold runs 'best' was chosen on the very fold it would be scored on.
 
 Beside ``<out>/<name>.md`` / ``.json`` it writes ``<name>_{bland_altman,roc,calibration,hgb_scatter}.png`` (needs
-matplotlib: ``pip install 'anemia_jax[report]'``; skipped with a warning without it) and
-``<name>_model.json``: the screening model (`anemia_jax.screening_model`) fitted on ALL the out-of-fold features of
-the predicted masks with ``--artifact_constancy``, on the same folds (which also give its CV+ prediction intervals
-and its recorded out-of-fold metrics), for ``predict --screening=...``.
+matplotlib: ``pip install 'anemia_jax[report]'``; skipped with a warning without it) and ``<name>_model.json``: the
+screening model (`anemia_jax.screening.screening_model`) fitted on ALL the out-of-fold features of the predicted masks
+with ``--artifact_constancy``, on the same folds (which also give its CV+ prediction intervals and its recorded
+out-of-fold metrics), for ``predict --screening=...``.
 
 Ensemble vs single fold (``--heldout_data``): out-of-fold photos have no ensemble (every other fold trained on
 them), so the comparison runs on photos none of the runs trained on: every photo of ``--heldout_split`` of the
@@ -62,8 +62,14 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from anemia_jax import cli, colour, experiment, input_pipeline, plots, runs, screening, screening_model, segmenter
-from anemia_jax.image_io import resize_probabilities
+from anemia_jax import cli
+from anemia_jax.data import input_pipeline
+from anemia_jax.evaluation import plots
+from anemia_jax.inference import segmenter
+from anemia_jax.runs import restore
+from anemia_jax.screening import colour, cross_validation, screening_model
+from anemia_jax.training import experiment
+from anemia_jax.utils.image_io import resize_probabilities
 from experiments import provenance, screening_heldout
 
 
@@ -98,7 +104,7 @@ def out_of_sample_masks(run_dirs: Sequence[pathlib.Path], *, target: str, checkp
                                                "truth", "pred")}
     steps, builder, size = [], None, None
     for r, workdir in enumerate(run_dirs):
-        run = runs.load_run(workdir, checkpoint=checkpoint)
+        run = restore.load_run(workdir, checkpoint=checkpoint)
         if target not in run.targets:
             raise ValueError(f"{workdir} was trained on {run.targets}, not {target!r}; pass --target.")
         split = "test" if run.config.split.protocol == "loco" else "val"
@@ -146,7 +152,7 @@ def predicted_sources(masks: dict[str, Any]) -> dict[str, np.ndarray]:
 def run_screening(masks: dict[str, Any], *, seed: int = 0, constancies: Sequence[str] = ("none",),
                   predicted: dict[str, np.ndarray] | None = None, target_sensitivity: float = 0.9,
                   num_bootstrap: int = 2000) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
-    """`screening.screening_table` rows for ground-truth and predicted masks under each colour constancy.
+    """`cross_validation.screening_table` rows for ground-truth and predicted masks under each colour constancy.
 
     Returns:
         rows, segmentation context, and ``{'features': {label: ColourFeatures}, 'folds': [...]}`` for the artifact.
@@ -168,10 +174,10 @@ def run_screening(masks: dict[str, Any], *, seed: int = 0, constancies: Sequence
     if len(runs) > 1:
         folds = [(np.flatnonzero(masks["run"] != r), np.flatnonzero(masks["run"] == r)) for r in runs]
     else:
-        folds = screening.grouped_folds(masks["patient_id"], 5, seed=seed)
-    rows = screening.screening_table(table_features, hgb=masks["hgb"], anemic=masks["anemic"], folds=folds,
-                                     groups=masks["patient_id"], seed=seed, target_sensitivity=target_sensitivity,
-                                     num_bootstrap=num_bootstrap)
+        folds = cross_validation.grouped_folds(masks["patient_id"], 5, seed=seed)
+    rows = cross_validation.screening_table(table_features, hgb=masks["hgb"], anemic=masks["anemic"], folds=folds,
+                                            groups=masks["patient_id"], seed=seed, target_sensitivity=target_sensitivity,
+                                            num_bootstrap=num_bootstrap)
     context = {"num_photos": int(len(has)), "num_missing_mask": int((~has).sum()),
                "num_folds": len(folds), "feature_names": list(colour.FEATURE_NAMES),
                "constancies": list(constancies), "target_sensitivity": target_sensitivity,
@@ -215,7 +221,7 @@ def heldout_section(args, run_dirs, model, constancies: Sequence[str], out: path
             f"trained on (checkpoints {masks['checkpoints']}); the ensemble averages the {len(run_dirs)} folds' "
             f"probabilities. Dice of the {args.target} masks at {h}x{w}: {seg}. Regressors cross-validated on "
             f"{context['num_folds']} patient-level folds of these photos; the same statistics as above.\n\n"
-            + screening.format_markdown(rows)
+            + cross_validation.format_markdown(rows)
             + f"\nThe saved screening model `{model_path_name(args)}` (fitted above on the training set's "
             f"out-of-fold features; colour constancy '{model.constancy}') on these photos, its features computed "
             f"as `predict --screening` computes them from each source's probabilities: an external check.\n\n"
@@ -254,7 +260,7 @@ def held_out_coverage(features: colour.ColourFeatures, masks: dict[str, Any], fo
                                     features.constancy)
         model = screening_model.fit_screening_model(
             sub, hgb=hgb[train], anemic=masks["anemic"][train], groups=groups[train],
-            folds=screening.grouped_folds(groups[train], len(folds), seed=seed), coverage=coverage, seed=seed,
+            folds=cross_validation.grouped_folds(groups[train], len(folds), seed=seed), coverage=coverage, seed=seed,
             num_bootstrap=0)
         pred = model.predict(features.values[test])
         known = np.isfinite(pred.hgb) & np.isfinite(hgb[test])
@@ -357,8 +363,8 @@ def main(argv: Sequence[str]) -> int:
             f"constancy: {', '.join(constancies)}. Intervals: 95%, patient-level bootstrap ({args.bootstrap} "
             f"replicates) except sensitivity/specificity at the screening threshold (Wilson); the screening "
             f"threshold is the highest reaching sensitivity {args.target_sensitivity:g} on each training part's "
-            f"inner out-of-fold probabilities.\n\n" + screening.format_markdown(rows) +
-            f"\nScreening model `{model_path.name}` (`anemia_jax.screening_model`): fitted on all "
+            f"inner out-of-fold probabilities.\n\n" + cross_validation.format_markdown(rows) +
+            f"\nScreening model `{model_path.name}` (`anemia_jax.screening.screening_model`): fitted on all "
             f"{model.training['n_hgb']} photos of **{model_source}**; ridge alpha {model.alpha:g}, logistic l2 "
             f"{model.l2:g}, threshold p >= {model.threshold:.3f}; {model.coverage:.0%} CV+ prediction intervals "
             f"({half}). Its out-of-fold metrics are the '{model_source}' row above. Held-out check of the intervals: "

@@ -137,7 +137,8 @@ def profile_jax(config, steps: int) -> dict:
     """Per-step milliseconds by category of the benchmark's train step for ``config``, and the step's wall time."""
     import jax
 
-    from anemia_jax import experiment, parallel
+    from anemia_jax.training import experiment
+    from anemia_jax.utils import parallel
     from experiments import benchmark
 
     mesh = parallel.make_mesh()

@@ -4,7 +4,7 @@
         [--labels=U-Net,UNet++] [--metric=dice/mean] [--title=...] --out=curves.png
 
 Reads each run's ``metrics.jsonl`` (a last line cut short by a kill is skipped) and draws it with
-`anemia_jax.plots.training_curves` (needs matplotlib: ``pip install -e '.[report]'``).
+`anemia_jax.evaluation.plots.training_curves` (needs matplotlib: ``pip install -e '.[report]'``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from absl import flags
 from etils import epath
 
-from anemia_jax import cli, plots
+from anemia_jax import cli
+from anemia_jax.evaluation import plots
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anemia_jax import image_io
+from anemia_jax.utils import image_io
 from anemia_jax.models import get_model
 
 SIZE = (32, 32)

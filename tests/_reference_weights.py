@@ -1,8 +1,8 @@
 """Deterministic numpy weights for a checkpoint's key list, shared by the tests and the golden-file script.
 
-Both tests/fixtures/make_reference_fixtures.py (which feeds them to the PyTorch reference models) and the tests
-(which load them into the Flax models through anemia_jax.pretrained) draw every tensor from a generator seeded by
-the tensor's name, so the same weights come out whatever the order or the subset of keys.
+Both tests/fixtures/make_reference_fixtures.py (which feeds them to the PyTorch reference models) and the tests (which
+load them into the Flax models through anemia_jax.training.pretrained) draw every tensor from a generator seeded by the
+tensor's name, so the same weights come out whatever the order or the subset of keys.
 """
 
 from __future__ import annotations

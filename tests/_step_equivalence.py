@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anemia_jax import losses, parallel, steps
+from anemia_jax import losses
+from anemia_jax.training import steps
+from anemia_jax.utils import parallel
 
 TARGETS = 2
 

@@ -1,6 +1,6 @@
 """A tiny UNet++ run directory shared by test_evaluate.py and test_predict.py (built once per test session).
 
-The run is what `anemia_jax.train.train_and_evaluate` leaves behind -- ``config.json`` written by
+The run is what `anemia_jax.training.train.train_and_evaluate` leaves behind -- ``config.json`` written by
 `reporting.Reporter` and Orbax checkpoints of the full `steps.TrainState` written by `checkpointing.CheckpointManager`
 -- but its states come from `experiment.init_train_state` rather than from training: evaluation and prediction
 only restore and apply them, and skipping the training step's compilation keeps the tests fast. Two checkpoints
@@ -20,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from anemia_jax import checkpointing, config_lib, experiment, parallel, reporting, runs
+from anemia_jax.runs import checkpointing, config_lib, restore
+from anemia_jax.training import experiment, reporting
+from anemia_jax.utils import parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CACHE: dict[str, pathlib.Path] = {}
@@ -61,6 +63,6 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def best_run(workdir) -> runs.Run:
+def best_run(workdir) -> restore.Run:
     """The shared run restored at its best checkpoint (step 2)."""
-    return runs.load_run(workdir, checkpoint="best")
+    return restore.load_run(workdir, checkpoint="best")

@@ -18,7 +18,11 @@ import jax
 import numpy as np
 import optax
 
-from anemia_jax import augment, inference, losses, parallel, steps
+from anemia_jax import losses
+from anemia_jax.data import augment
+from anemia_jax.inference import probabilities
+from anemia_jax.training import steps
+from anemia_jax.utils import parallel
 from anemia_jax.models.unet import UNet
 
 SIZE, TARGETS, GLOBAL_BATCH, NUM_STEPS = 16, 2, 8, 3
@@ -68,7 +72,7 @@ def train(mesh) -> dict[str, np.ndarray]:
     for step in range(NUM_STEPS):
         state, m = train_step(state, parallel.host_local_to_global(local_rows(global_batch(step)), mesh))
         history.append(m)
-    probability = inference.sharded(inference.probability_fn(MODEL), mesh)
+    probability = probabilities.sharded(probabilities.probability_fn(MODEL), mesh)
     eval_out = probability(steps.model_variables(state),
                            parallel.host_local_to_global(local_rows(global_batch(NUM_STEPS))["image"], mesh))
     host = parallel.fetch({"state": state, "history": history, "eval": eval_out})

@@ -22,8 +22,10 @@ import PIL.Image
 import pytest
 
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-from anemia_jax import app, colour, image_io, screening, screening_model
-from anemia_jax.datasets.conjunctiva_phantom import phantom
+from anemia_jax import app
+from anemia_jax.screening import colour, cross_validation, screening_model
+from anemia_jax.utils import image_io
+from anemia_jax.data.datasets.conjunctiva_phantom import phantom
 
 MAX_UPLOAD = 2_000_000
 
@@ -42,7 +44,7 @@ def screening_path(tmp_path_factory):
     groups = np.array([e.patient_id for e in examples])
     model = screening_model.fit_screening_model(
         feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]),
-        groups=groups, folds=screening.grouped_folds(groups, 5), num_bootstrap=0,
+        groups=groups, folds=cross_validation.grouped_folds(groups, 5), num_bootstrap=0,
         colour_settings={"target": "palpebral", "feature_size": [64, 48], "mask_threshold": 0.5})
     return model.save(tmp_path_factory.mktemp("model") / "screening_model.json")
 

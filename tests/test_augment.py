@@ -1,4 +1,4 @@
-"""Tests of anemia_jax.augment: alignment of image and masks, determinism, ranges, jit and shard_map."""
+"""Tests of anemia_jax.data.augment: alignment of image and masks, determinism, ranges, jit and shard_map."""
 
 import functools
 
@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from anemia_jax import augment
-from anemia_jax.normalization import to_float
+from anemia_jax.data import augment
+from anemia_jax.data.normalization import to_float
 
 B, H, W = 8, 32, 32
 _PHOTOMETRIC = dict(brightness_prob=0.0, contrast_prob=0.0, saturation_prob=0.0, hue_prob=0.0, gamma_prob=0.0,

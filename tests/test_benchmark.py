@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from anemia_jax import config_lib
+from anemia_jax.runs import config_lib
 from experiments import benchmark, peer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ import shutil
 import pytest
 
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-from anemia_jax import checkpoint_integrity, checkpointing, cli, evaluate, runs
+from anemia_jax import cli, evaluate
+from anemia_jax.runs import checkpoint_integrity, checkpointing, restore
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_checkpoints_carry_a_manifest(run_copy):
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_latest_falls_back_to_the_newest_intact(run_copy, damage, warnings_log):
     DAMAGE[damage](run_copy)
-    run = runs.load_run(run_copy, checkpoint="latest")
+    run = restore.load_run(run_copy, checkpoint="latest")
     assert run.step == 2 and "step 4 is damaged" in run.checkpoint_reason
     assert any("Checkpoint step 4" in w and "damaged" in w for w in warnings_log), warnings_log
 
@@ -68,7 +69,7 @@ def test_damaged_latest_falls_back_to_the_newest_intact(run_copy, damage, warnin
 def test_damaged_checkpoint_asked_for_by_number_is_an_error(run_copy, damage, capfd):
     DAMAGE[damage](run_copy)
     with pytest.raises(checkpointing.DamagedCheckpointError, match="step 4 .* is damaged"):
-        runs.load_run(run_copy, checkpoint=4)
+        restore.load_run(run_copy, checkpoint=4)
     status = evaluate.main(["evaluate", f"--workdir={run_copy}", "--checkpoint=4", "--no_distances",
                             f"--out={run_copy / 'eval'}"])
     err = capfd.readouterr().err
@@ -79,7 +80,7 @@ def test_damaged_checkpoint_asked_for_by_number_is_an_error(run_copy, damage, ca
 
 def test_legacy_checkpoint_without_manifest_still_loads_unverified(run_copy, warnings_log):
     (run_copy / "checkpoints/4" / checkpoint_integrity.MANIFEST).unlink()
-    assert runs.load_run(run_copy, checkpoint="latest").step == 4
+    assert restore.load_run(run_copy, checkpoint="latest").step == 4
     assert any("no checksum manifest" in w for w in warnings_log), warnings_log
 
 

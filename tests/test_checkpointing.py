@@ -1,4 +1,4 @@
-"""Tests of anemia_jax.checkpointing: retention (latest K plus the best), exact restore, other device counts.
+"""Tests of anemia_jax.runs.checkpointing: retention (latest K plus the best), exact restore, other device counts.
 
 The state is a real `steps.TrainState` with small hand-made parameters and AdamW state (no model to compile). A
 checkpoint written here on 8 fake devices is restored in subprocesses that see 1 and 2 devices.
@@ -19,7 +19,9 @@ import pytest
 from absl import logging as absl_logging
 from etils import epath
 
-from anemia_jax import checkpointing, optim, parallel, steps
+from anemia_jax.runs import checkpointing
+from anemia_jax.training import optim, steps
+from anemia_jax.utils import parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -166,7 +168,8 @@ def test_restore_on_a_different_device_count(tmp_path, num_devices):
     np.savez(tmp_path / "expected.npz", *jax.tree.leaves(host(state)))
     script = textwrap.dedent(f"""
         import jax, numpy as np
-        from anemia_jax import checkpointing, parallel
+        from anemia_jax.runs import checkpointing
+        from anemia_jax.utils import parallel
         from tests.test_checkpointing import make_state
         assert jax.device_count() == {num_devices}, jax.devices()
         mesh = parallel.make_mesh()

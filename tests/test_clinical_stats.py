@@ -1,9 +1,9 @@
-"""Tests of anemia_jax.clinical_stats: agreement, detection, Wilson and patient-level bootstrap intervals."""
+"""Tests of anemia_jax.screening.clinical_stats: agreement, detection, Wilson and patient-level bootstrap intervals."""
 
 import numpy as np
 import pytest
 
-from anemia_jax import clinical_stats
+from anemia_jax.screening import clinical_stats
 
 
 def test_wilson_interval_known_values():

@@ -1,4 +1,4 @@
-"""Tests of configs/ and anemia_jax.config_lib: every config loads and validates; errors name what is wrong.
+"""Tests of configs/ and anemia_jax.runs.config_lib: every config loads and validates; errors name what is wrong.
 
 No training here: configs are built, validated and checked against the registries they name (models, losses,
 dataset builders and their builder configs), and the command line is run only up to flag parsing.
@@ -11,7 +11,10 @@ import sys
 import jax
 import pytest
 
-from anemia_jax import config_lib, datasets, experiment, losses, models, optim
+from anemia_jax import losses, models
+from anemia_jax.data import datasets
+from anemia_jax.runs import config_lib
+from anemia_jax.training import experiment, optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if "def get_config" in p.read_text())
@@ -78,7 +81,7 @@ def test_registries_match_the_libraries(tmp_path):
         configs = {c.name for c in datasets.builder_class(spec.builder).BUILDER_CONFIGS}
         assert {c for _, c in spec.stored} <= configs, name
     assert datasets.DATASETS.get("kvasir") is datasets.DATASETS.get("kvasir_seg")
-    # Importing anemia_jax.datasets registers every builder with TFDS, as TFDS users expect.
+    # Importing anemia_jax.data.datasets registers every builder with TFDS, as TFDS users expect.
     import tensorflow_datasets as tfds
 
     for name, config in (("conjunctiva_phantom", "res64"), ("image_mask_folder", "kvasir_seg_256"),

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from anemia_jax import datasets
-from anemia_jax.datasets import features as features_lib
-from anemia_jax.datasets.conjunctiva_phantom import conjunctiva_phantom_dataset_builder as cpb
-from anemia_jax.datasets.conjunctiva_phantom import phantom
+from anemia_jax.data import datasets
+from anemia_jax.data.datasets import features as features_lib
+from anemia_jax.data.datasets.conjunctiva_phantom import conjunctiva_phantom_dataset_builder as cpb
+from anemia_jax.data.datasets.conjunctiva_phantom import phantom
 
 SEED = 3
 

@@ -15,9 +15,11 @@ import pytest
 from PIL import Image
 
 import fake_eyes_archive as fake
-from anemia_jax import config_lib, errors, experiment
-from anemia_jax.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder import Builder as EyesBuilder
-from anemia_jax.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
+from anemia_jax.runs import config_lib
+from anemia_jax.training import experiment
+from anemia_jax.utils import errors
+from anemia_jax.data.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder import Builder as EyesBuilder
+from anemia_jax.data.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

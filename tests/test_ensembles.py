@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-from anemia_jax import (calibrate_quality, eval_report, evaluate, evaluator, experiment, input_pipeline, quality,
-                        runs)
+from anemia_jax import calibrate_quality, evaluate
+from anemia_jax.data import input_pipeline
+from anemia_jax.evaluation import eval_report, evaluator
+from anemia_jax.runs import restore
+from anemia_jax.screening import quality
+from anemia_jax.training import experiment
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def test_ensemble_and_each_member_on_the_same_images(workdir, second_run, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert [m["step"] for m in summary["members"]] == [4, 2] and summary["training_overlap"] == [0, 0]
     # A member's scores are those of the run evaluated alone (the second member: step 2 of the same run).
-    alone = evaluator.evaluate_runs([runs.load_run(workdir, checkpoint=2)], split="val", distances=False).summary
+    alone = evaluator.evaluate_runs([restore.load_run(workdir, checkpoint=2)], split="val", distances=False).summary
     for t in alone["targets"]:
         assert summary["members"][1]["targets"][t]["dice"]["mean"] == pytest.approx(
             alone["targets"][t]["dice"]["mean"], abs=1e-6)
@@ -54,11 +58,11 @@ def test_ensemble_and_each_member_on_the_same_images(workdir, second_run, tmp_pa
 
 
 def test_training_overlap_is_refused_for_ensembles(workdir, other_fold, tmp_path, capsys):
-    config = runs.load_config(workdir)
+    config = restore.load_config(workdir)
     builder, split, val = experiment.eval_split(config, "val")
-    restored = runs.load_runs([workdir, other_fold], checkpoint="best")
+    restored = restore.load_runs([workdir, other_fold], checkpoint="best")
     overlap = evaluator.training_overlap(restored, builder, split, val)
-    fold1_train = experiment.split_indices(runs.load_config(other_fold), input_pipeline.read_metadata(
+    fold1_train = experiment.split_indices(restore.load_config(other_fold), input_pipeline.read_metadata(
         builder, split))[0]
     assert overlap == [0, int(np.isin(val, fold1_train).sum())] and overlap[1] > 0
     args = ["evaluate", f"--workdir={workdir}", f"--workdir={other_fold}", "--no_distances",

@@ -16,7 +16,8 @@ from PIL import Image
 
 from _filesystems import read_only_folder
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-from anemia_jax import cli, config_lib, evaluate, main, predict
+from anemia_jax import cli, evaluate, main, predict
+from anemia_jax.runs import config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = f"--config={ROOT}/configs/unetpp.py:data=phantom,test"

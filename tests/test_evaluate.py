@@ -1,4 +1,5 @@
-"""Tests of the evaluate command, `anemia_jax.evaluator` and `anemia_jax.runs` on a tiny UNet++ run (_tiny_run.py).
+"""Tests of the evaluate command, `anemia_jax.evaluation.evaluator` and `anemia_jax.runs.restore` on a tiny UNet++ run
+(_tiny_run.py).
 
 Checked: the summary statistics against hand-computed values (missing masks excluded and counted, infinite
 distances counted, per-country breakdown); checkpoint choice (best / latest / step, and 'auto': latest on the
@@ -26,8 +27,12 @@ from etils import epath
 
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
-from anemia_jax import (checkpointing, eval_report, evaluate, evaluator, experiment, inference, input_pipeline,
-                        runs)
+from anemia_jax import evaluate
+from anemia_jax.data import input_pipeline
+from anemia_jax.evaluation import eval_report, evaluator
+from anemia_jax.inference import probabilities
+from anemia_jax.runs import checkpointing, restore
+from anemia_jax.training import experiment
 
 
 class Collect(logging.Handler):
@@ -90,33 +95,33 @@ def test_summarize_by_hand():
 
 def test_checkpoint_choice(workdir, best_run):
     assert (best_run.step, best_run.checkpoint) == (2, "best")
-    latest = runs.load_run(workdir, checkpoint="latest")
+    latest = restore.load_run(workdir, checkpoint="latest")
     assert latest.step == 4
     delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), latest.variables["params"],
                          best_run.variables["params"])
     assert max(jax.tree.leaves(delta)) == pytest.approx(0.05, abs=1e-6)
-    assert runs.load_run(workdir, checkpoint="4").step == 4
+    assert restore.load_run(workdir, checkpoint="4").step == 4
     with pytest.raises(FileNotFoundError, match="available"):
-        runs.load_run(workdir, checkpoint=7)
+        restore.load_run(workdir, checkpoint=7)
     with pytest.raises(ValueError, match="best"):
-        runs.load_run(workdir, checkpoint="newest")
+        restore.load_run(workdir, checkpoint="newest")
     with pytest.raises(FileNotFoundError, match="not a training run"):
-        runs.load_run(workdir / "checkpoints")
+        restore.load_run(workdir / "checkpoints")
 
 
 def test_auto_checkpoint_is_latest_on_the_selection_split_and_best_elsewhere(workdir):
     # 'best' (step 2) was selected on the validation split: scoring it there is optimistic, so 'auto' takes the
     # latest (step 4); on the test split (and train) nothing was selected and 'auto' takes the best.
     with Collect() as log:
-        on_val = runs.load_run(workdir, checkpoint="auto", split="val")
+        on_val = restore.load_run(workdir, checkpoint="auto", split="val")
     assert (on_val.step, on_val.checkpoint) == (4, "latest") and "optimistic" in on_val.checkpoint_reason
     assert any("--checkpoint=auto: using the latest checkpoint" in line and "optimistic" in line
                for line in log.lines), log.lines
     with Collect() as log:
-        on_test = runs.load_run(workdir, checkpoint="auto", split="test")
+        on_test = restore.load_run(workdir, checkpoint="auto", split="test")
     assert (on_test.step, on_test.checkpoint) == (2, "best") and "'test'" in on_test.checkpoint_reason
     assert any("--checkpoint=auto: using the best checkpoint" in line for line in log.lines), log.lines
-    assert runs.auto_checkpoint("train")[0] == "best" and runs.auto_checkpoint(None)[0] == "best"
+    assert restore.auto_checkpoint("train")[0] == "best" and restore.auto_checkpoint(None)[0] == "best"
     cmd = evaluate._command()
     assert cmd.flags["checkpoint"].default == "auto"
     assert "'auto' (default): 'latest' on --split=val" in " ".join(cmd.flags.get_help().split())
@@ -128,7 +133,7 @@ def test_loading_logs_no_library_noise(workdir):
     # the first manager exists) and no optax message about a zero-length schedule phase.
     absl_logging.get_absl_logger().removeFilter(checkpointing._EXPECTED_WARNINGS_FILTER)
     with Collect() as log:
-        runs.load_run(workdir, checkpoint="latest")
+        restore.load_run(workdir, checkpoint="latest")
     noise = [line for line in log.lines if "read only" in line or "transition_steps" in line]
     assert not noise and any(line.startswith("Restored latest checkpoint step 4") for line in log.lines), noise
 
@@ -137,9 +142,9 @@ def test_run_paths_on_object_storage_stay_urls(workdir, fake_gcs):
     bucket_run = epath.Path("gs://bucket/runs/tiny")
     bucket_run.mkdir(parents=True)
     (bucket_run / "config.json").write_text((workdir / "config.json").read_text())
-    assert runs.load_config("gs://bucket/runs/tiny").to_dict() == runs.load_config(workdir).to_dict()
+    assert restore.load_config("gs://bucket/runs/tiny").to_dict() == restore.load_config(workdir).to_dict()
     with pytest.raises(FileNotFoundError, match="gs://bucket/runs/missing/config.json"):
-        runs.load_config("gs://bucket/runs/missing")
+        restore.load_config("gs://bucket/runs/missing")
     per_image = {"index": np.array([0]), "patient_id": np.array(["P/1"], object), "country": np.array(["A"], object),
                  "weights": np.ones((1, 1)), **{k: np.ones((1, 1)) for k in ("tp", "fp", "fn")},
                  **{k: np.full((1, 1), 0.5) for k in evaluator.SCORES}}
@@ -159,20 +164,20 @@ def test_load_run_opens_checkpoints_read_only(workdir, tmp_path):
     in_progress.mkdir()
     (in_progress / "partial").write_text("being written")
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    assert runs.load_run(run_dir, checkpoint="latest").step == 4
+    assert restore.load_run(run_dir, checkpoint="latest").step == 4
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
     # A run that has not saved yet: a clear error, and no checkpoints/ created on its behalf.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     shutil.copy(run_dir / "config.json", fresh / "config.json")
     with pytest.raises(FileNotFoundError, match="has the run saved one yet"):
-        runs.load_run(fresh)
+        restore.load_run(fresh)
     assert sorted(p.name for p in fresh.iterdir()) == ["config.json"]
 
 
 def test_mesh_batch_size(best_run):
     assert best_run.mesh.size == 8
-    assert [inference.mesh_batch_size(b, best_run.mesh) for b in (None, 0, 1, 8, 9, 16)] == [8, 8, 8, 8, 16, 16]
+    assert [probabilities.mesh_batch_size(b, best_run.mesh) for b in (None, 0, 1, 8, 9, 16)] == [8, 8, 8, 8, 16, 16]
 
 
 def test_inference_restores_variables_only(workdir, best_run):
@@ -193,7 +198,7 @@ def test_one_forward_pass_per_batch(best_run):
     builder, split, idx = experiment.eval_split(config, "val")
     dataset = input_pipeline.DeviceDataset.from_builder(builder, split, idx, best_run.mesh, batch_size=8,
                                                         image_size=best_run.image_size, targets=best_run.targets)
-    probability, variables = runs.probability_of(best_run)
+    probability, variables = restore.probability_of(best_run)
     ev = evaluator.Evaluator(dataset, probability, best_run.targets, distances=True, num_panel=3)
     batch = next(dataset.eval_batches(8))
     scored = ev._score.lower(variables, batch).as_text().count("stablehlo.convolution")
@@ -241,7 +246,7 @@ def test_pruned_unetpp(best_run):
     unet = dataclasses.replace(best_run, config=ml_collections.ConfigDict(
         {**best_run.config.to_dict(), "model": {"name": "unet", "depth": 2}}))
     with pytest.raises(ValueError, match="UNet\\+\\+ only"):
-        runs.probability_of(unet, prune_level=1)
+        restore.probability_of(unet, prune_level=1)
 
 
 def test_split_errors(best_run):

@@ -51,7 +51,7 @@ def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     text = (tmp_path / "s.md").read_text()
     assert all(f"| {source} |" in text for source in rows)
     # The screening model beside the table loads and screens the photos it was fitted on.
-    from anemia_jax import screening_model  # noqa: PLC0415
+    from anemia_jax.screening import screening_model  # noqa: PLC0415
 
     model = screening_model.load(tmp_path / "s_model.json")
     assert model.constancy == "none" and model.colour_settings["target"] == "palpebral"

@@ -3,7 +3,7 @@ fixture of the parity tests. ONNX Runtime parity itself runs in the ONNX environ
 command's ONNX path is run end to end only when that environment is given (``$ANEMIA_JAX_ONNX_PYTHON``, as CI does).
 
 Parity: the `jax.export` artifact, serialized, deserialized and called, equals the JAX forward
-(`inference.probability_fn` under `jax.jit`) within 1e-4 with identical masks (p > 0.5), for U-Net, UNet++ with deep
+(`probabilities.probability_fn` under `jax.jit`) within 1e-4 with identical masks (p > 0.5), for U-Net, UNet++ with deep
 supervision and their two-member ensemble, on phantom photos and random images, batches 1 and 3.
 """
 
@@ -18,13 +18,17 @@ import pytest
 
 import _parity
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
-from anemia_jax import export, export_onnx, inference, model_card, normalization, parallel, runs
+from anemia_jax import export
+from anemia_jax.data import normalization
+from anemia_jax.inference import export_onnx, probabilities, model_card
+from anemia_jax.runs import restore
+from anemia_jax.utils import parallel
 
 TOLERANCE = 1e-4
 
 
 def test_phantom_fixture_is_the_generators_output():
-    from anemia_jax.datasets.conjunctiva_phantom import phantom
+    from anemia_jax.data.datasets.conjunctiva_phantom import phantom
 
     expected = np.stack([phantom.generate_example(0, i, long_side=64).image for i in range(3)])
     np.testing.assert_array_equal(_parity.phantom_photos(), expected)
@@ -33,8 +37,8 @@ def test_phantom_fixture_is_the_generators_output():
 @pytest.mark.parametrize("members", [["unet"], ["unetpp_ds"], ["unet", "unetpp_ds"]], ids="+".join)
 def test_stablehlo_reloaded_equals_jax(members):
     built = [_parity.tiny_model(m, seed=i) for i, m in enumerate(members)]
-    fns = [inference.probability_fn(model) for _, model, _ in built]
-    fn = fns[0] if len(fns) == 1 else inference.ensemble_fn(fns)
+    fns = [probabilities.probability_fn(model) for _, model, _ in built]
+    fn = fns[0] if len(fns) == 1 else probabilities.ensemble_fn(fns)
     variables = built[0][2] if len(fns) == 1 else tuple(v for _, _, v in built)
     exported = export.export_stablehlo(fn, variables, _parity.SIZE, platforms=("cpu",))
     reloaded = jax.export.deserialize(exported.serialize())
@@ -55,8 +59,8 @@ def test_export_command_writes_stablehlo_and_card(workdir, tmp_path):
     out = tmp_path / "exports" / "tiny.stablehlo"
     status = export.main(["export", f"--workdir={workdir}", "--format=stablehlo", f"--out={out}", "--platforms=cpu"])
     assert status == 0
-    run = runs.load_run(workdir, checkpoint="best", mesh=parallel.make_mesh(jax.local_devices()[:1]))
-    fn, variables = runs.probability_of(run)
+    run = restore.load_run(workdir, checkpoint="best", mesh=parallel.make_mesh(jax.local_devices()[:1]))
+    fn, variables = restore.probability_of(run)
     images = _parity.input_cases()["random_b3"]
     np.testing.assert_allclose(np.asarray(export.load(out).call(images)),
                                np.asarray(jax.jit(fn)(variables, images)), atol=TOLERANCE)
@@ -95,8 +99,8 @@ def test_onnx_bundle_rebuilds_the_runs_function(workdir, tmp_path, monkeypatch):
     bundle = tmp_path / "tiny.bundle.npz"
     manifest, variables = export_onnx.read_bundle(bundle)
     assert manifest["card"]["runs"][0]["checkpoint"]["step"] == 2 and manifest["image_size"] == [32, 32]
-    run = runs.load_run(workdir, checkpoint="best", mesh=parallel.make_mesh(jax.local_devices()[:1]))
-    fn, run_variables = runs.probability_of(run)
+    run = restore.load_run(workdir, checkpoint="best", mesh=parallel.make_mesh(jax.local_devices()[:1]))
+    fn, run_variables = restore.probability_of(run)
     images = _parity.input_cases()["phantom_b3"]
     np.testing.assert_allclose(np.asarray(jax.jit(export_onnx.bundle_function(manifest, variables))(images)),
                                np.asarray(jax.jit(fn)(run_variables, images)), atol=1e-6)

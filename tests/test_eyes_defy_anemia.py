@@ -18,9 +18,9 @@ from PIL import Image
 from scipy import ndimage
 
 import fake_eyes_archive as fake
-from anemia_jax.datasets import get_builder
-from anemia_jax.datasets.eyes_defy_anemia import archive, masks, metadata, source, summary, xlsx
-from anemia_jax.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder import Builder, EyesDefyAnemiaConfig
+from anemia_jax.data.datasets import get_builder
+from anemia_jax.data.datasets.eyes_defy_anemia import archive, masks, metadata, source, summary, xlsx
+from anemia_jax.data.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder import Builder, EyesDefyAnemiaConfig
 
 KINDS = fake.KINDS
 # patient -> (has_palpebral, has_forniceal, has_forniceal_palpebral) expected from the quirk archive.

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anemia_jax.datasets import features as features_lib
-from anemia_jax.datasets.image_mask_folder import image_mask_folder_dataset_builder as imf
+from anemia_jax.data.datasets import features as features_lib
+from anemia_jax.data.datasets.image_mask_folder import image_mask_folder_dataset_builder as imf
 
 # Foreground of every generated image is a red rectangle on a grey-blue background, so its mask is
 # computable from the stored pixels: that is how alignment is checked after EXIF rotation and resizing.

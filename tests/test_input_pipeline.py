@@ -1,4 +1,4 @@
-"""Tests of anemia_jax.input_pipeline on a tiny TFDS builder written here, over 8 fake CPU devices."""
+"""Tests of anemia_jax.data.input_pipeline on a tiny TFDS builder written here, over 8 fake CPU devices."""
 
 import io
 import sys
@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from anemia_jax import input_pipeline as ip
+from anemia_jax.data import input_pipeline as ip
 
 NUM = 21  # Over 8 devices: shards of 3, 3, 3, 3, 3, 2, 2, 2 examples.
 SOURCE_HW = (24, 20)

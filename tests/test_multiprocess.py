@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from anemia_jax import parallel
+from anemia_jax.utils import parallel
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2

@@ -25,7 +25,9 @@ import jax
 import numpy as np
 import pytest
 
-from anemia_jax import checkpointing, config_lib, experiment, parallel, train
+from anemia_jax.runs import checkpointing, config_lib
+from anemia_jax.training import experiment, train
+from anemia_jax.utils import parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/unetpp.py:data=phantom,test,steps=8"

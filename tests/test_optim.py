@@ -1,4 +1,5 @@
-"""Tests of the encoder fine-tuning options of anemia_jax.optim: freezing, learning-rate multiplier, unchanged state."""
+"""Tests of the encoder fine-tuning options of anemia_jax.training.optim: freezing, learning-rate multiplier, unchanged
+state."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from anemia_jax import optim
+from anemia_jax.training import optim
 
 
 def config(**extra):

@@ -1,11 +1,12 @@
-"""Tests of anemia_jax.plots: the four screening figures and the training curves are written as valid PNGs (skipped
-without matplotlib)."""
+"""Tests of anemia_jax.evaluation.plots: the four screening figures and the training curves are written as valid PNGs
+(skipped without matplotlib)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from anemia_jax import plots, screening
+from anemia_jax.evaluation import plots
+from anemia_jax.screening import cross_validation
 
 
 def test_screening_plots_are_valid_pngs(tmp_path):
@@ -18,8 +19,8 @@ def test_screening_plots_are_valid_pngs(tmp_path):
     good = (hgb + rng.normal(0, 0.8, n))[:, None] + rng.normal(0, 0.1, (n, 2))
     noisy = good + rng.normal(0, 2.0, (n, 2))
     noisy[0] = np.nan  # an excluded photo must not break the figures
-    rows = screening.screening_table({"ground truth": good, "predicted": noisy}, hgb=hgb, anemic=anemic,
-                                     folds=screening.grouped_folds(groups, 3), groups=groups, num_bootstrap=50)
+    rows = cross_validation.screening_table({"ground truth": good, "predicted": noisy}, hgb=hgb, anemic=anemic,
+                                     folds=cross_validation.grouped_folds(groups, 3), groups=groups, num_bootstrap=50)
     paths = plots.screening_plots(rows, hgb=hgb, anemic=anemic, out_dir=tmp_path / "figs", name="s",
                                   groups=groups, num_bootstrap=50)
     assert set(paths) == {"bland_altman", "roc", "calibration", "hgb_scatter"}

@@ -9,7 +9,9 @@ import PIL.Image
 import pytest
 
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
-from anemia_jax import image_io, predict, segmenter
+from anemia_jax import predict
+from anemia_jax.inference import segmenter
+from anemia_jax.utils import image_io
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -1,4 +1,4 @@
-"""Tests of anemia_jax.pretrained and anemia_jax.convert_weights: the three weight formats, their checks, and
+"""Tests of anemia_jax.training.pretrained and anemia_jax.convert_weights: the three weight formats, their checks, and
 numerical equivalence with the PyTorch reference implementations.
 
 Key lists (tests/fixtures/keys_*.txt) are the real checkpoints' names and shapes, listed from the reference
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from _reference_weights import FIXTURES, read_key_list, reference_weights
 
-from anemia_jax import convert_weights, pretrained
+from anemia_jax import convert_weights
+from anemia_jax.training import pretrained
 from anemia_jax.models import get_model
 from anemia_jax.models.resnet import ResNet
 from anemia_jax.models.segformer import MixTransformer

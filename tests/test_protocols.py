@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from anemia_jax import config_lib
+from anemia_jax.runs import config_lib
 from experiments import protocols, provenance
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
-"""Tests of anemia_jax.quality and anemia_jax.photo_report: uncertainty maps, ensembles, verdicts on crafted cases,
-threshold choice and files, the sex of each photo, and ``predict --screening`` end to end on the tiny run."""
+"""Tests of anemia_jax.screening.quality and anemia_jax.screening.photo_report: uncertainty maps, ensembles, verdicts on
+crafted cases, threshold choice and files, the sex of each photo, and ``predict --screening`` end to end on the tiny
+run."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import PIL.Image
 import pytest
 
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
-from anemia_jax import (colour, parallel, photo_report, predict, quality, runs, screening, screening_model,
-                        segmenter)
-from anemia_jax.datasets.conjunctiva_phantom import phantom
+from anemia_jax import predict
+from anemia_jax.inference import segmenter
+from anemia_jax.runs import restore
+from anemia_jax.screening import colour, photo_report, quality, cross_validation, screening_model
+from anemia_jax.utils import parallel
+from anemia_jax.data.datasets.conjunctiva_phantom import phantom
 
 
 def _seg(probs_model, photo_shape=None, members=None, threshold=0.5):
@@ -49,7 +53,7 @@ def test_uncertainty_is_zero_where_members_agree_with_certainty():
 
 
 def test_ensemble_of_two_runs_is_the_mean_of_their_probabilities(workdir):
-    best, latest = (runs.load_run(workdir, checkpoint=c) for c in ("best", "latest"))
+    best, latest = (restore.load_run(workdir, checkpoint=c) for c in ("best", "latest"))
     photos = [np.random.default_rng(i).integers(0, 256, (40 + i, 29, 3), dtype=np.uint8) for i in range(3)]
     a, b = (segmenter.Segmenter([r]).segment(photos) for r in (best, latest))
     both = segmenter.Segmenter([best, latest]).segment(photos)
@@ -61,7 +65,7 @@ def test_ensemble_of_two_runs_is_the_mean_of_their_probabilities(workdir):
         assert not np.allclose(sa.probs_model, sb.probs_model)
 
 
-def _crafted(run, bias: float) -> runs.Run:
+def _crafted(run, bias: float) -> restore.Run:
     """The run with every head's kernel zeroed and bias set: probability sigmoid(bias) at every pixel."""
     params = jax.tree_util.tree_map(np.asarray, parallel.fetch(run.variables["params"]))
     for name in params:
@@ -173,7 +177,7 @@ def phantom_model(tmp_path_factory):
     groups = np.array([e.patient_id for e in examples])
     model = screening_model.fit_screening_model(
         feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]),
-        groups=groups, folds=screening.grouped_folds(groups, 5), num_bootstrap=0,
+        groups=groups, folds=cross_validation.grouped_folds(groups, 5), num_bootstrap=0,
         colour_settings={"target": "palpebral", "feature_size": [64, 48], "mask_threshold": 0.5})
     return model, model.save(tmp_path_factory.mktemp("model") / "screening_model.json"), examples
 
@@ -218,7 +222,7 @@ def test_predict_with_screening_end_to_end(workdir, phantom_model, tmp_path):
     assert [rows[k]["sex"] for k in ("p50", "p51", "p52")] == ["F", "M", "unknown"]
     assert [rows[k]["who_threshold_g_dl"] for k in ("p50", "p51", "p52")] == ["12.0", "13.0", "13.0"]
     # The same numbers by hand: the run's segmentation, then the model's own feature recipe.
-    run = runs.load_run(workdir, checkpoint="best")
+    run = restore.load_run(workdir, checkpoint="best")
     segs = segmenter.Segmenter([run]).segment(list(photos.values()))
     feats = photo_report.screening_features(model, list(photos.values()), segs, run.targets)
     expected = model.predict(feats, sex=["F", "M", None])

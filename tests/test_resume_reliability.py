@@ -22,7 +22,10 @@ import pytest
 
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from _filesystems import full_filesystem
-from anemia_jax import checkpointing, cli, config_lib, errors, main, train, workdir_lock
+from anemia_jax import cli, main
+from anemia_jax.runs import checkpointing, config_lib
+from anemia_jax.training import train, workdir_lock
+from anemia_jax.utils import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/unetpp.py:data=phantom,test,steps=8"

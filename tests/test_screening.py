@@ -1,4 +1,5 @@
-"""Tests of anemia_jax.colour (colour maths, mask features) and anemia_jax.screening (cross-validated statistics)."""
+"""Tests of anemia_jax.screening.colour (colour maths, mask features) and anemia_jax.screening.cross_validation
+(cross-validated statistics)."""
 
 import itertools
 import math
@@ -6,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from anemia_jax import colour, screening
+from anemia_jax.screening import colour, cross_validation
 
 
 def _lab_by_hand(rgb8):
@@ -121,24 +122,24 @@ def test_ridge_alpha_zero_equals_lstsq_and_matches_closed_form():
     y = x @ [1.0, -0.2, 4.0, 0.5] + rng.normal(size=30)
     design = np.concatenate([np.ones((30, 1)), x], axis=1)
     reference = design @ np.linalg.lstsq(design, y, rcond=None)[0]
-    np.testing.assert_allclose(screening.fit_ridge(x, y, alpha=0.0).predict(x), reference, rtol=1e-10)
-    model = screening.fit_ridge(x, y, alpha=7.0)
+    np.testing.assert_allclose(cross_validation.fit_ridge(x, y, alpha=0.0).predict(x), reference, rtol=1e-10)
+    model = cross_validation.fit_ridge(x, y, alpha=7.0)
     z = (x - x.mean(0)) / x.std(0)
     w = np.linalg.solve(z.T @ z + 7.0 * np.eye(4), z.T @ (y - y.mean()))
     np.testing.assert_allclose(model.coef, w, rtol=1e-10)
-    assert np.ptp(screening.fit_ridge(x, y, alpha=1e12).predict(x)) < 1e-6  # all shrunk to the mean
+    assert np.ptp(cross_validation.fit_ridge(x, y, alpha=1e12).predict(x)) < 1e-6  # all shrunk to the mean
 
 
 def test_logistic_reaches_penalised_optimum():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(60, 3))
     y = (x[:, 0] + 0.5 * rng.normal(size=60) > 0).astype(float)
-    model = screening.fit_logistic(x, y, l2=0.5)
+    model = cross_validation.fit_logistic(x, y, l2=0.5)
     z = (x - model.mean) / model.scale
     p = model.predict(x)
     np.testing.assert_allclose(z.T @ (p - y) + 0.5 * model.coef, 0.0, atol=1e-6)  # KKT of the weights
     assert abs(np.sum(p - y)) < 1e-6  # unpenalised intercept: mean prediction = prevalence
-    single = screening.fit_logistic(x, np.ones(60), l2=1.0)
+    single = cross_validation.fit_logistic(x, np.ones(60), l2=1.0)
     np.testing.assert_allclose(single.predict(x), 60.5 / 61)
 
 
@@ -148,17 +149,17 @@ def test_auc_matches_brute_force_with_ties():
     labels = rng.integers(0, 2, size=40)
     pos, neg = scores[labels == 1], scores[labels == 0]
     brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg)])
-    assert screening.roc_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
-    assert screening.roc_auc([0.1, 0.9], [0, 1]) == 1.0
-    assert math.isnan(screening.roc_auc([0.1, 0.9], [1, 1]))
+    assert cross_validation.roc_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
+    assert cross_validation.roc_auc([0.1, 0.9], [0, 1]) == 1.0
+    assert math.isnan(cross_validation.roc_auc([0.1, 0.9], [1, 1]))
 
 
 def test_youden_threshold():
     scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.4])
     labels = np.array([0, 0, 0, 1, 1, 1])
-    assert screening.youden_threshold(scores, labels) == pytest.approx(0.35)
+    assert cross_validation.youden_threshold(scores, labels) == pytest.approx(0.35)
     # J ties (two positives mixed in): the lowest, most sensitive threshold wins.
-    assert screening.youden_threshold([0.1, 0.5, 0.6, 0.9], [0, 1, 0, 1]) == pytest.approx(0.3)
+    assert cross_validation.youden_threshold([0.1, 0.5, 0.6, 0.9], [0, 1, 0, 1]) == pytest.approx(0.3)
 
 
 def _patients(num_patients, photos, seed):
@@ -170,17 +171,17 @@ def test_patient_identity_feature_cannot_predict_across_patient_folds():
     groups, rng = _patients(40, 3, 3)
     onehot = (groups[:, None] == np.unique(groups)[None, :]).astype(float)  # a feature per patient
     hgb = np.repeat(rng.normal(12.0, 2.0, 40), 3) + rng.normal(0.0, 0.1, 120)
-    patient_folds = screening.grouped_folds(groups, 5, seed=0)
-    fair = screening.cross_validate_hgb(onehot, hgb, patient_folds, groups=groups)
+    patient_folds = cross_validation.grouped_folds(groups, 5, seed=0)
+    fair = cross_validation.cross_validate_hgb(onehot, hgb, patient_folds, groups=groups)
     assert abs(fair.pearson_r) < 0.5
     assert fair.mae > 1.0
     # Example-level folds put a patient's photos on both sides: the same feature then "predicts" (the leak the check
     # below refuses), which shows the identity feature is a real test of leakage.
-    leaky_folds = screening.grouped_folds(np.arange(120), 5, seed=0)
-    leaky = screening.cross_validate_hgb(onehot, hgb, leaky_folds)
+    leaky_folds = cross_validation.grouped_folds(np.arange(120), 5, seed=0)
+    leaky = cross_validation.cross_validate_hgb(onehot, hgb, leaky_folds)
     assert leaky.pearson_r > 0.9
     with pytest.raises(ValueError, match="both sides"):
-        screening.cross_validate_hgb(onehot, hgb, leaky_folds, groups=groups)
+        cross_validation.cross_validate_hgb(onehot, hgb, leaky_folds, groups=groups)
 
 
 def _synthetic_cohort(num_patients=60, photos=2, seed=4):
@@ -206,10 +207,10 @@ def _synthetic_cohort(num_patients=60, photos=2, seed=4):
 def test_redness_following_hgb_is_recovered():
     images, masks, hgb, anemic, groups = _synthetic_cohort()
     feats = colour.batch_colour_features(images, masks)
-    folds = screening.grouped_folds(groups, 5, seed=1)
-    reg = screening.cross_validate_hgb(feats.values, hgb, folds, groups=groups)
+    folds = cross_validation.grouped_folds(groups, 5, seed=1)
+    reg = cross_validation.cross_validate_hgb(feats.values, hgb, folds, groups=groups)
     assert reg.pearson_r > 0.9 and reg.mae < 1.0 and reg.n == len(hgb)
-    det = screening.cross_validate_anemia(feats.values, anemic, folds, groups=groups)
+    det = cross_validation.cross_validate_anemia(feats.values, anemic, folds, groups=groups)
     assert det.auc > 0.85 and det.n == len(hgb)
     assert det.sensitivity > 0.6 and det.specificity > 0.6
 
@@ -217,12 +218,12 @@ def test_redness_following_hgb_is_recovered():
 def test_threshold_and_model_use_training_labels_only():
     images, masks, hgb, anemic, groups = _synthetic_cohort(seed=5)
     x = colour.batch_colour_features(images, masks).values
-    folds = screening.grouped_folds(groups, 4, seed=2)
-    base = screening.cross_validate_anemia(x, anemic, folds, groups=groups)
+    folds = cross_validation.grouped_folds(groups, 4, seed=2)
+    base = cross_validation.cross_validate_anemia(x, anemic, folds, groups=groups)
     test0 = folds[0][1]
     flipped = anemic.copy()
     flipped[test0] = 1 - flipped[test0]  # rewrite only fold 0's test labels
-    other = screening.cross_validate_anemia(x, flipped, folds, groups=groups)
+    other = cross_validation.cross_validate_anemia(x, flipped, folds, groups=groups)
     assert other.thresholds[0] == base.thresholds[0] and other.l2s[0] == base.l2s[0]
     np.testing.assert_array_equal(other.scores[test0], base.scores[test0])
     np.testing.assert_array_equal(other.predicted[test0], base.predicted[test0])
@@ -231,8 +232,8 @@ def test_threshold_and_model_use_training_labels_only():
     assert not np.array_equal(other.scores[test1], base.scores[test1])
     hgb2 = hgb.copy()
     hgb2[test0] += 5.0
-    reg_a = screening.cross_validate_hgb(x, hgb, folds, groups=groups)
-    reg_b = screening.cross_validate_hgb(x, hgb2, folds, groups=groups)
+    reg_a = cross_validation.cross_validate_hgb(x, hgb, folds, groups=groups)
+    reg_b = cross_validation.cross_validate_hgb(x, hgb2, folds, groups=groups)
     np.testing.assert_array_equal(reg_a.predictions[test0], reg_b.predictions[test0])
 
 
@@ -246,18 +247,18 @@ def test_exclusions_counts_and_table():
     anemic = anemic.copy()
     hgb[[3, 4]] = np.nan
     anemic[[5]] = -1
-    folds = screening.grouped_folds(groups, 5, seed=3)
-    rows = screening.screening_table({"ground truth": truth, "predicted": pred}, hgb=hgb, anemic=anemic,
-                                     folds=folds, groups=groups)
+    folds = cross_validation.grouped_folds(groups, 5, seed=3)
+    rows = cross_validation.screening_table({"ground truth": truth, "predicted": pred}, hgb=hgb, anemic=anemic,
+                                            folds=folds, groups=groups)
     n = len(hgb)
     for row in rows:
         assert row["n_unknown_hgb"] == 2 and row["n_unknown_anemic"] == 1 and row["n_missing_features"] == 1
         assert row["n_hgb"] == n - 3 and row["n_anemia"] == n - 2
         assert math.isnan(row["regression"].predictions[0]) and row["detection"].predicted[0] == -1
-    separate = screening.screening_table({"ground truth": truth}, hgb=hgb, anemic=anemic, folds=folds,
-                                         groups=groups, common_examples=False)
+    separate = cross_validation.screening_table({"ground truth": truth}, hgb=hgb, anemic=anemic, folds=folds,
+                                                groups=groups, common_examples=False)
     assert separate[0]["n_missing_features"] == 0 and separate[0]["n_hgb"] == n - 2
-    text = screening.format_markdown(rows)
+    text = cross_validation.format_markdown(rows)
     assert text.count("\n") == 9 and text.count("| ground truth |") == 2 and text.count("| predicted |") == 2
     for row in rows:  # the clinical statistics describe the same out-of-fold predictions as the basic columns
         assert row["agreement"].n == row["n_hgb"] and row["agreement"].mae == pytest.approx(row["mae"])
@@ -269,10 +270,10 @@ def test_exclusions_counts_and_table():
 def test_screening_threshold_reaches_target_sensitivity_on_training_parts():
     images, masks, hgb, anemic, groups = _synthetic_cohort(seed=7)
     x = colour.batch_colour_features(images, masks).values
-    folds = screening.grouped_folds(groups, 4, seed=4)
-    det = screening.cross_validate_anemia(x, anemic, folds, groups=groups, target_sensitivity=0.95)
+    folds = cross_validation.grouped_folds(groups, 4, seed=4)
+    det = cross_validation.cross_validate_anemia(x, anemic, folds, groups=groups, target_sensitivity=0.95)
     for k, (train, test) in enumerate(folds):
-        _, oof = screening.choose_l2(x[train], anemic[train].astype(float), groups[train])
+        _, oof = cross_validation.choose_l2(x[train], anemic[train].astype(float), groups[train])
         y = anemic[train]
         t = det.screening_thresholds[k]
         assert np.mean(oof[y == 1] >= t) >= 0.95  # reached on the training part's inner out-of-fold scores ...
@@ -287,11 +288,11 @@ def test_fold_validation():
     x = np.zeros((6, 1))
     y = np.arange(6.0)
     with pytest.raises(ValueError, match="overlap"):
-        screening.cross_validate_hgb(x, y, [([0, 1, 2], [3, 4]), ([0, 1, 2], [4, 5])])
+        cross_validation.cross_validate_hgb(x, y, [([0, 1, 2], [3, 4]), ([0, 1, 2], [4, 5])])
     with pytest.raises(ValueError, match="both the training and the test"):
-        screening.cross_validate_hgb(x, y, [([0, 1, 2, 3], [3, 4])])
+        cross_validation.cross_validate_hgb(x, y, [([0, 1, 2, 3], [3, 4])])
     with pytest.raises(ValueError, match="both classes"):
-        screening.cross_validate_anemia(x, np.array([0, 0, 0, 1, 1, 1]), [([0, 1, 2], [3, 4, 5])])
+        cross_validation.cross_validate_anemia(x, np.array([0, 0, 0, 1, 1, 1]), [([0, 1, 2], [3, 4, 5])])
 
 
 def _cast_scene(cast, seed=0):

@@ -1,11 +1,12 @@
-"""Tests of anemia_jax.screening_model: fitting, CV+ intervals, WHO calls with and without sex, the JSON artifact."""
+"""Tests of anemia_jax.screening.screening_model: fitting, CV+ intervals, WHO calls with and without sex, the JSON
+artifact."""
 
 import json
 
 import numpy as np
 import pytest
 
-from anemia_jax import colour, screening, screening_model
+from anemia_jax.screening import colour, cross_validation, screening_model
 
 NAMES = ("lab_a", "lab_l", "hhr")
 
@@ -24,7 +25,7 @@ def _cohort(n, seed, noise=1.0, photos=1):
 
 def _fit(n=300, seed=0, **kwargs):
     feats, hgb, anemic, groups, _ = _cohort(n, seed)
-    folds = screening.grouped_folds(groups, 5, seed=0)
+    folds = cross_validation.grouped_folds(groups, 5, seed=0)
     return screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds,
                                                num_bootstrap=100, colour_settings={"target": "palpebral"},
                                                training={"data": "synthetic"}, **kwargs)
@@ -53,7 +54,7 @@ def test_artifact_round_trip_is_exact(tmp_path):
 def test_prediction_interval_covers_stated_fraction():
     """Noise SD 1 (interval about +-1.645): 90% CV+ intervals cover 0.88-0.92 of 4000 new photos."""
     feats, hgb, anemic, groups, _ = _cohort(2000, seed=1)
-    folds = screening.grouped_folds(groups, 5, seed=0)
+    folds = cross_validation.grouped_folds(groups, 5, seed=0)
     model = screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds,
                                                 coverage=0.9, num_bootstrap=0)
     test, truth, *_ = _cohort(4000, seed=2)
@@ -138,16 +139,16 @@ def test_load_errors_for_missing_or_truncated_files(tmp_path):
 
 def test_fit_uses_training_folds_and_records_the_protocol():
     feats, hgb, anemic, groups, _ = _cohort(240, seed=5, photos=2)
-    folds = screening.grouped_folds(groups, 4, seed=1)
+    folds = cross_validation.grouped_folds(groups, 4, seed=1)
     model = screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds,
                                                 num_bootstrap=0)
     assert len(model.fold_models) == 4 and len(model.abs_residuals) == 240
-    cv = screening.cross_validate_hgb(feats.values, hgb, folds, groups=groups)
+    cv = cross_validation.cross_validate_hgb(feats.values, hgb, folds, groups=groups)
     np.testing.assert_allclose(model.abs_residuals, np.abs(hgb - cv.predictions))  # the OOF residuals
     assert model.metrics["hgb"]["mae"] == pytest.approx(cv.mae)
     assert model.training["n_hgb"] == 240 and model.training["fold_alphas"] == cv.alphas.tolist()
     # The threshold reaches the target sensitivity on the inner out-of-fold probabilities of all photos.
-    _, oof = screening.choose_l2(feats.values, anemic.astype(float), groups)
+    _, oof = cross_validation.choose_l2(feats.values, anemic.astype(float), groups)
     assert np.mean(oof[anemic == 1] >= model.threshold) >= 0.9
     with pytest.raises(ValueError, match="in no test fold"):
         screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds[:3])

@@ -1,11 +1,11 @@
-"""Tests of anemia_jax.splits: patient-level, stratified, deterministic splits."""
+"""Tests of anemia_jax.data.splits: patient-level, stratified, deterministic splits."""
 
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from anemia_jax import splits
+from anemia_jax.data import splits
 
 
 def _metadata(num_patients=60, examples_per_patient=1, seed=0):

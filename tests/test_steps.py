@@ -1,10 +1,10 @@
-"""Tests of the data-parallel steps (anemia_jax.steps) and mesh helpers (anemia_jax.parallel).
+"""Tests of the data-parallel steps (anemia_jax.training.steps) and mesh helpers (anemia_jax.utils.parallel).
 
 Eight fake CPU devices (tests/conftest.py). A tiny U-Net (features 4, depth 2, BatchNorm) on
 16x16 images keeps compilation short; one module-scoped fixture compiles the 8-device and the
 1-device train steps once and the tests share their results. Augmentation and dropout are off
 in the equivalence tests: their per-device keys (fold_in of axis_index) depend on the device
-count by design, see the module docstring of anemia_jax.steps.
+count by design, see the module docstring of anemia_jax.training.steps.
 """
 
 import jax
@@ -14,8 +14,13 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from anemia_jax import augment, evaluator, inference, input_pipeline, losses, metrics, parallel, steps
-from anemia_jax.normalization import normalize
+from anemia_jax import losses, metrics
+from anemia_jax.data import augment, input_pipeline
+from anemia_jax.evaluation import evaluator
+from anemia_jax.inference import probabilities
+from anemia_jax.training import steps
+from anemia_jax.utils import parallel
+from anemia_jax.data.normalization import normalize
 from anemia_jax.models.unet import UNet
 from anemia_jax.models.unetpp import UNetPlusPlus
 
@@ -277,7 +282,7 @@ def test_evaluator_per_example_outputs(runs):
     host = input_pipeline.HostExamples(batch["image"][keep], batch["masks"][keep], batch["mask_weights"][keep],
                                        batch["index"][keep], {}, ("a", "b"))
     dataset = input_pipeline.DeviceDataset.from_host(host, mesh, batch_size=GLOBAL_BATCH)
-    result = evaluator.Evaluator(dataset, inference.probability_fn(MODEL), ("a", "b")).run(
+    result = evaluator.Evaluator(dataset, probabilities.probability_fn(MODEL), ("a", "b")).run(
         steps.model_variables(state))
     out = result.per_image
     fetched = parallel.fetch(state)
@@ -312,17 +317,17 @@ def test_probability_fn_unetpp_prune_level():
     full = model.apply(variables, x, train=False).heads
     assert len(full) == 2
     for prune_level, expected in ((None, full[-1]), (1, model.apply(variables, x, train=False, prune_level=1).logits)):
-        probs = inference.sharded(inference.probability_fn(model, prune_level=prune_level), mesh)(
+        probs = probabilities.sharded(probabilities.probability_fn(model, prune_level=prune_level), mesh)(
             parallel.replicate(variables, mesh), parallel.host_local_to_global(images, mesh))
         assert probs.shape == (GLOBAL_BATCH, SIZE, SIZE, TARGETS) and probs.dtype == jnp.float32
         assert probs.sharding.spec == P(parallel.DATA_AXIS)
         np.testing.assert_allclose(parallel.fetch(probs), jax.nn.sigmoid(expected), atol=1e-5)
     assert not np.allclose(jax.nn.sigmoid(full[0]), jax.nn.sigmoid(full[-1]), atol=1e-3)
     # An ensemble of a model with itself is the model; members keep each probability apart.
-    both = inference.ensemble_fn([inference.probability_fn(model)] * 2)
+    both = probabilities.ensemble_fn([probabilities.probability_fn(model)] * 2)
     np.testing.assert_allclose(jax.jit(both)((variables, variables), images[:2]),
                                jax.nn.sigmoid(full[-1][:2]), atol=1e-5)
-    members = jax.jit(inference.members_fn([inference.probability_fn(model)] * 3))((variables,) * 3, images[:2])
+    members = jax.jit(probabilities.members_fn([probabilities.probability_fn(model)] * 3))((variables,) * 3, images[:2])
     assert members.shape == (3, 2, SIZE, SIZE, TARGETS)
 
 

@@ -26,8 +26,13 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
-from anemia_jax import checkpointing, config_lib, evaluate, evaluator, experiment, input_pipeline, parallel, reporting
-from anemia_jax import train
+from anemia_jax import evaluate
+from anemia_jax.data import input_pipeline
+from anemia_jax.evaluation import evaluator
+from anemia_jax.runs import checkpointing, config_lib
+from anemia_jax.training import experiment, reporting
+from anemia_jax.utils import parallel
+from anemia_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/unetpp.py:data=phantom,test"
@@ -428,7 +433,7 @@ def test_reporter_on_object_storage(fake_gcs):
 
 
 def test_reporting_helpers(tmp_path):
-    from anemia_jax import reporting
+    from anemia_jax.training import reporting
 
     assert reporting.jsonable({"a": np.float32(0.5), "b": (np.inf, np.nan), "c": np.arange(2)}) == {
         "a": 0.5, "b": ["Infinity", "NaN"], "c": [0, 1]}

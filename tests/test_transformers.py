@@ -16,7 +16,7 @@ import pytest
 from _reference_weights import FIXTURES
 from _step_equivalence import assert_one_step_equal_on_1_and_8_devices, numpy_variables
 
-from anemia_jax import parallel
+from anemia_jax.utils import parallel
 from anemia_jax.models import get_model
 
 COUNTS = json.loads((FIXTURES / "reference_param_counts.json").read_text())

@@ -1,4 +1,4 @@
-"""Tests of anemia_jax.tta: exact flip inversion, scale round trips, probability averaging, odd sizes, jit."""
+"""Tests of anemia_jax.inference.tta: exact flip inversion, scale round trips, probability averaging, odd sizes, jit."""
 
 import functools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anemia_jax import tta
+from anemia_jax.inference import tta
 
 
 def _smooth_images(b=2, h=32, w=48):

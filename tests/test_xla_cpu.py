@@ -1,4 +1,4 @@
-"""anemia_jax.xla_cpu: the CPU flags are appended to XLA_FLAGS only where that is safe, and take effect."""
+"""anemia_jax.utils.xla_cpu: the CPU flags are appended to XLA_FLAGS only where that is safe, and take effect."""
 
 import os
 import re
@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from anemia_jax import xla_cpu
+from anemia_jax.utils import xla_cpu
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 

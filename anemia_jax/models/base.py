@@ -17,7 +17,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 
-from anemia_jax.registry import Registry
+from anemia_jax.utils.registry import Registry
 
 __all__ = ["MODELS", "SegmentationOutput", "register_model"]
 

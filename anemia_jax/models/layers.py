@@ -64,7 +64,7 @@ def check_images(images: Array, depth: int, model: str) -> None:
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(
             f"{model} expects floating-point images (e.g. float32 in [0, 1]); got dtype "
-            f"{images.dtype}. Convert uint8 images first (anemia_jax.normalization.to_float)."
+            f"{images.dtype}. Convert uint8 images first (anemia_jax.data.normalization.to_float)."
         )
 
 

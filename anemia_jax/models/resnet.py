@@ -5,7 +5,7 @@ Bottlenecks, stride on the 3x3 convolution): stem conv 7x7/2 + BatchNorm + ReLU,
 is explicit and symmetric as in PyTorch (Flax's 'SAME' pads stride-2 layers asymmetrically), so pretrained weights
 give the reference's features to float tolerance. Parameter names map 1:1 to the PyTorch keys, with the dots of a
 module path joined by '_' inside a stage: ``layer2.0.downsample.1.weight`` -> ``layer2_0/downsample_1/scale``
-(`anemia_jax.pretrained` does the conversion).
+(`anemia_jax.training.pretrained` does the conversion).
 
 The decoders are segmentation_models_pytorch 0.6's ``Unet`` and ``UnetPlusPlus`` (Yakubovskiy), built from the
 encoder's features ``[images, stem (/2), layer1 (/4), layer2 (/8), layer3 (/16), layer4 (/32)]``: nearest 2x
@@ -33,7 +33,7 @@ from anemia_jax.models.layers import check_images
 Array = jax.Array
 Dtype = Any
 
-# The top-level parameter scope that holds a model's (pretrainable) encoder; see anemia_jax.optim.
+# The top-level parameter scope that holds a model's (pretrainable) encoder; see anemia_jax.training.optim.
 ENCODER_SCOPE = "encoder"
 SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 

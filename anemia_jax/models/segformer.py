@@ -3,7 +3,7 @@
 Reference: E. Xie, W. Wang, Z. Yu, A. Anandkumar, J. M. Alvarez, P. Luo, "SegFormer: Simple and Efficient Design for
 Semantic Segmentation with Transformers", arXiv:2105.15203. The layers follow the HuggingFace ``transformers``
 implementation (``SegformerModel`` / ``SegformerDecodeHead``), whose ``nvidia/mit-b0..b2`` checkpoints
-`anemia_jax.pretrained` loads: overlapping patch embeddings (conv 7x7/4 then 3x3/2, LayerNorm), efficient
+`anemia_jax.training.pretrained` loads: overlapping patch embeddings (conv 7x7/4 then 3x3/2, LayerNorm), efficient
 self-attention with spatial reduction (a strided conv over keys/values, ratios 8-4-2-1), Mix-FFN (linear, depthwise
 3x3 conv, exact GELU, linear), LayerNorm eps 1e-5, stochastic depth rising linearly to ``drop_path_rate``. The decoder
 projects each stage to ``decoder_hidden`` channels, upsamples them (bilinear) to 1/4 of the input, concatenates them
@@ -174,7 +174,7 @@ class SegFormer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    # Read by anemia_jax.steps: the decoder's BatchNorm must be synchronised over the data axis.
+    # Read by anemia_jax.training.steps: the decoder's BatchNorm must be synchronised over the data axis.
     norm = "batch"
     # H and W must be multiples of this (the last MiT stage is at 1/32).
     input_multiple = 32

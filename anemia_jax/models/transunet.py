@@ -17,7 +17,7 @@ Make Strong Encoders for Medical Image Segmentation", arXiv:2102.04306, and its 
 
 Parameter names inside ``encoder`` are those of the ``.npz`` checkpoints (``conv_root``, ``gn_root``,
 ``block1/unit1/conv1``, ``embedding``, ``Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query``, ...), so
-`anemia_jax.pretrained` loads ``R50+ViT-B_16.npz`` / ``ViT-B_16.npz`` by name. The position embeddings are a
+`anemia_jax.training.pretrained` loads ``R50+ViT-B_16.npz`` / ``ViT-B_16.npz`` by name. The position embeddings are a
 parameter ``[1, H/16, W/16, hidden]`` sized by the ``init`` images and resized bilinearly when called on another size.
 """
 
@@ -289,7 +289,7 @@ class TransUNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    # Read by anemia_jax.steps: the decoder's BatchNorm must be synchronised over the data axis.
+    # Read by anemia_jax.training.steps: the decoder's BatchNorm must be synchronised over the data axis.
     norm = "batch"
 
     @property

@@ -62,7 +62,7 @@ cp "$PEER_BENCH" .device/peer_bench.py
 # Prepared exactly as the trainer prepares it (array_record).
 "$PY" - "$KVASIR_SOURCE" <<'PY'
 import sys
-from anemia_jax import datasets
+from anemia_jax.data import datasets
 b = datasets.get_builder("image_mask_folder", data_dir=".device/tfds", config="kvasir_seg_256", source_dir=sys.argv[1])
 b.download_and_prepare(file_format="array_record")
 print("kvasir_seg_256", b.version, {k: v.num_examples for k, v in b.info.splits.items()})

@@ -151,7 +151,7 @@ def environment() -> dict[str, Any]:
                            capture_output=True, text=True)
         env["card"] = q.stdout.strip() or q.stderr.strip()
     try:
-        from anemia_jax import datasets
+        from anemia_jax.data import datasets
 
         data_dir = os.environ.get("KVASIR_DATA_DIR", ".device/tfds")
         b = datasets.get_builder("image_mask_folder", data_dir=data_dir, config="kvasir_seg_256")

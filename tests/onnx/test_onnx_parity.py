@@ -1,9 +1,9 @@
 """ONNX export parity, run in the ONNX environment (jax2onnx + ONNX Runtime; README: Export a model; .ci/run runs
-it there): for U-Net (transposed-convolution and bilinear-resize upsampling), UNet++ with deep supervision, a
-two-member ensemble and UNet++ with test-time augmentation (flips and a 0.75 rescale), the bundle written as
-`anemia_jax.export --format=onnx` writes it is converted by `anemia_jax.export_onnx.convert`, and ONNX Runtime's
-probabilities equal the JAX function's within 1e-4 with identical masks (p > 0.5), on phantom photos and random
-images, batches 1 and 3. In the project environment (no jax2onnx) the module is skipped."""
+it there): for U-Net (transposed-convolution and bilinear-resize upsampling), UNet++ with deep supervision, a two-member
+ensemble and UNet++ with test-time augmentation (flips and a 0.75 rescale), the bundle written as `anemia_jax.export
+--format=onnx` writes it is converted by `anemia_jax.inference.export_onnx.convert`, and ONNX Runtime's probabilities
+equal the JAX function's within 1e-4 with identical masks (p > 0.5), on phantom photos and random images, batches 1 and
+3. In the project environment (no jax2onnx) the module is skipped."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX environment only (README: 
 onnx = pytest.importorskip("onnx")
 
 import _parity  # noqa: E402
-from anemia_jax import export_onnx, inference, model_card  # noqa: E402
+from anemia_jax.inference import export_onnx, probabilities, model_card  # noqa: E402
 
 TOLERANCE = 1e-4
 CASES = {
@@ -38,18 +38,18 @@ def inputs():
 @pytest.mark.parametrize("case", list(CASES))
 def test_onnx_runtime_equals_jax(case, inputs, tmp_path):
     members, tta_spec = CASES[case]
-    transforms = inference.parse_tta(*tta_spec.split("|")) if tta_spec else None
+    transforms = probabilities.parse_tta(*tta_spec.split("|")) if tta_spec else None
     specs, variables, fns = [], [], []
     for seed, member in enumerate(members):
         name, model, v = _parity.tiny_model(member, seed=seed)
         specs.append(export_onnx.member_spec(name, model, transforms=transforms))
         variables.append(v)
-        fns.append(inference.probability_fn(model, transforms=transforms))
+        fns.append(probabilities.probability_fn(model, transforms=transforms))
     bundle = export_onnx.write_bundle(tmp_path / "m.bundle.npz", members=specs, variables=variables,
                                       image_size=_parity.SIZE, targets=("a", "b"), card={"case": case})
     out = export_onnx.convert(bundle, tmp_path / "m.onnx")
 
-    reference = fns[0] if len(fns) == 1 else inference.ensemble_fn(fns)
+    reference = fns[0] if len(fns) == 1 else probabilities.ensemble_fn(fns)
     bound = variables[0] if len(fns) == 1 else tuple(variables)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
@@ -81,7 +81,7 @@ def test_bundle_round_trip_rebuilds_the_same_function(tmp_path, inputs):
     assert manifest["members"][0]["fields"]["bn_axis_name"] is None
     np.testing.assert_array_equal(
         np.asarray(export_onnx.bundle_function(manifest, restored)(inputs["random_b3"])),
-        np.asarray(inference.probability_fn(model, prune_level=1)(variables, inputs["random_b3"])))
+        np.asarray(probabilities.probability_fn(model, prune_level=1)(variables, inputs["random_b3"])))
 
 
 def test_main_reports_a_missing_bundle(tmp_path, capsys):

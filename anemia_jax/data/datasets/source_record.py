@@ -1,0 +1,170 @@
+"""Which source a prepared dataset was built from, so that it is never reused for another one.
+
+TFDS keys a prepared dataset by builder, config and version only: preparing Kvasir-SEG from folder A and then asking
+for folder B with the same ``data_dir`` would silently reuse A. Builders that read user-supplied files therefore
+record, beside the prepared files, the source they read and the options that shaped the data
+(``source_record.json``, written inside TFDS's temporary directory, so it appears atomically with the dataset):
+
+* the source's **fingerprint** (`fingerprint`): for a folder, every file's relative path, size and modification
+  time; for a zip, every member's name, size and CRC-32 (read from the zip's central directory: a content
+  checksum that costs no decompression); hashed with SHA-256;
+* the builder **options** that change the prepared examples (e.g. ``mask_threshold``, ``max_file_mb``).
+
+`check` compares that record with what a run asks for before the prepared data are reused
+(`anemia_jax.training.experiment.prepare_builder` calls it) and raises `SourceMismatchError` naming both sources on any
+difference; the remedies are a ``data_dir`` of the new source's own, or deleting the prepared directory to rebuild it. A
+source found only by downloading (kagglehub) cannot be fingerprinted without downloading it, so it is not compared; a
+dataset prepared before records existed is reused with a warning that it cannot be verified.
+
+Builders opt in by deriving from `RecordsSource` and implementing `requested_source` and `source_options`, and by
+setting ``self.used_source`` to the path they read while generating.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import zipfile
+from typing import Any
+
+from absl import logging
+
+from anemia_jax.utils import errors
+
+__all__ = ["RECORD_FILE", "RecordsSource", "SourceMismatchError", "check", "describe", "fingerprint", "read"]
+
+RECORD_FILE = "source_record.json"
+
+
+class SourceMismatchError(errors.DataError, ValueError):
+    """The prepared dataset was built from another source (or with other options) than the run asks for."""
+
+
+def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """``{'path', 'kind' ('folder'|'zip'|'file'), 'files', 'bytes', 'sha256'}`` of a source folder or file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = pathlib.Path(path).expanduser().absolute()
+    digest = hashlib.sha256()
+    files = total = 0
+    if path.is_dir():
+        kind = "folder"
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for name in sorted(names):
+                full = pathlib.Path(root, name)
+                stat = full.stat()
+                rel = full.relative_to(path).as_posix()
+                digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                files, total = files + 1, total + stat.st_size
+    elif zipfile.is_zipfile(path):
+        kind = "zip"
+        with zipfile.ZipFile(path) as z:
+            for info in sorted(z.infolist(), key=lambda i: i.filename):
+                digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
+                files, total = files + 1, total + info.file_size
+    elif path.is_file():
+        kind = "file"
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        files, total = 1, stat.st_size
+    else:
+        raise FileNotFoundError(f"{path} does not exist.")
+    return {"path": str(path), "kind": kind, "files": files, "bytes": total, "sha256": digest.hexdigest()}
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """``'/data/kvasir (folder of 2000 files, 46.2 MB, fingerprint 1a2b3c4d)'`` for messages."""
+    if not record:
+        return "an unknown source"
+    return (f"{record['path']} ({record['kind']} of {record['files']} files, {record['bytes'] / 1e6:.1f} MB, "
+            f"fingerprint {record['sha256'][:8]})")
+
+
+def read(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The record in a prepared dataset's directory, or None if it has none (prepared before records existed)."""
+    path = pathlib.Path(os.fspath(directory)) / RECORD_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class RecordsSource:
+    """Mix-in for TFDS builders that read user-supplied files: writes ``source_record.json`` with the prepared data.
+
+    Subclasses implement `requested_source` and `source_options` and set ``self.used_source`` to the path they read.
+    """
+
+    used_source: str | os.PathLike | None = None
+
+    def requested_source(self, manual_dir: str | os.PathLike | None) -> pathlib.Path | None:
+        """The source this builder would read now, found without downloading anything (None if it cannot tell)."""
+        raise NotImplementedError
+
+    def source_options(self) -> dict[str, Any]:
+        """The builder options that change the prepared examples (JSON-serialisable)."""
+        raise NotImplementedError
+
+    def _download_and_prepare(self, dl_manager, download_config):  # pytype: disable=signature-mismatch
+        self.used_source = None
+        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        record = {"source": fingerprint(self.used_source) if self.used_source is not None else None,
+                  "options": self.source_options(),
+                  "prepared_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        # TFDS points data_dir at its temporary directory here and renames it once everything is written.
+        (pathlib.Path(os.fspath(self.data_dir)) / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check(builder, manual_dir: str | os.PathLike | None, *, flag_prefix: str = "--config.dataset.") -> None:
+    """Raises `SourceMismatchError` if ``builder``'s prepared data came from another source or other options than
+    it would use now. Does nothing for builders without external sources or datasets not prepared yet.
+
+    Args:
+        builder: a TFDS builder (a `RecordsSource` to be checked).
+        manual_dir: TFDS's manual directory the run would search (None: the builder's default).
+        flag_prefix: how the config fields are spelled in the message's advice.
+    """
+    if not isinstance(builder, RecordsSource) or not builder.is_prepared():
+        return
+    directory = builder.data_path
+    recorded = read(directory)
+    requested_path = builder.requested_source(manual_dir)
+    if recorded is None:
+        logging.warning("The prepared dataset %s records no source (it was prepared before sources were recorded), "
+                        "so it cannot be checked against %s; delete that directory to rebuild it if in doubt.",
+                        directory, requested_path or "the source this run would use")
+        return
+    problems = []
+    old = recorded.get("source") or {}
+    if requested_path is not None and not pathlib.Path(requested_path).expanduser().exists():
+        absolute = str(pathlib.Path(requested_path).expanduser().absolute())
+        if absolute != old.get("path"):
+            problems.append(f"it was built from {describe(old)}, but this run asks for {absolute}, which does not "
+                            "exist")
+        else:
+            logging.info("The source %s of the prepared dataset %s is gone; using the prepared copy.", absolute,
+                         directory)
+    elif requested_path is not None:
+        requested = fingerprint(requested_path)
+        if requested["sha256"] != old.get("sha256"):
+            if requested["path"] == old.get("path"):
+                problems.append(f"its source {requested['path']} has changed since it was prepared (then: "
+                                f"{describe(old)}; now: {describe(requested)})")
+            else:
+                problems.append(f"it was built from {describe(old)}, but this run asks for {describe(requested)}")
+    options = builder.source_options()
+    for key in sorted(set(options) | set(recorded.get("options", {}))):
+        then, now = recorded.get("options", {}).get(key), options.get(key)
+        if then != now:
+            problems.append(f"it was prepared with {key}={then!r}, but this run asks for {key}={now!r}")
+    if problems:
+        raise SourceMismatchError(
+            f"The prepared dataset in {directory} does not match this run: {'; '.join(problems)}. Using it would "
+            f"train or evaluate on other data than the config records. Either give the new source a data directory "
+            f"of its own ({flag_prefix}data_dir=DIR), or delete {directory} to rebuild it from the new source.")

@@ -1,0 +1,2 @@
+"""Evaluation: the one evaluation loop (the trainer's validation and the evaluate command), its reports and
+figures."""

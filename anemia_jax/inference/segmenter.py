@@ -1,0 +1,126 @@
+"""Segmenting photographs of any size with restored runs: what ``predict``, the screening app and scripts share.
+
+`Segmenter(runs, ...)` wraps one run or an ensemble of runs (their probabilities averaged, `restore.probability_of`).
+``segment(photos)`` takes upright uint8 RGB photos of any size (`image_io.load_photo`) and, per photo:
+
+1. resizes it to the runs' training resolution exactly as training photos were (`image_io.resize_image`);
+2. predicts probabilities, batched over the local devices (optionally with test-time augmentation or a pruned
+   UNet++);
+3. returns them at the training resolution and resized back to the photo's own size (bilinear per target), with
+   the masks ``probability > threshold``;
+4. with the per-pixel uncertainty (`anemia_jax.screening.quality.uncertainty_maps`): the entropy of the mean probability
+   (what the verdict and the app show; it also rises where ensemble members disagree) and the members' disagreement
+   (mutual information; zero for a single run).
+
+The quality verdict of a photo (usable / retake, with reasons) is `anemia_jax.screening.quality.verdict` of
+`anemia_jax.screening.quality.measure` (photo, segmentation, target channel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from anemia_jax.inference import probabilities, tta
+from anemia_jax.runs import restore as runs_lib
+from anemia_jax.screening import quality
+from anemia_jax.utils import image_io
+
+__all__ = ["PhotoSegmentation", "Segmenter"]
+
+
+@dataclasses.dataclass
+class PhotoSegmentation:
+    """The segmentation of one photo.
+
+    Attributes:
+        probs_model: float32 ``[h, w, C]`` probabilities at the training resolution ``(h, w)``.
+        probs: float32 ``[H, W, C]`` probabilities at the photo's own size.
+        masks: bool ``[H, W, C]``, ``probs > threshold``.
+        members_model: float32 ``[M, h, w, C]`` each ensemble member's probabilities at the training resolution
+            (M = 1 for a single run).
+        threshold: the probability threshold of ``masks``.
+        uncertainty_model: float32 ``[h, w, C]`` per-target entropy (bits, 0..1) of the mean probability
+            (`quality.uncertainty_maps`).
+        disagreement_model: float32 ``[h, w, C]`` the members' mutual information (bits; 0 for a single run).
+
+    ``uncertainty`` (float32 ``[H, W]``, photo size) is the map people look at: the largest per-target entropy of
+    each pixel, resized bilinearly (computed on first use).
+    """
+
+    probs_model: np.ndarray
+    probs: np.ndarray
+    masks: np.ndarray
+    members_model: np.ndarray
+    threshold: float = 0.5
+    uncertainty_model: np.ndarray | None = None
+    disagreement_model: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.uncertainty_model is None or self.disagreement_model is None:
+            self.uncertainty_model, self.disagreement_model = quality.uncertainty_maps(self.members_model)
+
+    @functools.cached_property
+    def uncertainty(self) -> np.ndarray:
+        """float32 ``[H, W]``: the per-pixel uncertainty at the photo's size (bits; 0 certain, 1 p = 0.5)."""
+        worst = self.uncertainty_model.max(axis=-1, keepdims=True)
+        return image_io.resize_probabilities(worst, self.probs.shape[:2])[..., 0]
+
+    def fractions(self) -> np.ndarray:
+        """float [C]: the fraction of the photo inside each mask."""
+        return self.masks.reshape(-1, self.masks.shape[-1]).mean(axis=0)
+
+
+class Segmenter:
+    """Photos in, probabilities and masks out, with one run or an ensemble of runs (same targets and resolution).
+
+    Args:
+        runs: restored runs (`restore.load_runs`), on one mesh (for photos, normally this process's devices).
+        threshold: probability above which a pixel is in a mask.
+        transforms: TTA views (`probabilities.parse_tta`), or None.
+        prune_level: UNet++ pruned network L^k, or None.
+        batch_size: photos per device call (rounded up to a multiple of the mesh size; default the mesh size).
+    """
+
+    def __init__(self, runs: Sequence[runs_lib.Run], *, threshold: float = 0.5,
+                 transforms: Sequence[tta.Transform] | None = None, prune_level: int | None = None,
+                 batch_size: int | None = None):
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must lie in [0, 1); got {threshold}.")
+        self.runs = list(runs)
+        if not self.runs:
+            raise ValueError("A Segmenter needs at least one run.")
+        self.threshold = threshold
+        self.mesh = self.runs[0].mesh
+        self.batch_size = probabilities.mesh_batch_size(batch_size, self.mesh)
+        members = [runs_lib.probability_of(run, prune_level=prune_level, transforms=transforms) for run in self.runs]
+        self._variables = tuple(v for _, v in members)
+        self._members = probabilities.sharded(probabilities.members_fn([fn for fn, _ in members]), self.mesh,
+                                              out_axis=1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) every photo is resized to before prediction."""
+        return self.runs[0].image_size
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.runs[0].targets
+
+    def segment(self, photos: Sequence[np.ndarray]) -> list[PhotoSegmentation]:
+        """Segments upright uint8 RGB photos ``[H_i, W_i, 3]`` (any sizes); one `PhotoSegmentation` each."""
+        if not len(photos):
+            return []
+        inputs = np.stack([image_io.resize_image(np.asarray(p, np.uint8), self.image_size) for p in photos])
+        members = probabilities.predict_images(self._members, self._variables, inputs, self.mesh,
+                                               batch_size=self.batch_size, batch_axis=1)
+        out = []
+        for i, photo in enumerate(photos):
+            probs_model = members[:, i].mean(axis=0)
+            probs = image_io.resize_probabilities(probs_model, photo.shape[:2])
+            out.append(PhotoSegmentation(probs_model=probs_model, probs=probs, masks=probs > self.threshold,
+                                         members_model=members[:, i], threshold=self.threshold))
+        return out

@@ -1,0 +1,283 @@
+"""What a health worker reads about one photo: its quality verdict and, with a screening model, the Hgb estimate.
+
+`PhotoAssessor(targets, thresholds, screening_model)` turns photos and their `segmenter.PhotoSegmentation` into
+`PhotoReport` s, shared by ``predict`` and the screening app:
+
+1. the quality verdict (`anemia_jax.screening.quality`): usable / retake with reasons, judged on the quality target (the
+   thresholds' ``target``; else the screening model's target; else the runs' first target);
+2. with a screening model (`anemia_jax.screening.screening_model`): colour features computed EXACTLY as the model's
+   training features were (`screening_features`: the photo resized to the model's ``feature_size`` as training photos
+   were, the ensemble's mean probability of its ``target`` resized bilinearly to that size and thresholded at its
+   ``mask_threshold``, its colour constancy, hue threshold and white fraction), then the Hgb estimate with its
+   prediction interval, the probability of anemia and the call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex uses
+   13). A screening note that says the estimate is unreliable (colour outside the training range) also makes the photo
+   'retake'.
+
+`csv_header` / `csv_values` are the per-photo columns of ``predictions.csv``; `caption_lines` / `draw_caption` put the
+same on the overlay image. Sex per photo: `read_sex_csv` reads a ``sex.csv`` (columns ``file,sex``; ``file`` a name
+or a path relative to the CSV's folder; ``sex`` F/M/female/male or empty for unknown), `photo_sexes` combines it
+with a ``--sex`` given for every photo.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+from absl import logging
+
+from anemia_jax.screening import colour, quality, screening_model as sm
+from anemia_jax.training import reporting
+from anemia_jax.utils import image_io
+
+__all__ = ["SEX_CSV", "PhotoAssessor", "PhotoReport", "caption_lines", "csv_header", "csv_values", "draw_caption",
+           "photo_sexes", "read_sex_csv", "screening_features"]
+
+SEX_CSV = "sex.csv"  # looked for in each photo's folder
+_SCREEN_COLUMNS = ("sex", "hgb_g_dl", "hgb_lo_g_dl", "hgb_hi_g_dl", "interval_coverage", "p_anemia",
+                   "anemia_threshold", "anemia_call", "who_threshold_g_dl", "hgb_vs_who", "screening_note")
+_GREEN, _ORANGE, _WHITE = (90, 220, 90), (255, 170, 40), (255, 255, 255)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoReport:
+    """One photo's assessment: quality ``measures``, the ``verdict`` and, with a screening model, ``screening`` (a
+    `screening_model.ScreeningPredictions` row: hgb, hgb_lo, hgb_hi, p_anemia, anemic, sex, who_threshold,
+    hgb_vs_who, reason) plus the model's interval ``coverage`` and anemia ``threshold``."""
+
+    measures: quality.QualityMeasures
+    verdict: quality.Verdict
+    target: str
+    screening: dict[str, Any] | None = None
+
+
+def _screening_channel(model: sm.ScreeningModel, targets: Sequence[str]) -> int:
+    target = model.colour_settings.get("target", "palpebral")
+    if target not in targets:
+        raise ValueError(f"The screening model reads colour from {target!r}, which these runs do not predict "
+                         f"(targets {list(targets)}); use runs trained on it.")
+    return list(targets).index(target)
+
+
+def screening_features(model: sm.ScreeningModel, photos: Sequence[np.ndarray], segs: Sequence, targets: Sequence[str]
+                       ) -> colour.ColourFeatures:
+    """Colour features of each photo as ``model`` was trained on them (module docstring, step 2).
+
+    Raises:
+        ValueError: the runs do not predict the model's target.
+    """
+    s = model.colour_settings
+    c = _screening_channel(model, targets)
+    size = tuple(int(v) for v in s["feature_size"])
+    images = [image_io.resize_image(np.asarray(p, np.uint8), size) for p in photos]
+    masks = [image_io.resize_probabilities(seg.probs_model[..., c:c + 1], size)[..., 0] > s.get("mask_threshold", 0.5)
+             for seg in segs]
+    return colour.batch_colour_features(
+        images, masks, constancy=model.constancy,
+        hhr_threshold_deg=s.get("hhr_threshold_deg", colour.DEFAULT_HHR_THRESHOLD_DEG),
+        white_fraction=s.get("white_fraction", colour.DEFAULT_WHITE_FRACTION))
+
+
+class PhotoAssessor:
+    """Verdicts (and screening) for photos segmented by runs predicting ``targets``.
+
+    Args:
+        targets: the runs' targets, in channel order.
+        thresholds: the quality thresholds (`quality.load_thresholds` or `quality.thresholds_from_config`).
+        screening: a loaded screening model, or None.
+    """
+
+    def __init__(self, targets: Sequence[str], thresholds: quality.QualityThresholds,
+                 screening: sm.ScreeningModel | None = None):
+        self.targets = tuple(targets)
+        self.thresholds = thresholds
+        self.screening = screening
+        wanted = thresholds.target or (screening.colour_settings.get("target", "") if screening else "")
+        self.channel = quality.target_channel(self.targets, wanted)
+        self.target = self.targets[self.channel]
+        if screening is not None:
+            _screening_channel(screening, self.targets)  # fails now, not at the first photo
+
+    def assess(self, photos: Sequence[np.ndarray], segs: Sequence, sexes: Sequence[str | None] | None = None
+               ) -> list[PhotoReport]:
+        """One `PhotoReport` per photo; ``sexes`` (one per photo, None = unknown) only matter with screening."""
+        measures = [quality.measure(p, s, self.channel) for p, s in zip(photos, segs)]
+        verdicts = [quality.verdict(m, self.thresholds) for m in measures]
+        if self.screening is None or not len(photos):
+            return [PhotoReport(m, v, self.target) for m, v in zip(measures, verdicts)]
+        features = screening_features(self.screening, photos, segs, self.targets)
+        rows = self.screening.predict(features, sex=list(sexes) if sexes is not None else None).rows()
+        reports = []
+        for m, v, row in zip(measures, verdicts, rows):
+            if row["reason"] and np.isfinite(row["hgb"]):  # estimated, but doubtful: colour outside the range
+                v = v.with_reason("colour_out_of_range", row["reason"])
+            row.update(coverage=self.screening.coverage, threshold=self.screening.threshold)
+            reports.append(PhotoReport(m, v, self.target, row))
+        return reports
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def csv_header(screening: bool) -> list[str]:
+    """The report's columns of ``predictions.csv`` (after the file, size and mask fractions)."""
+    cols = ["verdict", "reasons", "quality_target", "area_fraction", "mean_uncertainty_bits", "brightness",
+            "clipped_fraction"]
+    return cols + list(_SCREEN_COLUMNS) if screening else cols
+
+
+def _num(value: float, digits: int) -> str:
+    return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def csv_values(report: PhotoReport, screening: bool) -> list[str]:
+    """``report`` as the `csv_header` columns (empty cells where a value does not exist)."""
+    m = report.measures
+    values = [report.verdict.label, "; ".join(report.verdict.reasons), report.target, f"{m.area_fraction:.6f}",
+              _num(m.mean_uncertainty, 4), f"{m.brightness:.4f}", f"{m.clipped_fraction:.4f}"]
+    if not screening:
+        return values
+    s = report.screening or {}
+    call = {1: "anemic", 0: "not anemic"}.get(s.get("anemic", -1), "")
+    return values + [s.get("sex", ""), _num(s.get("hgb"), 2), _num(s.get("hgb_lo"), 2), _num(s.get("hgb_hi"), 2),
+                     _num(s.get("coverage"), 2), _num(s.get("p_anemia"), 4), _num(s.get("threshold"), 4), call,
+                     _num(s.get("who_threshold"), 1), s.get("hgb_vs_who", ""), s.get("reason", "")]
+
+
+def caption_lines(report: PhotoReport) -> list[tuple[str, tuple[int, int, int]]]:
+    """The overlay's text: the verdict (and reasons) and, for a usable screened photo, the Hgb and anemia lines.
+
+    A photo to retake shows no estimate (it must not be acted on); ``predictions.csv`` keeps the numbers.
+    """
+    v = report.verdict
+    if not v.usable:
+        lines = [("RETAKE: " + "; ".join(v.reasons), _ORANGE)]
+        if report.screening is not None:
+            lines.append(("Hb not reported for a photo to retake", _WHITE))
+        return lines
+    lines = [("Photo usable", _GREEN)]
+    s = report.screening
+    if s is None:
+        return lines
+    if not np.isfinite(s["hgb"]):
+        return [("RETAKE: " + (s["reason"] or "no colour could be read"), _ORANGE)]
+    lines.append((f"Hb {s['hgb']:.1f} g/dL ({s['coverage']:.0%} interval {s['hgb_lo']:.1f}-{s['hgb_hi']:.1f})",
+                  _WHITE))
+    call = "likely anemic" if s["anemic"] == 1 else "likely not anemic"
+    sex = {"F": "woman", "M": "man"}.get(s["sex"], "sex unknown")
+    lines.append((f"P(anemia) {s['p_anemia']:.2f}: {call} (WHO < {s['who_threshold']:g} g/dL, {sex})",
+                  _ORANGE if s["anemic"] == 1 else _WHITE))
+    return lines
+
+
+def _wrap(draw: PIL.ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    lines, current = [], ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and draw.textlength(trial, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    return lines + ([current] if current else [])
+
+
+def draw_caption(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """uint8 ``[H, W, 3]``: ``image`` with ``lines`` (text, RGB colour) written on a dark band across its top
+    (wrapped to the width; the font scales with the photo)."""
+    if not lines:
+        return image
+    h, w = image.shape[:2]
+    size = max(10, round(min(h, w) / 24))
+    font = PIL.ImageFont.load_default(size=size)
+    canvas = PIL.Image.fromarray(np.asarray(image, np.uint8))
+    draw = PIL.ImageDraw.Draw(canvas)
+    pad = max(2, size // 3)
+    wrapped = [(part, rgb) for text, rgb in lines for part in _wrap(draw, text, font, w - 2 * pad)]
+    step = round(size * 1.25)
+    band = min(h, 2 * pad + step * len(wrapped))
+    out = np.asarray(canvas).copy()
+    out[:band] = (out[:band].astype(np.float32) * 0.35).astype(np.uint8)  # darken: the text stays readable
+    canvas = PIL.Image.fromarray(out)
+    draw = PIL.ImageDraw.Draw(canvas)
+    for i, (text, rgb) in enumerate(wrapped):
+        draw.text((pad, pad + i * step), text, fill=rgb, font=font)
+    return np.asarray(canvas)
+
+
+# ---------------------------------------------------------------------------------------------- sex per photo
+
+
+def read_sex_csv(path: str | os.PathLike) -> dict[str, str]:
+    """``{photo path (the CSV's folder / file, absolute), normalised sex}`` from a CSV with columns ``file,sex``.
+
+    Raises:
+        ValueError: missing columns or an unknown sex value (the message names the row).
+    """
+    path = reporting.as_path(path)
+    with io.StringIO(path.read_text(encoding="utf-8-sig"), newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip().lower() for c in reader.fieldnames or []]
+        if "file" not in fields or "sex" not in fields:
+            raise ValueError(f"{path} must have the columns 'file' and 'sex' (found {reader.fieldnames}); e.g.\n"
+                             "file,sex\nphoto1.jpg,F\nphoto2.jpg,M\nphoto3.jpg,")
+        out = {}
+        for n, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if not row["file"]:
+                continue
+            try:
+                sex = sm.normalise_sex(row["sex"])
+            except ValueError as e:
+                raise ValueError(f"{path}, line {n}: {e}") from None
+            out[_key(path.parent / row["file"])] = sex
+    return out
+
+
+def _key(path: Any) -> str:
+    """A photo's path as comparable text (local paths made absolute; URLs as they are)."""
+    text = str(path)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def photo_sexes(files: Sequence[Any], *, sex: str | None = None, sex_csv: str | os.PathLike | None = None
+                ) -> list[str]:
+    """The sex of each photo ('F', 'M' or 'unknown'): ``sex`` for every photo when given; else the entry of
+    ``sex_csv``, or without it of the ``sex.csv`` in the photo's own folder; else 'unknown'.
+
+    Raises:
+        ValueError: ``sex`` together with ``sex_csv``, an unknown value, or a malformed CSV.
+    """
+    if sex and sex_csv:
+        raise ValueError("Give the sex either for every photo (--sex) or per photo (--sex_csv), not both.")
+    if sex:
+        return [sm.normalise_sex(sex)] * len(files)
+    tables: dict[str, Mapping[str, str]] = {}
+    if sex_csv:
+        tables["explicit"] = read_sex_csv(sex_csv)
+    out = []
+    for f in files:
+        path = reporting.as_path(f)
+        if sex_csv:
+            table = tables["explicit"]
+        else:
+            folder = str(path.parent)
+            if folder not in tables:
+                candidate = path.parent / SEX_CSV
+                tables[folder] = read_sex_csv(candidate) if candidate.is_file() else {}
+            table = tables[folder]
+        out.append(table.get(_key(path), "unknown"))
+    listed = {p for t in tables.values() for p in t}
+    missing = sorted(listed - {_key(reporting.as_path(f)) for f in files})
+    if missing:
+        logging.warning("The sex CSV lists %d file(s) that are not among the photos: %s", len(missing),
+                        ", ".join(missing[:5]))
+    return out

@@ -1,0 +1,339 @@
+"""Per-pixel uncertainty of a segmentation and the per-photo quality verdict (usable / retake), host NumPy.
+
+Uncertainty maps (`uncertainty_maps`), from the probabilities of the M members of an ensemble ``[M, h, w, C]``
+(M = 1 for a single run):
+
+* ``entropy``: the binary entropy, in bits, of the MEAN probability: 0 where the prediction is certain (p = 0 or 1),
+  1 bit where it is 0.5. It is the total predictive uncertainty, defined for one run and for an ensemble alike, and
+  it already rises where members disagree (two members certain of opposite answers average to 0.5: 1 bit). This is
+  what `PhotoSegmentation.uncertainty` shows and what the verdict uses.
+* ``disagreement``: the mutual information between the prediction and the member (entropy of the mean minus the
+  mean of the members' entropies; Houlsby et al. 2011, "BALD"): the part of the entropy due to members disagreeing
+  (0 for a single run, and wherever the members agree, however unsure each is). Kept for research and the app.
+
+Per-photo measures (`measure`), on the quality target (default: the run's first target; the screening target when a
+screening model is used):
+
+* ``area_fraction``: the predicted mask's share of the image (at the model's resolution).
+* ``mean_uncertainty``: the mean entropy (bits, 0..1) over the pixels that any member calls the target (the
+  predicted mask for a single run; for an ensemble the union of the members' masks, so that pixels only some
+  members include count too). A confident mask scores near 0; an unsure one, or one the members disagree on, near
+  1. It is measured where the colour will be read rather than over the whole image, so a model whose background
+  probabilities are merely soft (common after short training: p ~ 0.3 everywhere) is not penalised for it; on the
+  phantom's validation folds it separated poor segmentations (Dice < 0.65) from good ones better than the
+  entropy per mask pixel over the whole image (ROC AUC 0.72 vs 0.62, CPU-scale U-Net). NaN when no member finds
+  the target.
+* ``brightness``: mean luma (Rec. 709 weights on the encoded values, 0..1) of the whole photo.
+* ``clipped_fraction``: share of the mask's pixels (at the photo's size) with every channel at or above 250/255:
+  washed out to white by glare or overexposure, so their colour is lost. (A single saturated channel is common in
+  a well exposed deep-red conjunctiva, so it does not count.) 0 when the mask is empty.
+
+`verdict` turns them into a `Verdict` with `QualityThresholds` (``config.quality``, see `default_config`; or chosen
+on validation data by ``python -m anemia_jax.calibrate_quality``, which uses `choose_thresholds` and writes them to a
+JSON file that `load_thresholds` reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+__all__ = ["CLIPPED_VALUE", "FORMAT", "QualityMeasures", "QualityThresholds", "Verdict", "binary_entropy",
+           "choose_thresholds", "default_config", "load_thresholds", "measure", "save_thresholds",
+           "target_channel", "THRESHOLDS_FILE", "thresholds_for_runs", "thresholds_from_config", "uncertainty_maps", "verdict"]
+
+FORMAT = "anemia_jax.quality_thresholds"
+CLIPPED_VALUE = 250  # 8-bit value at or above which a channel counts as clipped by the camera (white: all three)
+_LUMA = np.array([0.2126, 0.7152, 0.0722])
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The quality verdict's settings; the trainer records them as ``config.quality``.
+
+    The two segmentation thresholds are placeholders until chosen on validation data (``python -m
+    anemia_jax.calibrate_quality``); the exposure thresholds are fixed physical limits, not calibrated.
+    """
+    c = ml_collections.ConfigDict()
+    c.target = ""  # the mask the verdict judges; '' = the run's first target
+    c.min_area_fraction = 0.005  # the mask must cover at least this share of the photo
+    c.max_uncertainty = 0.5  # mean entropy (bits, 0..1) over the target's pixels (see anemia_jax.screening.quality)
+    c.min_brightness = 0.12  # mean luma of the photo, 0..1
+    c.max_clipped_fraction = 0.2  # share of the mask's pixels washed out to white by glare
+    # Calibration: a validation photo's segmentation is 'good' at Dice >= good_dice, and each chosen threshold keeps
+    # the fraction keep_good of the good photos (so about 1 - keep_good of good photos are sent to retake per rule).
+    c.good_dice = 0.6
+    c.keep_good = 0.975
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityThresholds:
+    """What a photo must meet to be usable (`default_config` explains each), and where the values came from."""
+
+    min_area_fraction: float
+    max_uncertainty: float
+    min_brightness: float
+    max_clipped_fraction: float
+    target: str = ""
+    source: str = "defaults (not calibrated)"
+
+
+def thresholds_from_config(quality: Mapping[str, Any] | None, *, source: str = "") -> QualityThresholds:
+    """`QualityThresholds` of a ``config.quality`` block (missing keys and a missing block take `default_config`)."""
+    merged = {**default_config().to_dict(), **(dict(quality) if quality else {})}
+    return QualityThresholds(
+        min_area_fraction=float(merged["min_area_fraction"]), max_uncertainty=float(merged["max_uncertainty"]),
+        min_brightness=float(merged["min_brightness"]), max_clipped_fraction=float(merged["max_clipped_fraction"]),
+        target=str(merged["target"]),
+        source=source or ("the run's config.quality (not calibrated)" if quality else "defaults (not calibrated)"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether a photo can be used, and if not why.
+
+    Attributes:
+        usable: False when any reason applies (the photo should be retaken).
+        reasons: one sentence per problem, for the health worker (what is wrong, what to do).
+        codes: the same problems as short identifiers, in the same order: 'too_dark', 'no_conjunctiva',
+            'region_too_small', 'uncertain', 'overexposed', or 'colour_out_of_range' (added by the screening step).
+    """
+
+    usable: bool
+    reasons: tuple[str, ...] = ()
+    codes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """'usable' or 'retake'."""
+        return "usable" if self.usable else "retake"
+
+    def with_reason(self, code: str, reason: str) -> Verdict:
+        """This verdict with one more problem (then not usable)."""
+        return Verdict(False, (*self.reasons, reason), (*self.codes, code))
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityMeasures:
+    """The per-photo numbers the verdict reads (module docstring)."""
+
+    area_fraction: float
+    mean_uncertainty: float
+    brightness: float
+    clipped_fraction: float
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy in bits of Bernoulli(p), elementwise: 0 at p in {0, 1}, 1 at p = 0.5 (float32)."""
+    p = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
+    return np.nan_to_num(h, nan=0.0).astype(np.float32)
+
+
+def uncertainty_maps(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(entropy, disagreement)``, each float32 ``[h, w, C]`` in bits, of member probabilities ``[M, h, w, C]``
+    (module docstring); ``disagreement`` is 0 for M = 1."""
+    members = np.asarray(members, np.float32)
+    if members.ndim != 4:
+        raise ValueError(f"members must be [M, h, w, C] probabilities; got shape {members.shape}.")
+    entropy = binary_entropy(members.mean(axis=0))
+    disagreement = np.maximum(entropy - binary_entropy(members).mean(axis=0), 0.0)
+    return entropy, disagreement.astype(np.float32)
+
+
+def measure(photo: np.ndarray, seg, channel: int) -> QualityMeasures:
+    """`QualityMeasures` of one photo (uint8 ``[H, W, 3]``) and its `segmenter.PhotoSegmentation` ``seg``, for
+    target channel ``channel``."""
+    mask_model = seg.probs_model[..., channel] > seg.threshold
+    area = int(mask_model.sum())
+    region = np.any(seg.members_model[..., channel] > seg.threshold, axis=0)
+    unc = float(seg.uncertainty_model[..., channel][region].mean()) if region.any() else math.nan
+    luma = np.asarray(photo, np.float32) @ _LUMA.astype(np.float32) / 255.0
+    mask = seg.masks[..., channel]
+    clipped = (np.asarray(photo)[mask].min(axis=-1) >= CLIPPED_VALUE).mean() if mask.any() else 0.0
+    return QualityMeasures(area_fraction=area / mask_model.size, mean_uncertainty=unc,
+                           brightness=float(luma.mean()), clipped_fraction=float(clipped))
+
+
+def verdict(m: QualityMeasures, t: QualityThresholds) -> Verdict:
+    """The `Verdict` of measures ``m`` under thresholds ``t`` (every problem that applies, in a fixed order)."""
+    v = Verdict(True)
+    if m.brightness < t.min_brightness:
+        v = v.with_reason("too_dark", f"photo too dark (brightness {m.brightness:.2f} < {t.min_brightness:.2f}): "
+                                      "retake with more light")
+    if m.area_fraction == 0:
+        v = v.with_reason("no_conjunctiva", "no conjunctiva found: retake with the lower eyelid pulled down and its "
+                                            "inner surface in view")
+    elif m.area_fraction < t.min_area_fraction:
+        v = v.with_reason("region_too_small", f"conjunctiva region too small ({m.area_fraction:.1%} of the photo < "
+                                              f"{t.min_area_fraction:.1%}): retake closer")
+    if math.isfinite(m.mean_uncertainty) and m.mean_uncertainty > t.max_uncertainty:
+        v = v.with_reason("uncertain", f"segmentation too uncertain (mean {m.mean_uncertainty:.2f} > "
+                                       f"{t.max_uncertainty:.2f} bits): retake sharper, steadier and evenly lit")
+    if m.clipped_fraction > t.max_clipped_fraction:
+        v = v.with_reason("overexposed", f"overexposed: {m.clipped_fraction:.0%} of the conjunctiva is washed out "
+                                         f"(> {t.max_clipped_fraction:.0%}): retake without flash glare")
+    return v
+
+
+def _quantile(values: np.ndarray, q: float, method: str) -> float:
+    return float(np.quantile(values, q, method=method))
+
+
+def choose_thresholds(area_fraction: np.ndarray, mean_uncertainty: np.ndarray, dice: np.ndarray, *,
+                      good_dice: float, keep_good: float) -> dict[str, Any]:
+    """Chooses ``min_area_fraction`` and ``max_uncertainty`` on validation photos with reference masks.
+
+    A photo's segmentation is good when its Dice with the reference is at least ``good_dice``. Each threshold is
+    the order statistic of the good photos that keeps the share ``keep_good`` of them: ``max_uncertainty`` the
+    ``keep_good`` quantile of their ``mean_uncertainty`` (method 'higher'), ``min_area_fraction`` the
+    ``1 - keep_good`` quantile of their area (method 'lower'). What the rule catches among the bad photos, and how
+    well each measure separates bad from good (ROC AUC, bad = positive), are reported, not optimised.
+
+    Args:
+        area_fraction, mean_uncertainty, dice: [N] per validation photo (``mean_uncertainty`` NaN for empty masks).
+        good_dice: Dice at or above which a segmentation counts as good; keep_good: in (0, 1].
+
+    Returns:
+        ``{'min_area_fraction', 'max_uncertainty', 'report': {...}}``.
+
+    Raises:
+        ValueError: no good photo (the model is too poor to calibrate on) or bad arguments.
+    """
+    from anemia_jax.screening import clinical_stats  # noqa: PLC0415 -- scipy only when calibrating
+
+    area, unc, dice = (np.asarray(a, np.float64) for a in (area_fraction, mean_uncertainty, dice))
+    if not (area.shape == unc.shape == dice.shape and area.ndim == 1):
+        raise ValueError(f"area_fraction, mean_uncertainty and dice must be [N] alike; got {area.shape}, "
+                         f"{unc.shape}, {dice.shape}.")
+    if not 0.0 < keep_good <= 1.0:
+        raise ValueError(f"keep_good must lie in (0, 1]; got {keep_good}.")
+    good = dice >= good_dice
+    if not good.any():
+        raise ValueError(f"none of the {len(dice)} validation photos has Dice >= {good_dice} (best "
+                         f"{np.max(dice, initial=math.nan):.3f}): the model is too poor to choose quality thresholds "
+                         "on; train longer or lower quality.good_dice.")
+    finite = good & np.isfinite(unc)
+    max_unc = _quantile(unc[finite], keep_good, "higher") if finite.any() else math.inf
+    min_area = _quantile(area[good], 1.0 - keep_good, "lower")
+    rejected = (area < min_area) | (area == 0) | (np.isfinite(unc) & (unc > max_unc))
+    bad = ~good
+
+    def share(flags, where):
+        return float(flags[where].mean()) if where.any() else math.nan
+
+    labels = bad.astype(np.int64)
+    report = {
+        "n": int(len(dice)), "n_good": int(good.sum()), "n_bad": int(bad.sum()), "good_dice": good_dice,
+        "keep_good": keep_good, "good_rejected": share(rejected, good), "bad_rejected": share(rejected, bad),
+        "auc_uncertainty_bad_vs_good": clinical_stats.roc_auc(np.nan_to_num(unc, nan=np.inf), labels),
+        "auc_small_area_bad_vs_good": clinical_stats.roc_auc(-area, labels),
+        "mean_dice_usable": float(dice[~rejected].mean()) if (~rejected).any() else math.nan,
+        "mean_dice_rejected": float(dice[rejected].mean()) if rejected.any() else math.nan,
+        "quantiles": {name: {str(q): float(np.nanquantile(v, q)) if np.isfinite(v).any() else math.nan
+                             for q in (0.0, 0.05, 0.5, 0.95, 1.0)}
+                      for name, v in (("area_fraction", area), ("mean_uncertainty", unc), ("dice", dice))},
+    }
+    return {"min_area_fraction": min_area, "max_uncertainty": max_unc, "report": report}
+
+
+def save_thresholds(path: str | os.PathLike, thresholds: QualityThresholds, record: Mapping[str, Any]) -> None:
+    """Writes ``thresholds`` with their calibration ``record`` (protocol, runs, report) as JSON at ``path``."""
+    from anemia_jax.training import reporting  # noqa: PLC0415
+    from anemia_jax.utils import atomic
+
+    data = {"format": FORMAT, "version": 1, "thresholds": dataclasses.asdict(thresholds), **record}
+    atomic.write_text(path, json.dumps(reporting.jsonable(data), indent=2, sort_keys=True) + "\n")
+
+
+def load_thresholds(path: str | os.PathLike) -> tuple[QualityThresholds, dict[str, Any]]:
+    """``(thresholds, record)`` from a JSON written by `save_thresholds`.
+
+    Raises:
+        FileNotFoundError / ValueError: no such file, or not a quality-thresholds file (the message says which).
+    """
+    from anemia_jax.training import reporting  # noqa: PLC0415
+
+    p = reporting.as_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"No quality thresholds at {p}; choose them with `python -m "
+                                "anemia_jax.calibrate_quality --workdir=RUN ...`.")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); re-create it with python -m anemia_jax.calibrate_quality.")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a quality-thresholds file (its 'format' is not {FORMAT!r}).")
+    t = {k: (float(v) if v in ("Infinity", "-Infinity", "NaN") else v)
+         for k, v in dict(data.get("thresholds") or {}).items()}
+    fields = {f.name for f in dataclasses.fields(QualityThresholds)}
+    if set(t) != fields or not all(isinstance(t[k], (int, float)) for k in fields - {"target", "source"}):
+        raise ValueError(f"{p}: 'thresholds' must hold numbers for {sorted(fields - {'target', 'source'})} and the "
+                         "strings 'target', 'source'; re-create it with python -m anemia_jax.calibrate_quality.")
+    record = {k: v for k, v in data.items() if k not in ("format", "version", "thresholds")}
+    return QualityThresholds(**{**t, "source": f"{p} ({t['source']})"}), record
+
+
+def target_channel(targets: Sequence[str], wanted: str) -> int:
+    """The channel of target ``wanted`` ('' = the first) among ``targets``.
+
+    Raises:
+        ValueError: the runs do not predict ``wanted``.
+    """
+    if not wanted:
+        return 0
+    if wanted not in targets:
+        raise ValueError(f"The quality target {wanted!r} is not predicted by the runs (targets {list(targets)}); "
+                         "set config.quality.target or the thresholds' 'target' to one of them.")
+    return list(targets).index(wanted)
+
+
+THRESHOLDS_FILE = "quality.json"  # where calibrate_quality writes by default, and where predict looks
+
+
+def _same_runs(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    norm = (lambda p: str(p) if "://" in str(p) else os.path.realpath(str(p)))
+    return sorted(map(norm, a)) == sorted(map(norm, b))
+
+
+def thresholds_for_runs(workdirs: Sequence[Any], quality_config: Mapping[str, Any] | None,
+                        path: str | os.PathLike | None = None) -> QualityThresholds:
+    """The thresholds to judge photos segmented by the runs ``workdirs`` with.
+
+    In order: the file ``path`` if given; else a `THRESHOLDS_FILE` in the first run's directory or in its parent
+    (the folder of a K-fold set); else the runs' ``config.quality`` (``quality_config``; defaults for runs trained
+    before it existed). A file chosen for other runs, or for single runs when an ensemble is used (an ensemble is
+    more uncertain where its members disagree), is used with a warning saying so.
+    """
+    from absl import logging  # noqa: PLC0415
+
+    from anemia_jax.training import reporting  # noqa: PLC0415
+
+    if path is None:
+        first = reporting.as_path(workdirs[0])
+        found = [p for p in (first / THRESHOLDS_FILE, first.parent / THRESHOLDS_FILE) if p.is_file()]
+        if not found:
+            return thresholds_from_config(quality_config)
+        path = found[0]
+    thresholds, record = load_thresholds(path)
+    chosen_on = record.get("runs", [])
+    mode = record.get("mode", "")
+    if mode == "per_run" and len(workdirs) > 1:
+        logging.warning("Quality thresholds %s were chosen for single runs, not for an ensemble of %d: its "
+                        "uncertainty is higher where members disagree, so more photos may be sent to retake. "
+                        "Choose them for the ensemble on a split none of its runs trained on (python -m "
+                        "anemia_jax.calibrate_quality --split=test ...).", path, len(workdirs))
+    elif mode == "per_run" and not any(_same_runs([w], [r]) for w in workdirs for r in chosen_on):
+        logging.warning("Quality thresholds %s were chosen for other runs (%s).", path, ", ".join(chosen_on))
+    elif mode == "ensemble" and not _same_runs(workdirs, chosen_on):
+        logging.warning("Quality thresholds %s were chosen for the ensemble %s, not for these runs.", path,
+                        ", ".join(chosen_on))
+    return thresholds
