@@ -10,11 +10,11 @@ Every photo of the split is segmented (`anemia_jax.inference.segmenter.Segmenter
 (`anemia_jax.screening.quality.measure`: the quality target's predicted area and mean uncertainty) and its predicted
 mask compared with the reference (Dice; photos without a reference mask are left out). `anemia_jax.screening.quality.
 choose_thresholds` then picks ``min_area_fraction`` and ``max_uncertainty`` so that each keeps the share
-``config.quality.keep_good`` of the photos whose segmentation is good (Dice >= ``config.quality.good_dice``), and
+``--keep_good`` of the photos whose segmentation is good (Dice >= ``--good_dice``), and
 reports what the rule catches among the poor ones, and how often it would send anemic and non-anemic subjects' photos to
 retake (a verdict that rejects pale conjunctivas more often would bias the screening). The exposure thresholds
-(brightness, washed-out pixels) are physical limits copied from ``config.quality`` unchanged; the report counts the
-photos they flag.
+(brightness, washed-out pixels) are physical limits (``--min_brightness``, ``--max_clipped_fraction``, defaults
+`quality.DEFAULTS`), written unchanged; the report counts the photos they flag.
 
 Which uncertainty the thresholds fit matters, since an ensemble is more uncertain where its members disagree:
 
@@ -27,8 +27,7 @@ Which uncertainty the thresholds fit matters, since an ensemble is more uncertai
 
 Writes ``--out`` (default: ``quality.json`` in the run's directory, or in the folder holding all the runs), which
 ``predict`` (and the app) find there: the thresholds, the mode, split, runs and checkpoint steps, the command and
-the report. The quality settings are the first run's ``config.quality`` (defaults for runs older than it);
-``--config.quality.<key>=<value>`` changes them.
+the report. The verdict's settings are this command's flags, not part of the runs' training config.
 
 Exit status: 0 written; 2 bad arguments, runs or split (or an ensemble scored on its runs' training images);
 3-5 as for ``evaluate``.
@@ -36,14 +35,12 @@ Exit status: 0 written; 2 bad arguments, runs or split (or an ensemble scored on
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import shlex
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 from absl import flags
 
 from anemia_jax import cli
@@ -61,6 +58,16 @@ def _command() -> cli.Command:
     flags.DEFINE_float("threshold", 0.5, "Probability threshold of the masks (as predict's).", flag_values=fv)
     flags.DEFINE_string("out", None, f"Output JSON (default {quality.THRESHOLDS_FILE} beside the runs).",
                         flag_values=fv)
+    flags.DEFINE_string("target", "", "The mask the verdict judges ('' = the runs' first target).", flag_values=fv)
+    flags.DEFINE_float("good_dice", quality.CALIBRATION_DEFAULTS["good_dice"], "A photo's segmentation is 'good' at "
+                       "Dice >= this.", flag_values=fv)
+    flags.DEFINE_float("keep_good", quality.CALIBRATION_DEFAULTS["keep_good"], "Each chosen threshold keeps this "
+                       "share of the good photos.", flag_values=fv)
+    flags.DEFINE_float("min_brightness", quality.DEFAULTS.min_brightness, "Photos darker than this mean luma (0..1) "
+                       "are sent to retake (a physical limit, not calibrated).", flag_values=fv)
+    flags.DEFINE_float("max_clipped_fraction", quality.DEFAULTS.max_clipped_fraction, "Photos with more of the "
+                       "mask washed out to white are sent to retake (a physical limit, not calibrated).",
+                       flag_values=fv)
     return cmd
 
 
@@ -73,105 +80,31 @@ def default_out(workdirs: Sequence[str]) -> str:
     return os.path.join(folder, quality.THRESHOLDS_FILE)
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(pred, truth).sum() / total)
-
-
-def measure_split(runs, config, split: str, *, threshold: float, transforms, prune_level, channel: int,
-                  builder=None) -> dict[str, np.ndarray]:
-    """Segments every photo of ``split`` (cut by ``config``) with ``runs`` (one run, or an ensemble) and returns
-    [N] ``area_fraction``, ``mean_uncertainty``, ``brightness``, ``clipped_fraction`` and ``dice`` (photos with a
-    reference mask of the target only), and ``anemic`` (1/0, -1 unknown)."""
-    from anemia_jax.data import input_pipeline  # noqa: PLC0415
-    from anemia_jax.inference import segmenter
-    from anemia_jax.training import experiment
-
-    builder, tfds_split, indices = experiment.eval_split(config, split, builder)
-    first = runs[0]
-    host = input_pipeline.read_examples(builder, tfds_split, indices, image_size=first.image_size,
-                                        targets=first.targets)
-    keep = host.mask_weights[:, channel] > 0
-    segs = segmenter.Segmenter(runs, threshold=threshold, transforms=transforms,
-                               prune_level=prune_level).segment(list(host.images[keep]))
-    rows = []
-    for photo, truth, seg in zip(host.images[keep], host.masks[keep], segs):
-        m = quality.measure(photo, seg, channel)
-        rows.append([m.area_fraction, m.mean_uncertainty, m.brightness, m.clipped_fraction,
-                     _dice(seg.probs_model[..., channel] > threshold, truth[..., channel] > 0)])
-    names = ("area_fraction", "mean_uncertainty", "brightness", "clipped_fraction", "dice")
-    table = np.asarray(rows, np.float64).reshape(-1, len(names))
-    anemic = np.asarray(host.metadata.get("anemic", np.full(len(keep), -1)), np.int64)[keep]
-    return {**{name: table[:, k] for k, name in enumerate(names)}, "anemic": anemic}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command on ``argv`` (program name first; default ``sys.argv``) and returns the exit status."""
     argv = list(sys.argv if argv is None else argv)
     cmd = _command()
     if (status := cmd.start_runs(argv)) is not None:
         return status
-    from anemia_jax.evaluation import evaluator  # noqa: PLC0415
-    from anemia_jax.inference import probabilities
+    from anemia_jax.inference import probabilities  # noqa: PLC0415
     from anemia_jax.runs import restore
-    from anemia_jax.training import experiment
+    from anemia_jax.screening import quality_calibration
 
     try:
         transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, split=cmd.split, configs=cmd.run_configs())
-        settings = {**quality.default_config().to_dict(), **dict(restored[0].config.get("quality") or {})}
-        channel = quality.target_channel(restored[0].targets, settings["target"])
-        target = restored[0].targets[channel]
-        kwargs = dict(threshold=cmd.threshold, transforms=transforms, prune_level=cmd.prune_level, channel=channel)
-        if cmd.split == "val":
-            mode = "per_run"
-            parts = [measure_split([r], r.config, "val", **kwargs) for r in restored]
-            measured = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        else:
-            mode = "ensemble"
-            builder, tfds_split, indices = experiment.eval_split(restored[0].config, cmd.split)
-            overlap = evaluator.training_overlap(restored, builder, tfds_split, indices)
-            if any(overlap):
-                raise ValueError(f"The runs trained on {overlap} of the {len(indices)} images of split "
-                                 f"{cmd.split!r} (per run): choose the ensemble's thresholds on images none of them "
-                                 "trained on (see --help).")
-            measured = measure_split(restored, restored[0].config, cmd.split, builder=builder, **kwargs)
-        if not len(measured["dice"]):
-            raise ValueError(f"No photo of split {cmd.split!r} has a reference {target!r} mask to calibrate on.")
-        chosen = quality.choose_thresholds(measured["area_fraction"], measured["mean_uncertainty"],
-                                           measured["dice"], good_dice=settings["good_dice"],
-                                           keep_good=settings["keep_good"])
-        base = quality.thresholds_from_config(settings)
-        thresholds = dataclasses.replace(
-            base, min_area_fraction=chosen["min_area_fraction"], max_uncertainty=chosen["max_uncertainty"],
-            target=target, source=f"chosen by calibrate_quality on split {cmd.split!r} ({mode})")
-        verdicts = [quality.verdict(quality.QualityMeasures(*values), thresholds) for values in zip(
-            *(measured[k] for k in ("area_fraction", "mean_uncertainty", "brightness", "clipped_fraction")))]
-        report = {**chosen["report"], "usable": int(sum(v.usable for v in verdicts)),
-                  "retake_by_reason": {code: int(sum(code in v.codes for v in verdicts)) for code in
-                                       ("too_dark", "no_conjunctiva", "region_too_small", "uncertain", "overexposed")},
-                  # A verdict that rejects anemic patients' (paler) photos more often would bias the screening.
-                  "retake_share_by_anemia": {
-                      label: float(np.mean([not v.usable for v, a in zip(verdicts, measured["anemic"]) if a == flag]))
-                      if np.any(measured["anemic"] == flag) else None
-                      for label, flag in (("anemic", 1), ("not_anemic", 0))},
-                  "brightness_range": [float(measured["brightness"].min()), float(measured["brightness"].max())],
-                  "clipped_fraction_max": float(measured["clipped_fraction"].max())}
+        settings = {"target": cmd.target, "good_dice": cmd.good_dice, "keep_good": cmd.keep_good,
+                    "min_brightness": cmd.min_brightness, "max_clipped_fraction": cmd.max_clipped_fraction}
+        thresholds, record = quality_calibration.calibrate(restored, cmd.split, settings, threshold=cmd.threshold,
+                                                           transforms=transforms, prune_level=cmd.prune_level)
         out = cmd.out or default_out(cmd.workdir)
-        record = {"mode": mode, "split": cmd.split, "runs": [str(r.workdir) for r in restored],
-                  "steps": [r.step for r in restored], "checkpoint": cmd.checkpoint, "mask_threshold": cmd.threshold,
-                  "tta": [t.name for t in transforms] if transforms else None, "prune_level": cmd.prune_level,
-                  "settings": settings, "report": report, "command": shlex.join(["python", "-m",
-                                                                                "anemia_jax.calibrate_quality",
-                                                                                *argv[1:]]),
-                  "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        record.update(checkpoint=cmd.checkpoint,
+                      command=shlex.join(["python", "-m", "anemia_jax.calibrate_quality", *argv[1:]]),
+                      date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
         quality.save_thresholds(out, thresholds, record)
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
-        if cli.exit_status(e) is None and isinstance(e, (FileNotFoundError, ValueError)):
-            wrapped = cli.CommandLineError(str(e))
-            wrapped.__cause__, e = e, wrapped
-        return cmd.fail(e)
-    r = report
+        return cmd.fail_run(e)
+    r, mode, target = record["report"], record["mode"], thresholds.target
     print(f"Quality thresholds for {target!r} ({mode}, split {cmd.split!r}, {r['n']} photos: {r['n_good']} good at "
           f"Dice >= {r['good_dice']}, {r['n_bad']} poor): min_area_fraction {thresholds.min_area_fraction:.4f}, "
           f"max_uncertainty {thresholds.max_uncertainty:.4f} bits. Rejected: {r['good_rejected']:.1%} of good, "

@@ -36,8 +36,8 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from anemia_jax.runs import config_lib
-from anemia_jax.utils import errors
+from anemia_jax.runs import config_lib, loss_config
+from anemia_jax.utils import errors, xla_cpu
 
 # Exit statuses shared by the commands (each command's docstring says which it uses).
 EXIT_OK = 0
@@ -118,6 +118,32 @@ def _override_keys(argv: Sequence[str]) -> list[str]:
     return [m.group(1) for arg in argv[1:] if (m := re.match(r"^--?config\.([^=]+)", arg))]
 
 
+def _split_loss_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` without its ``--config.loss.<key>[=]<value>`` arguments, and those as ``{key: value}``.
+
+    The loss block changes shape with the chosen loss (each loss has its own hyper-parameters,
+    `anemia_jax.runs.loss_config`), which a locked config flag cannot express: these overrides are applied after
+    the config file is loaded (`Command.parse`). ``deep_supervision_weights`` is an ordinary field and stays.
+    """
+    rest, loss = [argv[0]], {}
+    args = list(argv[1:])
+    i = 0
+    while i < len(args):
+        match = re.match(r"^--?config\.loss\.([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$", args[i], re.S)
+        if match and match.group(1) not in loss_config.WRAPPER_KEYS:
+            if match.group(2) is not None:
+                loss[match.group(1)] = match.group(2)
+            elif i + 1 < len(args):
+                loss[match.group(1)] = args[i + 1]
+                i += 1
+            else:
+                raise CommandLineError(f"{args[i]} needs a value ({args[i]}=VALUE).")
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, loss
+
+
 def _config_spec(argv: Sequence[str]) -> str | None:
     """The value of ``--config`` in ``argv`` (for error messages and imports before absl parses)."""
     for i, arg in enumerate(argv[1:], start=1):
@@ -142,6 +168,10 @@ class Command:
         self._template: ml_collections.ConfigDict | None = None
         self._config_file: bool | None = None  # --config file flag: None none, else whether it is required
         self._verbose_requested = False  # --verbose seen on a command line that failed to parse
+        self._loss_overrides: dict[str, str] = {}  # --config.loss.<key>=<value> (`_split_loss_overrides`)
+        # A command line is a program of its own: before JAX starts, it takes the package's CPU flag (a no-op
+        # where JAX is already running, e.g. when tests call a command's `main` in-process).
+        xla_cpu.applied[:] = xla_cpu.apply()
         flags.DEFINE_bool("verbose", False, "On a failure, print the traceback as well as the message.",
                           flag_values=self.flags)
 
@@ -165,6 +195,16 @@ class Command:
         hint = "" if verbose or status == EXIT_CONFIG else " (--verbose prints the traceback)"
         print(f"{name}: {failure_message(error)}{hint}", file=sys.stderr)
         return status
+
+    def fail_run(self, error: BaseException) -> int:
+        """`fail` for a command working on finished runs: a FileNotFoundError or ValueError that is no known failure
+        is an argument these runs cannot take (a split, TTA view, prune level, ensemble, threshold), reported as a
+        command-line error (exit status 2) with the original kept as its cause; anything else goes to `fail`."""
+        if exit_status(error) is None and isinstance(error, (FileNotFoundError, ValueError)):
+            wrapped = CommandLineError(str(error))
+            wrapped.__cause__ = error
+            error = wrapped
+        return self.fail(error)
 
     # ---------------------------------------------------------------------------------------------- flags
 
@@ -220,6 +260,8 @@ class Command:
         """
         argv = list(argv)
         self._verbose_requested = any(a in ("--verbose", "-verbose", "--verbose=true") for a in argv[1:])
+        if self._config_file is not None:
+            argv, self._loss_overrides = _split_loss_overrides(argv)
         if self._config_file is not None and "config" not in self.flags:
             self._define_config_file(argv)
         if self._help(argv):
@@ -234,7 +276,12 @@ class Command:
         try:
             rest = self.flags(argv)[1:]
             if self._config_file is not None and self.flags["config"].present:
-                _ = self.flags.config  # config_flags loads the file lazily: fail here, not at first use
+                config = self.flags.config  # config_flags loads the file lazily: fail here, not at first use
+                if self._loss_overrides:
+                    try:
+                        loss_config.apply_overrides(config, self._loss_overrides)
+                    except config_lib.ConfigError as e:
+                        raise CommandLineError(f"Invalid --config.loss override: {e}") from None
             _LOG_TRACEBACKS["on"] = bool(self.flags["verbose"].value)
             return rest
         except flags.Error as e:
@@ -319,5 +366,10 @@ class Command:
         return configs
 
     def config_overrides(self) -> dict[str, Any]:
-        """The ``--config.<key>=<value>`` overrides as ``{dotted key: typed value}`` (after parsing)."""
-        return dict(self.flags["config"].override_values)
+        """The ``--config.<key>=<value>`` overrides as ``{dotted key: typed value}`` (after parsing), the loss's
+        (``loss.name``, ``loss.<hyper>``) included, typed as the parsed config holds them."""
+        overrides = dict(self.flags["config"].override_values)
+        if self._loss_overrides and "config" in self.flags and self.flags["config"].present:
+            loss = self.flags.config.loss
+            overrides.update({f"loss.{key}": loss[key] for key in self._loss_overrides})
+        return overrides

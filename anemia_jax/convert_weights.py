@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return cli.EXIT_CONFIG
     import jax  # noqa: PLC0415 -- after the flags
 
-    from anemia_jax.training import experiment, pretrained  # noqa: PLC0415
+    from anemia_jax.runs import model_factory
+    from anemia_jax.training import pretrained  # noqa: PLC0415
 
     config = cmd.config
-    model = experiment.build_model(config)
+    model = model_factory.build_model(config)
     h, w = config.image_size
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, h, w, 3)), train=False))
     src = pathlib.Path(cmd.flags["in"].value).expanduser()

@@ -4,7 +4,7 @@
         [--checkpoint=auto|latest|best|STEP] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--prune_level=K]
         [--threshold=0.5] [--no_distances] [--out=DIR] [--allow_training_overlap] [--config.<key>=<value> ...]
 
-The split is cut exactly as training cut it (`anemia_jax.training.experiment.eval_split`); the images are scored by the
+The split is cut exactly as training cut it (`anemia_jax.data.loading.eval_split`); the images are scored by the
 same `anemia_jax.evaluation.evaluator.Evaluator` the trainer uses, at the run's training resolution: Dice, IoU,
 precision, recall (`anemia_jax.metrics`, with their empty-mask conventions) and the boundary distances HD95 and ASSD in
 its pixels. Several ``--workdir`` form an ensemble (their probabilities averaged); ``--config.<key>=<value>`` changes
@@ -67,23 +67,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax.evaluation import eval_report, evaluator  # noqa: PLC0415
+    from anemia_jax.data import loading
+    from anemia_jax.evaluation import eval_report, finished_runs  # noqa: PLC0415
     from anemia_jax.inference import probabilities
     from anemia_jax.runs import restore
-    from anemia_jax.training import experiment
 
     try:
         transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, split=cmd.split, configs=cmd.run_configs())
-        builder, tfds_split, indices = experiment.eval_split(restored[0].config, cmd.split)
-        overlap = evaluator.training_overlap(restored, builder, tfds_split, indices)
+        builder, tfds_split, indices = loading.eval_split(restored[0].config, cmd.split)
+        overlap = finished_runs.training_overlap(restored, builder, tfds_split, indices)
         if len(restored) > 1 and any(overlap) and not cmd.allow_training_overlap:
             trained = ", ".join(f"{r.workdir} trained on {n}" for r, n in zip(restored, overlap) if n)
             raise ValueError(f"Of the {len(indices)} images of split {cmd.split!r}, {trained}: the ensemble would "
                              "be scored on its own training data. Score it on a split none of its runs trained on "
                              "(see --help: a test split or another data set via --config.dataset.*), or pass "
                              "--allow_training_overlap.")
-        result = evaluator.evaluate_runs(restored, split=cmd.split, transforms=transforms, prune_level=cmd.prune_level,
+        result = finished_runs.evaluate_runs(restored, split=cmd.split, transforms=transforms, prune_level=cmd.prune_level,
                                          distances=not cmd.no_distances, threshold=cmd.threshold, builder=builder,
                                          members=len(restored) > 1)
         if jax.process_index() == 0:
@@ -93,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(eval_report.format_markdown(result.summary))
             print(f"Wrote {out}/per_image.csv, summary.json and summary.md")
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
-        if cli.exit_status(e) is None and isinstance(e, (FileNotFoundError, ValueError)):
-            wrapped = cli.CommandLineError(str(e))  # a split, TTA view or ensemble these runs cannot do
-            wrapped.__cause__, e = e, wrapped
-        return cmd.fail(e)
+        return cmd.fail_run(e)
     return cli.EXIT_OK
 
 

@@ -37,62 +37,16 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from absl import flags
 
 from anemia_jax import cli
 
-__all__ = ["export_stablehlo", "load", "main", "onnx_bundle"]
+__all__ = ["main"]
 
 FORMATS = ("stablehlo", "onnx")
 ONNX_PYTHON_ENV = "ANEMIA_JAX_ONNX_PYTHON"
 DEFAULT_PLATFORMS = "cpu,cuda,tpu"
-
-
-def export_stablehlo(fn, variables: Any, image_size: Sequence[int], *, platforms: Sequence[str] | None = None):
-    """``jax.export.Exported`` of ``images_u8 [N, H, W, 3] -> fn(variables, images_u8)``, N symbolic.
-
-    Args:
-        fn: a per-device inference function ``probs(variables, images_u8)`` (`anemia_jax.inference.probabilities`).
-        variables: its variables; they are copied to the host and embedded in the program as constants.
-        image_size: (H, W) of the input.
-        platforms: lowering platforms (e.g. ``('cpu', 'cuda', 'tpu')``); None: this machine's.
-
-    Returns:
-        The `jax.export.Exported`; ``.serialize()`` gives the bytes to save.
-    """
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    host = jax.tree.map(np.asarray, jax.device_get(variables))
-
-    def probabilities(images):
-        return fn(host, images)
-
-    (n,) = jax.export.symbolic_shape("N")
-    h, w = (int(s) for s in image_size)
-    spec = jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8)
-    return jax.export.export(jax.jit(probabilities), platforms=platforms)(spec)
-
-
-def load(path: str | os.PathLike):
-    """A StableHLO export written by this command, ready to call: ``load(path).call(images_u8)``."""
-    import jax  # noqa: PLC0415
-
-    return jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
-
-
-def onnx_bundle(runs, out: str | os.PathLike, *, card: dict, prune_level: int | None = None,
-                transforms=None) -> pathlib.Path:
-    """Writes the ONNX conversion bundle of ``runs`` to ``out`` (`anemia_jax.inference.export_onnx.write_bundle`)."""
-    from anemia_jax.inference import export_onnx  # noqa: PLC0415
-
-    members = [export_onnx.member_spec(run.config.model.name, run.model, prune_level=prune_level,
-                                       transforms=transforms) for run in runs]
-    return export_onnx.write_bundle(out, members=members, variables=[run.variables for run in runs],
-                                    image_size=runs[0].image_size, targets=runs[0].targets, card=card)
 
 
 def _have_jax2onnx() -> bool:
@@ -166,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax.inference import probabilities, model_card  # noqa: PLC0415
+    from anemia_jax.inference import export as export_lib  # noqa: PLC0415
+    from anemia_jax.inference import model_card, probabilities
     from anemia_jax.runs import restore
     from anemia_jax.utils import parallel
 
@@ -179,13 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One device: the export is a single-device program; the variables are copied into it.
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=configs,
                                      mesh=parallel.make_mesh(jax.local_devices()[:1]))
-        fn, variables = restore.probability_of(restored, prune_level=cmd.prune_level, transforms=transforms)
+        fn, variables = probabilities.probability_of(restored, prune_level=cmd.prune_level, transforms=transforms)
         card = model_card.build(restored, threshold=cmd.threshold, compute_dtype=cmd.dtype,
                                 prune_level=cmd.prune_level, transforms=transforms, command=shlex.join(argv))
         out.parent.mkdir(parents=True, exist_ok=True)
         if cmd.format == "stablehlo":
             platforms = tuple(p.strip() for p in cmd.platforms.split(",") if p.strip())
-            exported = export_stablehlo(fn, variables, restored[0].image_size, platforms=platforms)
+            exported = export_lib.export_stablehlo(fn, variables, restored[0].image_size, platforms=platforms)
             out.write_bytes(exported.serialize())
             card_file = model_card.write(card, out, format="stablehlo", jax=jax.__version__,
                                          platforms=list(exported.platforms),
@@ -194,17 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          load="jax.export.deserialize(open(file, 'rb').read()).call(images)")
             print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {card_file}.")
             return cli.EXIT_OK
-        bundle = onnx_bundle(restored, out.with_name(f"{out.stem}.bundle.npz"), card=card,
+        bundle = export_lib.onnx_bundle(restored, out.with_name(f"{out.stem}.bundle.npz"), card=card,
                              prune_level=cmd.prune_level, transforms=transforms)
         status = _convert_onnx(bundle, out, cmd.onnx_python, cmd.opset)
         if status == cli.EXIT_OK:
             print(f"Wrote {out} and {model_card.card_path(out)} (bundle kept: {bundle}).")
         return status
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
-        if cli.exit_status(e) is None and isinstance(e, (FileNotFoundError, ValueError)):
-            wrapped = cli.CommandLineError(str(e))
-            wrapped.__cause__, e = e, wrapped
-        return cmd.fail(e)
+        return cmd.fail_run(e)
 
 
 if __name__ == "__main__":

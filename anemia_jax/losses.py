@@ -21,6 +21,11 @@ Reductions, identical for every loss of a kind:
   ``fp = sum(w p (1 - y))``, ``fn = sum(w (1 - p) y)`` with ``p = sigmoid(logits)``; then the plain mean over the
   channels that carry any weight (``sum(w) > 0`` over that channel's pixels).
 
+Adding a loss: decorate ``fn(logits, labels, *, weights=None, <hyper>=<default>, ...) -> [B]`` with
+``@register_loss("<name>")``, in this module or in one's own (imported by the config file that uses it). Its
+keyword-only arguments are its hyper-parameters and their defaults (`loss_hyperparameters`): configs take them as
+``--config.loss.<hyper>=<value>`` after ``--config.loss.name=<name>`` (`anemia_jax.runs.loss_config`).
+
 Conventions: an example whose weights are all zero gives loss 0 with zero (never NaN) gradients. An empty
 prediction against an empty label is a perfect region score, loss exactly 0 (``p == 0`` exactly, e.g. logits
 ``-1e4``; for `lovasz_hinge_loss`, any logits ``<= -1``), also with ``smooth=0``.
@@ -53,7 +58,7 @@ register_loss = LOSSES.register
 __all__ = [
     "EPS", "sigmoid_cross_entropy", "softmax_cross_entropy", "focal_loss", "dice_loss", "jaccard_loss",
     "tversky_loss", "focal_tversky_loss", "lovasz_hinge_loss", "combo_loss", "deep_supervision_loss",
-    "LOSSES", "get_loss", "loss_names", "register_loss",
+    "LOSSES", "get_loss", "loss_hyperparameters", "loss_names", "register_loss",
 ]
 
 
@@ -388,17 +393,29 @@ def loss_names() -> tuple[str, ...]:
     return LOSSES.names()
 
 
+def loss_hyperparameters(name: str) -> dict[str, Any]:
+    """``{hyper-parameter: default}`` of the loss registered as ``name``: its keyword-only arguments other than
+    ``weights`` (e.g. ``{'alpha': 0.3, 'beta': 0.7, 'smooth': 1.0}`` for 'tversky'). This is where a loss declares
+    its hyper-parameters; configs show and validate exactly these (`anemia_jax.runs.loss_config`).
+
+    Raises:
+        ValueError: an unknown name (the message lists the close and the valid names).
+    """
+    fn = LOSSES.get(name)
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "weights"}
+
+
 def get_loss(name: str, **kwargs: Any) -> LossFn:
     """Looks a loss up by name and binds its hyper-parameters -> ``fn(logits, labels, *, weights=None) -> [B]``.
 
     Names: those of `LOSSES` ('sigmoid_cross_entropy', 'softmax_cross_entropy', 'dice', 'jaccard', 'tversky',
     'focal', 'focal_tversky', 'lovasz_hinge', 'combo'). ``kwargs`` are the keyword hyper-parameters of that function
-    (e.g. ``get_loss('tversky', alpha=0.3, beta=0.7)``); an unknown name raises ValueError, an unknown or
-    misspelt hyper-parameter TypeError, both listing what is valid.
+    (`loss_hyperparameters`; e.g. ``get_loss('tversky', alpha=0.3, beta=0.7)``); an unknown name raises ValueError,
+    an unknown or misspelt hyper-parameter TypeError, both listing what is valid.
     """
     fn = LOSSES.get(name)
-    valid = [p.name for p in inspect.signature(fn).parameters.values()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "weights"]
+    valid = list(loss_hyperparameters(name))
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         raise TypeError(

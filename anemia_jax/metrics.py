@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anemia_jax.utils import parallel
 from anemia_jax.surface_distance import (
     average_surface_distance,
     batch_surface_distances,
@@ -60,6 +59,7 @@ from anemia_jax.surface_distance import (
     summarize_distances,
     surface_distances,
 )
+from anemia_jax.utils import parallel
 
 __all__ = [
     "COUNT_NAMES",

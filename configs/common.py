@@ -25,8 +25,7 @@ from typing import Any
 import ml_collections
 
 from anemia_jax.data import augment
-from anemia_jax.runs import config_lib
-from anemia_jax.screening import quality
+from anemia_jax.runs import config_lib, loss_config
 
 ARG_DEFAULTS = dict(data="eyes_defy_anemia", size=256, fold=0, loco="", batch=16, epochs=0, steps=0,
                     dtype="bfloat16", seed=0, test=False)
@@ -68,10 +67,9 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
     c.split.val_fraction = 0.1
     c.split.seed = 0  # Fixed apart from `seed`, so that different seeds compare on the same folds.
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.name = "combo"  # Cross-entropy + soft Dice.
-    c.loss.ce_weight = 0.5
-    c.loss.dice_weight = 0.5
+    # Cross-entropy + soft Dice, with every hyper-parameter of the loss shown (`anemia_jax.runs.loss_config`):
+    # --config.loss.name=NAME switches the loss, --config.loss.<hyper>=VALUE sets one of the chosen loss's own.
+    c.loss = loss_config.loss_config("combo", ce_weight=0.5, dice_weight=0.5)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-3  # Peak, after the linear warm-up; then cosine decay.
@@ -103,9 +101,6 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
 
     c.compute_dtype = args.dtype
     c.augment = augment.default_config()
-    # The per-photo quality verdict of predict/app (usable / retake): thresholds, and how to choose them on
-    # validation data (python -m anemia_jax.calibrate_quality writes the chosen ones beside the runs).
-    c.quality = quality.default_config()
     c.compilation_cache_dir = config_lib.default_cache_dir()  # '' disables the persistent compilation cache.
     c.max_panels = 8  # Validation examples drawn in each evaluation's PNG panel.
     c.profile_steps = 0  # > 0: a jax.profiler trace of that many steps (after the first) in <workdir>/profile.

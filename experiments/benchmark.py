@@ -7,7 +7,7 @@ device) of a config's model on a synthetic batch held in device memory (no input
         [--config.model.features=16] [--steps=10 --windows=5 --warmup=3] [--no_warm] [--no_overlap] \
         [--peer=../shared/tools/peer_bench.py --peer_runs=eager,compile] --out=bench.json
 
-Model (`experiment.build_model`, as the trainer builds it), image size, global batch (split over the devices) and
+Model (`model_factory.build_model`, as the trainer builds it), image size, global batch (split over the devices) and
 compute dtype come from the config; ``--config.<key>=<value>`` changes any field (``--config.model.encoder=resnet50``
 with configs/unetpp_resnet34.py, ``--config.model.variant=b2`` with configs/segformer.py).
 
@@ -48,7 +48,7 @@ _PROCESS_START = time.perf_counter()
 
 import os  # noqa: E402
 
-# The environment this process started with, before anemia_jax's import appends its XLA CPU flags to XLA_FLAGS:
+# The environment this process started with, before its command line appends anemia_jax's XLA CPU flags to XLA_FLAGS:
 # the child processes start from it, so that each records the flags anemia_jax added in it (`xla_cpu_flags_added`).
 _ENVIRON = dict(os.environ)
 
@@ -98,10 +98,10 @@ def benchmark_config(config: ml_collections.ConfigDict, overrides: Mapping[str, 
 
 def _check(cmd: cli.Command, config: ml_collections.ConfigDict) -> None:
     """Everything the parent can check before minutes of measuring: the model builds, the peer exists."""
-    from anemia_jax.training import experiment  # noqa: PLC0415
+    from anemia_jax.runs import model_factory
 
     try:
-        experiment.build_model(config)
+        model_factory.build_model(config)
     except (TypeError, ValueError) as e:
         raise cli.CommandLineError(f"config.model ({cmd.config_file_name()}): {e}") from None
     if cmd.peer:
@@ -119,10 +119,11 @@ def make_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any, Any, d
     import jax.numpy as jnp
     import optax
 
+    from anemia_jax.runs import model_factory
     from anemia_jax.training import experiment, steps
     from anemia_jax.utils import parallel
 
-    model = experiment.build_model(config)
+    model = model_factory.build_model(config)
     tx = optax.adam(peer.LEARNING_RATE)  # the peer's optimizer, not the config's (see the module docstring)
     train_step = steps.make_train_step(model, tx, experiment.build_loss(config), mesh,
                                        compute_dtype=jnp.dtype(config.compute_dtype))

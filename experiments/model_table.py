@@ -81,13 +81,14 @@ def default_config(name: str, size: int) -> ml_collections.ConfigDict:
 
 
 def measure(config: ml_collections.ConfigDict) -> tuple[int, float]:
-    """``(parameters, forward GFLOPs per image)`` of ``experiment.build_model(config)`` at ``config.image_size``."""
+    """``(parameters, forward GFLOPs per image)`` of ``model_factory.build_model(config)`` at ``config.image_size``."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from anemia_jax.training import experiment  # noqa: PLC0415
+    from anemia_jax.runs import model_factory
 
-    model = experiment.build_model(config)
+
+    model = model_factory.build_model(config)
     images = jax.ShapeDtypeStruct((1, *config.image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     params = sum(x.size for x in jax.tree.leaves(variables["params"]))

@@ -5,7 +5,7 @@
 
 A UNet++ run at the default width (``configs/unetpp.py:data=phantom,size=256,dtype=float32``; initial weights, no
 training: the time does not depend on what the weights are) is written to a temporary workdir, and a synthetic
-4000x3000 (12 MP) JPEG photo of an eye-like scene is segmented by `anemia_jax.predict.predict_photos` as the command
+4000x3000 (12 MP) JPEG photo of an eye-like scene is segmented by `anemia_jax.screening.photo_folder.predict_photos` as the command
 does (decode, EXIF, resize, UNet++ forward pass, probabilities back to photo size, masks, quality verdict, overlay
 with its outline and caption, uncertainty map, PNG files, CSV). Timed separately, on the same photo and masks:
 
@@ -34,7 +34,6 @@ from absl import flags
 
 from anemia_jax import cli
 from anemia_jax.utils import image_io
-
 from experiments import provenance
 
 
@@ -92,14 +91,14 @@ def _median_times(fn: Callable[[], object], repeats: int) -> tuple[float, float]
 
 def _write_run(root, size: int, features: int) -> str:
     """A UNet++ run (config.json + one checkpoint of its initial state) in ``root/run``; returns the workdir."""
-    from anemia_jax.runs import checkpointing, config_lib  # noqa: PLC0415
+    from anemia_jax.runs import checkpointing, config_lib, model_factory  # noqa: PLC0415
     from anemia_jax.training import experiment, reporting
     from anemia_jax.utils import parallel
 
     config = config_lib.load_config_file(f"{provenance.REPO}/configs/unetpp.py:data=phantom,size={size},dtype=float32")
     config.model.features = features
     mesh = parallel.make_mesh()
-    model = experiment.build_model(config)
+    model = model_factory.build_model(config)
     tx, _ = experiment.build_optimizer(config, total_steps=10, warmup_steps=1)
     state = experiment.init_train_state(config, model, tx, mesh)
     workdir = f"{root}/run"
@@ -111,9 +110,9 @@ def _write_run(root, size: int, features: int) -> str:
 
 def time_predict(megapixels: Sequence[float], *, repeats: int, old_overlay_megapixels: float, size: int,
                  features: int) -> list[dict]:
-    from anemia_jax import predict  # noqa: PLC0415
     from anemia_jax.inference import segmenter
     from anemia_jax.runs import restore
+    from anemia_jax.screening import photo_folder  # noqa: PLC0415
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -126,7 +125,7 @@ def time_predict(megapixels: Sequence[float], *, repeats: int, old_overlay_megap
             photo = _photo(h, w)
             path = f"{root}/photo_{mp:g}mp.jpg"
             PIL.Image.fromarray(photo).save(path, quality=92)
-            end_to_end, end_to_end_cpu = _median_times(lambda: predict.predict_photos(seg, [path], f"{root}/out"),
+            end_to_end, end_to_end_cpu = _median_times(lambda: photo_folder.predict_photos(seg, [path], f"{root}/out"),
                                                        repeats)
             decoded = image_io.load_photo(path)
             decode = _median_time(lambda: image_io.load_photo(path), repeats)
@@ -205,7 +204,7 @@ def main(argv: Sequence[str]) -> int:
                         old_overlay_megapixels=cmd.old_overlay_megapixels, size=cmd.size, features=cmd.features)
     body = (f"UNet++ (features {cmd.features}, {cmd.size}x{cmd.size}, float32, initial weights) on "
             f"{len(jax.devices())} {jax.default_backend()} device(s); synthetic JPEG photos; every time is the median "
-            f"of {cmd.repeats} calls. 'End to end' is `predict.predict_photos` on one photo (decode, segment, verdict, "
+            f"of {cmd.repeats} calls. 'End to end' is `photo_folder.predict_photos` on one photo (decode, segment, verdict, "
             "masks, overlay, uncertainty map, PNGs, CSV), wall time and the CPU time of the process (all threads; on "
             "this shared machine the steadier figure, see the load average above). 'Overlay before/now' were timed alternately in the same "
             "round on the same photo and lid-shaped masks, and give identical images. CPU-scale figures of this "

@@ -44,7 +44,8 @@ import ml_collections
 from absl import flags
 
 from anemia_jax import cli
-from anemia_jax.runs import config_lib
+from anemia_jax.runs import config_lib, loss_config
+from anemia_jax.utils import conversions
 from experiments import provenance
 
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd")
@@ -61,7 +62,7 @@ LOSS_PRESETS = {
 
 
 def _number(value: Any) -> float:
-    """A summary value as a float ('NaN'/'Infinity' strings, as `reporting.jsonable` writes them, included)."""
+    """A summary value as a float ('NaN'/'Infinity' strings, as `conversions.jsonable` writes them, included)."""
     if value is None:
         return math.nan
     return float(value)
@@ -181,11 +182,16 @@ def _slug(text: str) -> str:
 def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A copy of ``config`` with ``{dotted key: typed value}`` overrides (`cli.Command.config_overrides`) applied;
     unknown keys fail with the closest existing keys."""
-    unknown = config_lib.unknown_keys(config, list(overrides))
+    loss = {k.removeprefix("loss."): v for k, v in overrides.items()
+            if k.startswith("loss.") and k.removeprefix("loss.") not in loss_config.WRAPPER_KEYS}
+    rest = {k: v for k, v in overrides.items() if k.removeprefix("loss.") not in loss or not k.startswith("loss.")}
+    unknown = config_lib.unknown_keys(config, list(rest))
     if unknown:
         raise ValueError("; ".join(unknown))
     c = ml_collections.ConfigDict(config.to_dict())
-    c.update_from_flattened_dict(dict(overrides))
+    c.update_from_flattened_dict(rest)
+    if loss:  # the loss block changes shape with the chosen loss (`loss_config.apply_overrides`)
+        loss_config.apply_overrides(c, loss)
     return c
 
 
@@ -214,26 +220,26 @@ def with_loss(config: ml_collections.ConfigDict, preset: str) -> ml_collections.
     if preset not in LOSS_PRESETS:
         raise ValueError(f"Unknown loss preset {preset!r}; presets: {', '.join(LOSS_PRESETS)}.")
     c = ml_collections.ConfigDict(config.to_dict())
-    keep = c.loss.get("deep_supervision_weights", None)
-    c.loss = ml_collections.ConfigDict(dict(LOSS_PRESETS[preset]))
-    if keep is not None:
-        c.loss.deep_supervision_weights = keep
+    preset = dict(LOSS_PRESETS[preset])
+    # A new loss block with the preset's loss at its defaults (the deep-supervision weights kept), then its values.
+    loss_config.apply_overrides(c, {"name": preset.pop("name")})
+    loss_config.apply_overrides(c, preset)
     return c
 
 
 # Fields that do not change what a run trains: where compiled programs are cached, profiling, panels, and the
-# inference-time quality thresholds.
+# inference-time quality thresholds that runs recorded before they left the training config.
 _NOT_TRAINING = ("compilation_cache_dir", "profile_steps", "max_panels", "quality")
 # Fields added to the configs after runs were recorded, whose default reproduces what those runs did.
-_ADDED_LATER = {("optimizer", "encoder_lr_multiplier"): 1.0, ("optimizer", "freeze_encoder_steps"): 0}
+_ADDED_LATER = {("optimizer", "encoder_lr_multiplier"): 1.0, ("optimizer", "freeze_encoder_steps"): 0,
+                # The loss block shows every hyper-parameter of the chosen loss since runs recorded only some.
+                ("loss", "pos_weight"): None, ("loss", "smooth"): 1.0}
 
 
 def _canonical(config_dict: Mapping[str, Any]) -> str:
     """A config as comparable text, without the fields that do not change training (`_NOT_TRAINING`) and with the
     fields added later (`_ADDED_LATER`) dropped where they hold their default, so older runs stay comparable."""
-    from anemia_jax.training import reporting  # noqa: PLC0415
-
-    plain = json.loads(json.dumps(reporting.jsonable(dict(config_dict))))
+    plain = json.loads(json.dumps(conversions.jsonable(dict(config_dict))))
     for key in _NOT_TRAINING:
         plain.pop(key, None)
     for (block, key), default in _ADDED_LATER.items():
@@ -383,8 +389,10 @@ def main(argv: Sequence[str]) -> int:
         print(f"protocols: {e}", file=sys.stderr)
         return cli.EXIT_CONFIG
     if mode != "aggregate":
-        from anemia_jax.data import input_pipeline  # noqa: PLC0415 -- JAX only when training
-        from anemia_jax.training import experiment
+        from anemia_jax.data import (
+            input_pipeline,  # noqa: PLC0415 -- JAX only when training
+            loading,
+        )
 
         cli.setup_logging()
         names = [c.name for c in configs]
@@ -399,7 +407,7 @@ def main(argv: Sequence[str]) -> int:
             else:
                 countries = list(cmd.countries)
                 if not countries:
-                    metadata = input_pipeline.read_metadata(experiment.prepare_builder(config), config.dataset.split)
+                    metadata = input_pipeline.read_metadata(loading.prepare_builder(config), config.dataset.split)
                     countries = sorted(set(metadata["country"].tolist()))
                 jobs += loco_jobs(config, label, countries)
         records = run_jobs(jobs, root)

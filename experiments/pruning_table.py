@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 
 from anemia_jax import cli
-from anemia_jax.evaluation import evaluator
+from anemia_jax.evaluation import finished_runs
 from anemia_jax.inference import probabilities
 from anemia_jax.runs import restore
 from anemia_jax.utils import parallel
@@ -85,7 +85,7 @@ def pruning_rows(run: restore.Run, *, split: str, batch: int, repeats: int) -> l
     params = jax.tree.map(np.asarray, parallel.fetch(run.variables["params"]))
     rows = []
     for level in (None, *range(1, depth + 1)):
-        summary = evaluator.evaluate_runs([run], split=split, prune_level=level, distances=False).summary
+        summary = finished_runs.evaluate_runs([run], split=split, prune_level=level, distances=False).summary
         probability = probabilities.sharded(probabilities.probability_fn(run.model, prune_level=level), run.mesh)
         rate, flops = time_inference(run, probability, batch=batch, repeats=repeats)
         rows.append({"network": "full" if level is None else f"L{level}", "prune_level": level,

@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from anemia_jax.data import input_pipeline
-from anemia_jax.evaluation import evaluator
+from anemia_jax.data import input_pipeline, loading
+from anemia_jax.evaluation import finished_runs
 from anemia_jax.inference import segmenter
 from anemia_jax.runs import restore
 from anemia_jax.screening import clinical_stats
-from anemia_jax.training import experiment
-from anemia_jax.utils.image_io import resize_probabilities
 from anemia_jax.screening.photo_report import screening_features
+from anemia_jax.utils.image_io import resize_probabilities
 
 ENSEMBLE = "fold ensemble"
 
@@ -47,9 +46,9 @@ def heldout_masks(run_dirs: Sequence, *, builder_config: str, tfds_split: str, t
     config = restored[0].config.copy_and_resolve_references()
     config.dataset.builder_config = builder_config
     config.dataset.test_split = tfds_split
-    builder, split, indices = experiment.eval_split(config, "test")
+    builder, split, indices = loading.eval_split(config, "test")
     first = dataclasses.replace(restored[0], config=config)
-    overlap = evaluator.training_overlap([first, *restored[1:]], builder, split, indices)
+    overlap = finished_runs.training_overlap([first, *restored[1:]], builder, split, indices)
     if any(overlap):
         raise ValueError(f"The runs trained on {overlap} of the {len(indices)} photos of {builder_config!r} "
                          f"{split!r}: they are not held out. Pass a data set none of them trained on.")

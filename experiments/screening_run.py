@@ -63,12 +63,10 @@ import numpy as np
 from absl import flags
 
 from anemia_jax import cli
-from anemia_jax.data import input_pipeline
-from anemia_jax.evaluation import plots
+from anemia_jax.data import input_pipeline, loading
 from anemia_jax.inference import segmenter
 from anemia_jax.runs import restore
-from anemia_jax.screening import colour, cross_validation, screening_model
-from anemia_jax.training import experiment
+from anemia_jax.screening import colour, cross_validation, plots, screening_model
 from anemia_jax.utils.image_io import resize_probabilities
 from experiments import provenance, screening_heldout
 
@@ -108,7 +106,7 @@ def out_of_sample_masks(run_dirs: Sequence[pathlib.Path], *, target: str, checkp
         if target not in run.targets:
             raise ValueError(f"{workdir} was trained on {run.targets}, not {target!r}; pass --target.")
         split = "test" if run.config.split.protocol == "loco" else "val"
-        builder, tfds_split, indices = experiment.eval_split(run.config, split, builder)
+        builder, tfds_split, indices = loading.eval_split(run.config, split, builder)
         size = _size(feature_size, run.image_size) if size is None else size
         host = input_pipeline.read_examples(builder, tfds_split, indices, image_size=run.image_size, targets=(target,))
         probs = np.stack([s.probs_model for s in segmenter.Segmenter([run]).segment(list(host.images))])

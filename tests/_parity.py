@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anemia_jax.utils import image_io
 from anemia_jax.models import get_model
+from anemia_jax.utils import image_io
 
 SIZE = (32, 32)
 PHANTOM_FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "phantom_photos.npz"

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from anemia_jax.runs import checkpointing, config_lib, restore
+from anemia_jax.data import loading
+from anemia_jax.runs import checkpointing, config_lib, model_factory, restore
 from anemia_jax.training import experiment, reporting
 from anemia_jax.utils import parallel
 
@@ -34,9 +35,9 @@ def make_run(root: pathlib.Path) -> pathlib.Path:
     config.dataset.data_dir = str(root / "tfds")
     config.compilation_cache_dir = ""
     workdir = root / "run"
-    experiment.prepare_builder(config)  # prepares the dataset
+    loading.prepare_builder(config)  # prepares the dataset
     mesh = parallel.make_mesh()
-    model = experiment.build_model(config)
+    model = model_factory.build_model(config)
     tx, _ = experiment.build_optimizer(config, total_steps=config.num_train_steps, warmup_steps=config.warmup_steps)
     state = experiment.init_train_state(config, model, tx, mesh)
     reporting.Reporter(workdir, is_main=True).write_config(config.to_dict())

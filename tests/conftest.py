@@ -7,6 +7,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests run what the commands run: the package's XLA CPU flag, applied before JAX starts as a command does.
+from anemia_jax.utils import xla_cpu  # noqa: E402 -- imports no JAX
+
+xla_cpu.applied[:] = xla_cpu.apply()
 
 import logging  # noqa: E402
 import pathlib  # noqa: E402

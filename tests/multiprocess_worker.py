@@ -21,9 +21,9 @@ import optax
 from anemia_jax import losses
 from anemia_jax.data import augment
 from anemia_jax.inference import probabilities
+from anemia_jax.models.unet import UNet
 from anemia_jax.training import steps
 from anemia_jax.utils import parallel
-from anemia_jax.models.unet import UNet
 
 SIZE, TARGETS, GLOBAL_BATCH, NUM_STEPS = 16, 2, 8, 3
 # Depth 1 keeps the three compilations (two workers, one reference) short on a shared CPU.

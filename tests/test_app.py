@@ -20,12 +20,12 @@ import urllib.request
 import numpy as np
 import PIL.Image
 import pytest
-
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+
 from anemia_jax import app
-from anemia_jax.screening import colour, cross_validation, screening_model
-from anemia_jax.utils import image_io
 from anemia_jax.data.datasets.conjunctiva_phantom import phantom
+from anemia_jax.screening import app_server, colour, cross_validation, screening_model
+from anemia_jax.utils import image_io
 
 MAX_UPLOAD = 2_000_000
 
@@ -59,7 +59,7 @@ def service(workdir, screening_path):
 
 @pytest.fixture(scope="module")
 def url(service):
-    server = app.make_server(service, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD)
+    server = app_server.make_server(service, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -14,8 +14,8 @@ import pathlib
 import shutil
 
 import pytest
-
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+
 from anemia_jax import cli, evaluate
 from anemia_jax.runs import checkpoint_integrity, checkpointing, restore
 

@@ -13,8 +13,8 @@ import pytest
 
 from anemia_jax import losses, models
 from anemia_jax.data import datasets
-from anemia_jax.runs import config_lib
-from anemia_jax.training import experiment, optim
+from anemia_jax.runs import config_lib, model_factory
+from anemia_jax.training import optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py") if "def get_config" in p.read_text())
@@ -38,7 +38,7 @@ def test_every_config_loads_and_validates(path, arg):
     config_lib.validate(config, num_devices=8)
     assert config.name == path.stem and config.arg == arg
     # What the trainer will build from it exists: the model (constructed, not run), the loss, the optimizer.
-    model = experiment.build_model(config)
+    model = model_factory.build_model(config)
     assert model.num_classes == len(config.targets) and isinstance(model, models.MODELS.get(config.model.name))
     losses.get_loss(config.loss.name, **{k: v for k, v in config.loss.items()
                                          if k not in ("name", "deep_supervision_weights")})

@@ -10,16 +10,16 @@ import io
 import pathlib
 import zipfile
 
+import fake_eyes_archive as fake
 import numpy as np
 import pytest
 from PIL import Image
 
-import fake_eyes_archive as fake
-from anemia_jax.runs import config_lib
-from anemia_jax.training import experiment
-from anemia_jax.utils import errors
+from anemia_jax.data import loading
 from anemia_jax.data.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder import Builder as EyesBuilder
 from anemia_jax.data.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
+from anemia_jax.runs import config_lib
+from anemia_jax.utils import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,28 +59,28 @@ def first_image_value(builder) -> int:
 def test_prepared_folder_dataset_is_never_reused_for_another_source(tmp_path):
     a, b = image_folder(tmp_path / "A", 50), image_folder(tmp_path / "B", 200)
     data_dir = tmp_path / "tfds"
-    builder = experiment.prepare_builder(kvasir_config(a, data_dir))
+    builder = loading.prepare_builder(kvasir_config(a, data_dir))
     assert first_image_value(builder) == 50
     with pytest.raises(errors.DataError) as info:
-        experiment.prepare_builder(kvasir_config(b, data_dir))
+        loading.prepare_builder(kvasir_config(b, data_dir))
     message = str(info.value)
     assert str(a) in message and str(b) in message and "data_dir" in message
     # What config.json records as the data used (train.py writes it as "data_source").
-    recorded = experiment.data_source(builder)
+    recorded = loading.data_source(builder)
     assert recorded["source"]["path"] == str(a) and recorded["source"]["files"] == 8
     assert recorded["options"] == {"mask_threshold": 128}
 
     # Its own data_dir: B is prepared there and read.
-    assert first_image_value(experiment.prepare_builder(kvasir_config(b, tmp_path / "tfds_b"))) == 200
+    assert first_image_value(loading.prepare_builder(kvasir_config(b, tmp_path / "tfds_b"))) == 200
     # Same folder, changed files: also refused.
     Image.new("RGB", (32, 24), (90, 90, 90)).save(a / "images" / "a.png")
     with pytest.raises(errors.DataError, match="has changed since it was prepared"):
-        experiment.prepare_builder(kvasir_config(a, data_dir))
+        loading.prepare_builder(kvasir_config(a, data_dir))
     # Another mask threshold changes the stored masks: refused too, naming the option.
     config = kvasir_config(b, tmp_path / "tfds_b")
     config.dataset.builder_kwargs.mask_threshold = "200"
     with pytest.raises(errors.DataError, match="mask_threshold=128.*mask_threshold=200"):
-        experiment.prepare_builder(config)
+        loading.prepare_builder(config)
 
 
 def eyes_archive(path: pathlib.Path, number: int) -> pathlib.Path:
@@ -94,12 +94,12 @@ def test_prepared_eyes_dataset_is_never_reused_for_another_archive(tmp_path):
     config = config_lib.load_config_file(f"{ROOT}/configs/unetpp.py:data=eyes,test")
     config.dataset.data_dir = str(tmp_path / "tfds")
     config.dataset.builder_kwargs.archive_path = str(a)
-    builder = experiment.prepare_builder(config)
+    builder = loading.prepare_builder(config)
     assert [e["patient_id"] for e in builder.as_data_source("train")] == [b"Italy/1"]
     config.dataset.builder_kwargs.archive_path = str(b)
     with pytest.raises(errors.DataError, match=rf"built from {a}.*asks for {b}"):
-        experiment.prepare_builder(config)
-    assert experiment.data_source(builder)["source"]["kind"] == "zip"
+        loading.prepare_builder(config)
+    assert loading.data_source(builder)["source"]["kind"] == "zip"
 
 
 # ------------------------------------------------------------------------------- messages, not tracebacks
@@ -142,16 +142,16 @@ def test_mask_threshold_is_reachable_from_the_config_and_named_in_messages(tmp_p
     faint[6:18, 8:24] = 100
     source = image_folder(tmp_path / "src", 80, masks={"a": faint, "b": faint, "c": faint})
     warnings = warnings_log
-    builder = experiment.prepare_builder(kvasir_config(source, tmp_path / "t128"))
+    builder = loading.prepare_builder(kvasir_config(source, tmp_path / "t128"))
     assert not builder.as_data_source("train")[0]["mask"].any()
     assert any("--config.dataset.builder_kwargs.mask_threshold" in w for w in warnings), warnings
     assert not any("augment" in w for w in warnings)
     config = kvasir_config(source, tmp_path / "t100")
     config.dataset.builder_kwargs.mask_threshold = "100"
-    assert experiment.prepare_builder(config).as_data_source("train")[0]["mask"].sum() == 12 * 16
+    assert loading.prepare_builder(config).as_data_source("train")[0]["mask"].sum() == 12 * 16
     config.dataset.builder_kwargs.mask_threshold = "300"
     with pytest.raises(config_lib.ConfigError, match="mask_threshold"):
-        experiment.prepare_builder(config)
+        loading.prepare_builder(config)
 
 
 # ----------------------------------------------------------------------------------- oversized zip members

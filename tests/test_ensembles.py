@@ -9,14 +9,13 @@ import shutil
 
 import numpy as np
 import pytest
-
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+
 from anemia_jax import calibrate_quality, evaluate
-from anemia_jax.data import input_pipeline
-from anemia_jax.evaluation import eval_report, evaluator
+from anemia_jax.data import input_pipeline, loading
+from anemia_jax.evaluation import eval_report, evaluator, finished_runs
 from anemia_jax.runs import restore
 from anemia_jax.screening import quality
-from anemia_jax.training import experiment
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def test_ensemble_and_each_member_on_the_same_images(workdir, second_run, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert [m["step"] for m in summary["members"]] == [4, 2] and summary["training_overlap"] == [0, 0]
     # A member's scores are those of the run evaluated alone (the second member: step 2 of the same run).
-    alone = evaluator.evaluate_runs([restore.load_run(workdir, checkpoint=2)], split="val", distances=False).summary
+    alone = finished_runs.evaluate_runs([restore.load_run(workdir, checkpoint=2)], split="val", distances=False).summary
     for t in alone["targets"]:
         assert summary["members"][1]["targets"][t]["dice"]["mean"] == pytest.approx(
             alone["targets"][t]["dice"]["mean"], abs=1e-6)
@@ -59,10 +58,10 @@ def test_ensemble_and_each_member_on_the_same_images(workdir, second_run, tmp_pa
 
 def test_training_overlap_is_refused_for_ensembles(workdir, other_fold, tmp_path, capsys):
     config = restore.load_config(workdir)
-    builder, split, val = experiment.eval_split(config, "val")
+    builder, split, val = loading.eval_split(config, "val")
     restored = restore.load_runs([workdir, other_fold], checkpoint="best")
-    overlap = evaluator.training_overlap(restored, builder, split, val)
-    fold1_train = experiment.split_indices(restore.load_config(other_fold), input_pipeline.read_metadata(
+    overlap = finished_runs.training_overlap(restored, builder, split, val)
+    fold1_train = loading.split_indices(restore.load_config(other_fold), input_pipeline.read_metadata(
         builder, split))[0]
     assert overlap == [0, int(np.isin(val, fold1_train).sum())] and overlap[1] > 0
     args = ["evaluate", f"--workdir={workdir}", f"--workdir={other_fold}", "--no_distances",
@@ -74,7 +73,7 @@ def test_training_overlap_is_refused_for_ensembles(workdir, other_fold, tmp_path
     with moved.unlocked():
         moved.dataset.builder_config = "res64_other"
     restored[0].config = moved
-    assert evaluator.training_overlap(restored[:1], builder, split, val) == [0]
+    assert finished_runs.training_overlap(restored[:1], builder, split, val) == [0]
 
 
 def test_format_members_table():
@@ -97,7 +96,7 @@ def test_calibrate_quality_per_run_and_ensemble(workdir, second_run, other_fold,
     # The untrained run's masks are poor: every photo counts as good at good_dice=0, so the rule keeps keep_good.
     out = tmp_path / "q.json"
     assert calibrate_quality.main(["calibrate_quality", f"--workdir={workdir}", f"--workdir={second_run}",
-                                   "--config.quality.good_dice=0", "--config.quality.keep_good=0.8",
+                                   "--good_dice=0", "--keep_good=0.8",
                                    f"--out={out}"]) == 0
     thresholds, record = quality.load_thresholds(out)
     assert record["mode"] == "per_run" and record["steps"] == [4, 2] and thresholds.target == "palpebral"

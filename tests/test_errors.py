@@ -12,10 +12,10 @@ import pathlib
 import zipfile
 
 import pytest
-from PIL import Image
-
 from _filesystems import read_only_folder
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+from PIL import Image
+
 from anemia_jax import cli, evaluate, main, predict
 from anemia_jax.runs import config_lib
 

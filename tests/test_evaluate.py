@@ -22,16 +22,16 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
+from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
 from absl import logging as absl_logging
 from etils import epath
 
-from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
-from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
-from anemia_jax import evaluate
-from anemia_jax.data import input_pipeline
-from anemia_jax.evaluation import eval_report, evaluator
+from anemia_jax import evaluate, models
+from anemia_jax.data import input_pipeline, loading
+from anemia_jax.evaluation import eval_report, evaluator, finished_runs
 from anemia_jax.inference import probabilities
-from anemia_jax.runs import checkpointing, restore
+from anemia_jax.runs import checkpointing, model_factory, restore
 from anemia_jax.training import experiment
 
 
@@ -184,7 +184,7 @@ def test_inference_restores_variables_only(workdir, best_run):
     # No optimizer is built and its state is never read: the variables are the checkpoint's params and statistics.
     assert set(best_run.variables) == {"params", "batch_stats"}
     with checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=2, read_only=True) as manager:
-        model = experiment.build_model(best_run.config)
+        model = model_factory.build_model(best_run.config)
         tx, _ = experiment.build_optimizer(best_run.config, total_steps=2, warmup_steps=1)
         full, _ = manager.restore(2, experiment.abstract_train_state(model, tx, best_run.image_size, best_run.mesh))
     tree_equal = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), best_run.variables,
@@ -195,10 +195,10 @@ def test_inference_restores_variables_only(workdir, best_run):
 def test_one_forward_pass_per_batch(best_run):
     """The evaluator's batch program holds the model once: metrics, distances and panels share that pass."""
     config = best_run.config
-    builder, split, idx = experiment.eval_split(config, "val")
+    builder, split, idx = loading.eval_split(config, "val")
     dataset = input_pipeline.DeviceDataset.from_builder(builder, split, idx, best_run.mesh, batch_size=8,
                                                         image_size=best_run.image_size, targets=best_run.targets)
-    probability, variables = restore.probability_of(best_run)
+    probability, variables = probabilities.probability_of(best_run)
     ev = evaluator.Evaluator(dataset, probability, best_run.targets, distances=True, num_panel=3)
     batch = next(dataset.eval_batches(8))
     scored = ev._score.lower(variables, batch).as_text().count("stablehlo.convolution")
@@ -235,27 +235,27 @@ def test_command_line_with_tta(workdir, tmp_path):
 
 
 def test_pruned_unetpp(best_run):
-    full, pruned, deepest = (evaluator.evaluate_runs([best_run], split="val", prune_level=k, distances=False).summary
+    full, pruned, deepest = (finished_runs.evaluate_runs([best_run], split="val", prune_level=k, distances=False).summary
                              for k in (None, 1, 2))
     assert pruned["prune_level"] == 1 and "hd95" not in pruned["targets"]["palpebral"]
     # L^depth is the full network's deepest head: the same scores.
     for t in best_run.targets:
         assert deepest["targets"][t]["dice"]["mean"] == pytest.approx(full["targets"][t]["dice"]["mean"], abs=1e-6)
     with pytest.raises(ValueError, match="1..2"):
-        evaluator.evaluate_runs([best_run], split="val", prune_level=3, distances=False)
-    unet = dataclasses.replace(best_run, config=ml_collections.ConfigDict(
+        finished_runs.evaluate_runs([best_run], split="val", prune_level=3, distances=False)
+    unet = dataclasses.replace(best_run, model=models.get_model("unet", depth=2), config=ml_collections.ConfigDict(
         {**best_run.config.to_dict(), "model": {"name": "unet", "depth": 2}}))
-    with pytest.raises(ValueError, match="UNet\\+\\+ only"):
-        restore.probability_of(unet, prune_level=1)
+    with pytest.raises(ValueError, match="no pruning \\(UNet\\+\\+ only\\)"):
+        probabilities.probability_of(unet, prune_level=1)
 
 
 def test_split_errors(best_run):
     with pytest.raises(ValueError, match="no test split"):
-        experiment.eval_split(best_run.config, "test")
+        loading.eval_split(best_run.config, "test")
     with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
-        experiment.eval_split(best_run.config, "validation")
-    train_idx = experiment.eval_split(best_run.config, "train")[2]
-    val_idx = experiment.eval_split(best_run.config, "val")[2]
+        loading.eval_split(best_run.config, "validation")
+    train_idx = loading.eval_split(best_run.config, "train")[2]
+    val_idx = loading.eval_split(best_run.config, "val")[2]
     assert (len(train_idx), len(val_idx)) == (25, 7) and not set(train_idx) & set(val_idx)
 
 

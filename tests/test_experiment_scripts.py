@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+
 from experiments import pruning_table, screening_heldout, screening_run, training_curves
 
 

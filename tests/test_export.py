@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import os
 
+import _parity
 import jax
 import numpy as np
 import pytest
-
-import _parity
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+
 from anemia_jax import export
 from anemia_jax.data import normalization
-from anemia_jax.inference import export_onnx, probabilities, model_card
+from anemia_jax.inference import export as export_lib
+from anemia_jax.inference import export_onnx, model_card, probabilities
 from anemia_jax.runs import restore
 from anemia_jax.utils import parallel
 
@@ -40,7 +41,7 @@ def test_stablehlo_reloaded_equals_jax(members):
     fns = [probabilities.probability_fn(model) for _, model, _ in built]
     fn = fns[0] if len(fns) == 1 else probabilities.ensemble_fn(fns)
     variables = built[0][2] if len(fns) == 1 else tuple(v for _, _, v in built)
-    exported = export.export_stablehlo(fn, variables, _parity.SIZE, platforms=("cpu",))
+    exported = export_lib.export_stablehlo(fn, variables, _parity.SIZE, platforms=("cpu",))
     reloaded = jax.export.deserialize(exported.serialize())
     assert str(reloaded.in_avals[0].shape[0]) == "N" and reloaded.in_avals[0].dtype == np.uint8
     reference = jax.jit(fn)
@@ -60,9 +61,9 @@ def test_export_command_writes_stablehlo_and_card(workdir, tmp_path):
     status = export.main(["export", f"--workdir={workdir}", "--format=stablehlo", f"--out={out}", "--platforms=cpu"])
     assert status == 0
     run = restore.load_run(workdir, checkpoint="best", mesh=parallel.make_mesh(jax.local_devices()[:1]))
-    fn, variables = restore.probability_of(run)
+    fn, variables = probabilities.probability_of(run)
     images = _parity.input_cases()["random_b3"]
-    np.testing.assert_allclose(np.asarray(export.load(out).call(images)),
+    np.testing.assert_allclose(np.asarray(export_lib.load(out).call(images)),
                                np.asarray(jax.jit(fn)(variables, images)), atol=TOLERANCE)
 
     card = json.loads(model_card.card_path(out).read_text())
@@ -100,7 +101,7 @@ def test_onnx_bundle_rebuilds_the_runs_function(workdir, tmp_path, monkeypatch):
     manifest, variables = export_onnx.read_bundle(bundle)
     assert manifest["card"]["runs"][0]["checkpoint"]["step"] == 2 and manifest["image_size"] == [32, 32]
     run = restore.load_run(workdir, checkpoint="best", mesh=parallel.make_mesh(jax.local_devices()[:1]))
-    fn, run_variables = restore.probability_of(run)
+    fn, run_variables = probabilities.probability_of(run)
     images = _parity.input_cases()["phantom_b3"]
     np.testing.assert_allclose(np.asarray(jax.jit(export_onnx.bundle_function(manifest, variables))(images)),
                                np.asarray(jax.jit(fn)(run_variables, images)), atol=1e-6)

@@ -12,12 +12,12 @@ import pickle
 import sys
 import types
 
+import fake_eyes_archive as fake
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-import fake_eyes_archive as fake
 from anemia_jax.data.datasets import get_builder
 from anemia_jax.data.datasets.eyes_defy_anemia import archive, masks, metadata, source, summary, xlsx
 from anemia_jax.data.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder import Builder, EyesDefyAnemiaConfig

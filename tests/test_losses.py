@@ -7,12 +7,12 @@ variants (weights, soft labels, empty masks) into the batch axis: the losses are
 
 import functools
 
+import _loss_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import _loss_reference as ref
 from anemia_jax import losses
 
 # (registry name, hyper-parameters): defaults plus non-default values, so that every hyper-parameter reaches the math.

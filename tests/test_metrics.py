@@ -15,7 +15,6 @@ from scipy import special
 
 from anemia_jax import metrics, surface_distance
 
-
 # ----------------------------------------------------------------------------
 # Independent references.
 

@@ -25,8 +25,9 @@ import jax
 import numpy as np
 import pytest
 
-from anemia_jax.runs import checkpointing, config_lib
-from anemia_jax.training import experiment, train
+from anemia_jax.data import loading
+from anemia_jax.runs import checkpointing, config_lib, model_factory
+from anemia_jax.training import experiment
 from anemia_jax.utils import parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def final_params(workdir, config, step=TOTAL):
     """The parameters saved at ``step``, restored on this process's 8-device mesh (saved on 4 devices)."""
     mesh = parallel.make_mesh()
     tx, _ = experiment.build_optimizer(config, total_steps=TOTAL, warmup_steps=config.warmup_steps)
-    template = experiment.abstract_train_state(experiment.build_model(config), tx, config.image_size, mesh)
+    template = experiment.abstract_train_state(model_factory.build_model(config), tx, config.image_size, mesh)
     with checkpointing.CheckpointManager(pathlib.Path(workdir) / "checkpoints", max_to_keep=2) as mgr:
         state, _ = mgr.restore(step, template)
     assert int(parallel.fetch(state.step)) == step
@@ -101,7 +102,7 @@ def read_jsonl(path):
 def test_two_process_training_writes_once_and_resumes(tmp_path):
     data_dir, cache_dir = tmp_path / "tfds", tmp_path / "jax_cache"
     config = _config(data_dir)
-    experiment.prepare_builder(config)  # prepared once, before any worker starts
+    loading.prepare_builder(config)  # prepared once, before any worker starts
     workdir = tmp_path / "run"
 
     logs = finish(start(workdir, data_dir, cache_dir, tmp_path))

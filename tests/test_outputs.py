@@ -16,13 +16,13 @@ import pathlib
 import numpy as np
 import PIL.Image
 import pytest
-
 from _filesystems import full_filesystem
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
+
 from anemia_jax import cli, predict
+from anemia_jax.data.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
 from anemia_jax.evaluation import eval_report
 from anemia_jax.utils import atomic, errors, image_io
-from anemia_jax.data.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
 from experiments import predict_timing
 
 # ------------------------------------------------------------------------------------------------ atomic outputs

@@ -1,12 +1,13 @@
-"""Tests of anemia_jax.evaluation.plots: the four screening figures and the training curves are written as valid PNGs
+"""Tests of anemia_jax.screening.plots and anemia_jax.evaluation.plots: the four screening figures and the training curves are written as valid PNGs
 (skipped without matplotlib)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from anemia_jax.evaluation import plots
+from anemia_jax.evaluation import plots as run_plots
 from anemia_jax.screening import cross_validation
+from anemia_jax.screening import plots as screening_plots
 
 
 def test_screening_plots_are_valid_pngs(tmp_path):
@@ -21,7 +22,7 @@ def test_screening_plots_are_valid_pngs(tmp_path):
     noisy[0] = np.nan  # an excluded photo must not break the figures
     rows = cross_validation.screening_table({"ground truth": good, "predicted": noisy}, hgb=hgb, anemic=anemic,
                                      folds=cross_validation.grouped_folds(groups, 3), groups=groups, num_bootstrap=50)
-    paths = plots.screening_plots(rows, hgb=hgb, anemic=anemic, out_dir=tmp_path / "figs", name="s",
+    paths = screening_plots.screening_plots(rows, hgb=hgb, anemic=anemic, out_dir=tmp_path / "figs", name="s",
                                   groups=groups, num_bootstrap=50)
     assert set(paths) == {"bland_altman", "roc", "calibration", "hgb_scatter"}
     for kind, path in paths.items():
@@ -46,7 +47,7 @@ def test_missing_matplotlib_message(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"anemia_jax\[report\]"):
-        plots.roc({"x": (np.array([0.1, 0.9]), np.array([0, 1]), None)}, "unused.png")
+        screening_plots.roc({"x": (np.array([0.1, 0.9]), np.array([0, 1]), None)}, "unused.png")
 
 
 def test_training_curves_draw_each_run(tmp_path):
@@ -54,11 +55,11 @@ def test_training_curves_draw_each_run(tmp_path):
     records = [{"split": "train", "step": s, "loss": 1.0 / s} for s in range(10, 200, 10)]
     records += [{"split": "val", "step": s, "dice/mean": 1 - 1.0 / s} for s in (50, 100, 150)]
     no_val = [r for r in records if r["split"] == "train"]  # a run stopped before its first evaluation
-    path = plots.training_curves({"a": records, "b": no_val}, tmp_path / "curves.png", title="t")
+    path = run_plots.training_curves({"a": records, "b": no_val}, tmp_path / "curves.png", title="t")
     assert path == tmp_path / "curves.png"
     with Image.open(path) as image:
         gray = np.asarray(image.convert("L"))
     assert gray.shape[1] > gray.shape[0] > 200 and gray.std() > 5
-    blank = plots.training_curves({}, tmp_path / "blank.png")  # no run: empty axes, still a figure
+    blank = run_plots.training_curves({}, tmp_path / "blank.png")  # no run: empty axes, still a figure
     with Image.open(blank) as image:
         assert np.asarray(image.convert("L")).std() < gray.std()

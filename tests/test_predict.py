@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import PIL.Image
 import pytest
-
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
+
 from anemia_jax import predict
 from anemia_jax.inference import segmenter
+from anemia_jax.screening import photo_folder
 from anemia_jax.utils import image_io
 
 _EXIF_ORIENTATION = 0x0112
@@ -43,7 +44,7 @@ def photos(tmp_path_factory):
 
 def test_masks_at_each_photos_own_size(best_run, photos, tmp_path):
     folder, made = photos
-    report = predict.predict_photos(segmenter.Segmenter([best_run], batch_size=8), [folder], tmp_path)
+    report = photo_folder.predict_photos(segmenter.Segmenter([best_run], batch_size=8), [folder], tmp_path)
     assert not report.failed and len(report.written) == len(made)
     for name, (_, (h, w)) in made.items():
         stem = name.rsplit(".", 1)[0]
@@ -71,7 +72,7 @@ def test_masks_are_the_thresholded_probabilities(best_run, tmp_path):
     PIL.Image.fromarray(photo).save(tmp_path / "exact.png")
     probs = segmenter.Segmenter([best_run]).segment([photo])[0].probs
     threshold = float(np.median(probs[..., 0]))  # a threshold that splits the pixels, whatever the weights
-    predict.predict_photos(segmenter.Segmenter([best_run], threshold=threshold), [tmp_path / "exact.png"],
+    photo_folder.predict_photos(segmenter.Segmenter([best_run], threshold=threshold), [tmp_path / "exact.png"],
                            tmp_path / "out")
     for c, t in enumerate(best_run.targets):
         mask = np.asarray(PIL.Image.open(tmp_path / "out" / f"exact_{t}.png")) > 0
@@ -113,7 +114,7 @@ def test_repeated_stems_do_not_overwrite(best_run, photos, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     PIL.Image.fromarray(_photo(10, 12)).save(other / "odd.bmp")
-    report = predict.predict_photos(segmenter.Segmenter([best_run]), [made["odd.bmp"][0], other / "odd.bmp"],
+    report = photo_folder.predict_photos(segmenter.Segmenter([best_run]), [made["odd.bmp"][0], other / "odd.bmp"],
                                     tmp_path / "out")
     assert sorted(report.written.values()) == ["odd", "odd_2"]
     assert np.asarray(PIL.Image.open(tmp_path / "out" / "odd_2_palpebral.png")).shape == (10, 12)

@@ -22,10 +22,10 @@ import pytest
 from _reference_weights import FIXTURES, read_key_list, reference_weights
 
 from anemia_jax import convert_weights
-from anemia_jax.training import pretrained
 from anemia_jax.models import get_model
 from anemia_jax.models.resnet import ResNet
 from anemia_jax.models.segformer import MixTransformer
+from anemia_jax.training import pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_TRANSUNET = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, resnet_width=32,

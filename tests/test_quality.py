@@ -12,14 +12,14 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
-
 from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
+
 from anemia_jax import predict
-from anemia_jax.inference import segmenter
-from anemia_jax.runs import restore
-from anemia_jax.screening import colour, photo_report, quality, cross_validation, screening_model
-from anemia_jax.utils import parallel
 from anemia_jax.data.datasets.conjunctiva_phantom import phantom
+from anemia_jax.inference import segmenter, uncertainty
+from anemia_jax.runs import restore
+from anemia_jax.screening import colour, cross_validation, photo_report, quality, screening_model
+from anemia_jax.utils import parallel
 
 
 def _seg(probs_model, photo_shape=None, members=None, threshold=0.5):
@@ -38,7 +38,7 @@ def test_uncertainty_is_zero_where_members_agree_with_certainty():
     members = np.concatenate([agree_one[:, :2], agree_zero[:, 2:]], axis=1)  # [2, 4, 4, 1]
     members[0, 0, 0, 0], members[1, 0, 0, 0] = 1.0, 0.0  # one pixel: certain, opposite answers
     members[:, 3, 3, 0] = 0.5  # one pixel: both members unsure
-    entropy, disagreement = quality.uncertainty_maps(members)
+    entropy, disagreement = uncertainty.uncertainty_maps(members)
     expected = np.zeros((4, 4, 1), np.float32)
     expected[0, 0, 0] = expected[3, 3, 0] = 1.0
     np.testing.assert_allclose(entropy, expected, atol=1e-6)
@@ -46,9 +46,9 @@ def test_uncertainty_is_zero_where_members_agree_with_certainty():
     mi[0, 0, 0] = 1.0  # disagreement, not shared doubt
     np.testing.assert_allclose(disagreement, mi, atol=1e-6)
     # A single run has no disagreement; its entropy is its own.
-    entropy, disagreement = quality.uncertainty_maps(members[:1])
+    entropy, disagreement = uncertainty.uncertainty_maps(members[:1])
     assert disagreement.max() == 0.0 and entropy[3, 3, 0] == pytest.approx(1.0)
-    assert quality.binary_entropy(np.array([0.0, 0.5, 1.0, 0.11])).tolist() == pytest.approx([0, 1, 0, 0.4999],
+    assert uncertainty.binary_entropy(np.array([0.0, 0.5, 1.0, 0.11])).tolist() == pytest.approx([0, 1, 0, 0.4999],
                                                                                               abs=1e-3)
 
 
@@ -133,7 +133,7 @@ def test_choose_thresholds_keeps_the_stated_share_of_good_photos():
 def test_thresholds_file_round_trip_and_discovery(tmp_path, caplog):
     fold = tmp_path / "cv" / "fold_0"
     fold.mkdir(parents=True)
-    assert quality.thresholds_for_runs([fold], None) == quality.thresholds_from_config(None)
+    assert quality.thresholds_for_runs([fold], None) == quality.DEFAULTS
     assert quality.thresholds_for_runs([fold], {"max_uncertainty": 0.3}).max_uncertainty == 0.3
     chosen = dataclasses.replace(THRESHOLDS, max_uncertainty=float("inf"), target="palpebral", source="calibrated")
     quality.save_thresholds(tmp_path / "cv" / quality.THRESHOLDS_FILE, chosen, {"mode": "per_run", "runs": [str(fold)]})

@@ -3,8 +3,6 @@
 import pathlib
 import re
 
-import numpy as np
-
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_example_runs():

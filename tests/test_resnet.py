@@ -13,9 +13,9 @@ import pytest
 from _reference_weights import FIXTURES
 from _step_equivalence import assert_one_step_equal_on_1_and_8_devices, numpy_variables
 
-from anemia_jax.utils import parallel
 from anemia_jax.models import get_model
 from anemia_jax.models.resnet import ENCODERS, ResNet
+from anemia_jax.utils import parallel
 
 COUNTS = json.loads((FIXTURES / "reference_param_counts.json").read_text())
 TINY = dict(encoder="resnet_tiny", decoder_channels=(32, 16, 16, 8, 8))

@@ -19,9 +19,9 @@ import sys
 import time
 
 import pytest
-
 from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from _filesystems import full_filesystem
+
 from anemia_jax import cli, main
 from anemia_jax.runs import checkpointing, config_lib
 from anemia_jax.training import train, workdir_lock

@@ -16,13 +16,13 @@ from jax.sharding import PartitionSpec as P
 
 from anemia_jax import losses, metrics
 from anemia_jax.data import augment, input_pipeline
+from anemia_jax.data.normalization import normalize
 from anemia_jax.evaluation import evaluator
 from anemia_jax.inference import probabilities
-from anemia_jax.training import steps
-from anemia_jax.utils import parallel
-from anemia_jax.data.normalization import normalize
 from anemia_jax.models.unet import UNet
 from anemia_jax.models.unetpp import UNetPlusPlus
+from anemia_jax.training import steps
+from anemia_jax.utils import parallel
 
 SIZE, GLOBAL_BATCH, TARGETS = 16, 8, 2
 

@@ -20,19 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from absl import logging as absl_logging
 from etils import epath
-from jax.experimental.compilation_cache import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 from PIL import Image
 
-from _fake_gcs import fake_gcs  # noqa: F401 -- pytest fixture
 from anemia_jax import evaluate
-from anemia_jax.data import input_pipeline
+from anemia_jax.data import input_pipeline, loading
 from anemia_jax.evaluation import evaluator
-from anemia_jax.runs import checkpointing, config_lib
-from anemia_jax.training import experiment, reporting
-from anemia_jax.utils import parallel
-from anemia_jax.training import train
+from anemia_jax.runs import checkpointing, config_lib, model_factory
+from anemia_jax.training import experiment, reporting, train
+from anemia_jax.utils import compilation_cache, conversions, parallel, paths
+from anemia_jax.utils.conversions import jsonable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/unetpp.py:data=phantom,test"
@@ -103,7 +103,7 @@ def final_state(workdir, config, step=TOTAL):
     """The state saved at ``step`` in ``workdir``, on this process's mesh."""
     mesh = parallel.make_mesh()
     tx, _ = experiment.build_optimizer(config, total_steps=TOTAL, warmup_steps=config.warmup_steps)
-    template = experiment.abstract_train_state(experiment.build_model(config), tx, config.image_size, mesh)
+    template = experiment.abstract_train_state(model_factory.build_model(config), tx, config.image_size, mesh)
     with checkpointing.CheckpointManager(pathlib.Path(workdir) / "checkpoints", max_to_keep=1) as mgr:
         return mgr.restore(step, template)[0]
 
@@ -205,7 +205,7 @@ def test_trainer_and_evaluate_command_score_alike(reference, shared, tmp_path, m
     same numbers, from the same `Evaluator.run` (one forward pass per batch: see test_evaluate.py)."""
     workdir, summary, _, trainer_evaluations = reference
     # Evaluations of the trainer: at steps 12 and 24 (with panels), then final val (with distances), then best val.
-    same = lambda a, b: reporting.jsonable(a) == reporting.jsonable(b)  # noqa: E731 -- NaN equals NaN here
+    same = lambda a, b: jsonable(a) == jsonable(b)  # noqa: E731 -- NaN equals NaN here
     assert len(trainer_evaluations) >= 3 and same(trainer_evaluations[2], summary["final"]["val"])
     spy_evaluator(monkeypatch)
     EVALUATIONS.clear()
@@ -223,7 +223,7 @@ def test_trainer_and_evaluate_command_score_alike(reference, shared, tmp_path, m
 def test_config_changes_are_listed():
     old = {"batch_size": 8, "optimizer": {"learning_rate": 1e-3, "b1": 0.9}}
     new = {"batch_size": 8, "optimizer": {"learning_rate": 3e-4, "b1": 0.9}, "seed": 1}
-    assert config_lib.config_diff(old, new) == ["optimizer.learning_rate: 0.001 -> 0.0003", "seed: None -> 1"]
+    assert conversions.nested_diff(old, new) == ["optimizer.learning_rate: 0.001 -> 0.0003", "seed: None -> 1"]
 
 
 def test_rerun_resumes_without_retraining(reference, shared, tmp_path):
@@ -320,7 +320,7 @@ def test_invalid_config_fails_before_any_work(shared, tmp_path):
 def test_abstract_state_matches_created_state(shared):
     config = make_config(shared)
     mesh = parallel.make_mesh()
-    model = experiment.build_model(config)
+    model = model_factory.build_model(config)
     tx, _ = experiment.build_optimizer(config, total_steps=TOTAL, warmup_steps=2)
     abstract = experiment.abstract_train_state(model, tx, config.image_size, mesh)
     real = experiment.init_train_state(config, model, tx, mesh)
@@ -341,11 +341,11 @@ def test_compilation_cache_is_enabled(reference, shared, tmp_path):
     unique = float(time.time_ns() % 997) + 0.5  # a constant no earlier program holds: each compile is new
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even these tiny programs
     try:
-        compilation_cache.set_cache_dir(str(other))
-        compilation_cache.reset_cache()
+        jax_cache.set_cache_dir(str(other))
+        jax_cache.reset_cache()
         jax.jit(lambda x: x * unique - 1.0)(jnp.ones(5)).block_until_ready()
         assert os.listdir(other), "set-up: the other cache should have opened"
-        experiment.enable_compilation_cache(cache)
+        compilation_cache.enable(cache)
         assert jax.config.jax_compilation_cache_dir == cache
         before_run, before_other = set(os.listdir(cache)), set(os.listdir(other))
         jax.jit(lambda x: x * unique + 2.0)(jnp.ones(7)).block_until_ready()
@@ -353,17 +353,17 @@ def test_compilation_cache_is_enabled(reference, shared, tmp_path):
         assert set(os.listdir(other)) == before_other
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
-        experiment.enable_compilation_cache(cache)
+        compilation_cache.enable(cache)
 
 
 def test_workdir_paths_keep_urls():
-    assert str(reporting.as_path("gs://bucket/runs/unetpp")) == "gs://bucket/runs/unetpp"
-    assert str(reporting.as_path(epath.Path("gs://bucket/runs/x")) / "checkpoints") == "gs://bucket/runs/x/checkpoints"
-    assert str(reporting.as_path("s3://b/r")) == "s3://b/r" and reporting.is_url("gs://b") and not reporting.is_url("/b")
-    assert reporting.as_path("runs/x") == pathlib.Path.cwd() / "runs" / "x"
-    assert reporting.as_path("~/runs") == pathlib.Path.home() / "runs"
+    assert str(paths.as_path("gs://bucket/runs/unetpp")) == "gs://bucket/runs/unetpp"
+    assert str(paths.as_path(epath.Path("gs://bucket/runs/x")) / "checkpoints") == "gs://bucket/runs/x/checkpoints"
+    assert str(paths.as_path("s3://b/r")) == "s3://b/r" and paths.is_url("gs://b") and not paths.is_url("/b")
+    assert paths.as_path("runs/x") == pathlib.Path.cwd() / "runs" / "x"
+    assert paths.as_path("~/runs") == pathlib.Path.home() / "runs"
     with pytest.raises(ValueError, match="URL"):
-        reporting.as_path(pathlib.Path("gs://bucket/x"))  # pathlib made it 'gs:/bucket/x'
+        paths.as_path(pathlib.Path("gs://bucket/x"))  # pathlib made it 'gs:/bucket/x'
 
 
 def test_url_workdir_reaches_no_local_path_and_nothing_before_data(shared, tmp_path, monkeypatch, fake_gcs):
@@ -374,7 +374,7 @@ def test_url_workdir_reaches_no_local_path_and_nothing_before_data(shared, tmp_p
     def no_data(config, mesh):
         raise train.DataNotFoundError("no data here")
 
-    monkeypatch.setattr(experiment, "load_data", no_data)
+    monkeypatch.setattr(loading, "load_data", no_data)
     collect = Collect()
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -435,7 +435,7 @@ def test_reporter_on_object_storage(fake_gcs):
 def test_reporting_helpers(tmp_path):
     from anemia_jax.training import reporting
 
-    assert reporting.jsonable({"a": np.float32(0.5), "b": (np.inf, np.nan), "c": np.arange(2)}) == {
+    assert jsonable({"a": np.float32(0.5), "b": (np.inf, np.nan), "c": np.arange(2)}) == {
         "a": 0.5, "b": ["Infinity", "NaN"], "c": [0, 1]}
     assert [reporting.format_duration(s) for s in (4.2, 65, 3725, np.inf)] == ["4s", "1m05s", "1h02m05s", "?"]
     reporter = reporting.Reporter(tmp_path, is_main=True)

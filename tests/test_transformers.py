@@ -16,8 +16,8 @@ import pytest
 from _reference_weights import FIXTURES
 from _step_equivalence import assert_one_step_equal_on_1_and_8_devices, numpy_variables
 
-from anemia_jax.utils import parallel
 from anemia_jax.models import get_model
+from anemia_jax.utils import parallel
 
 COUNTS = json.loads((FIXTURES / "reference_param_counts.json").read_text())
 TINY_TRANSUNET = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, resnet_width=32, resnet_layers=(1, 1, 1),

@@ -1,7 +1,10 @@
 """anemia_jax.utils.xla_cpu: the CPU flags are appended to XLA_FLAGS only where that is safe, and take effect."""
 
 import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +53,7 @@ def test_leaves_untested_jaxlib_and_started_backends_alone(monkeypatch):
 @pytest.mark.skipif(not xla_cpu._jaxlib_version().startswith(xla_cpu.TESTED_JAXLIB),
                     reason="the flags are only set on tested jaxlib versions")
 def test_in_effect_beside_conftest_flags():
-    # tests/conftest.py set XLA_FLAGS before importing JAX; importing anemia_jax appended ours.
+    # tests/conftest.py set XLA_FLAGS before importing JAX, then applied ours as the commands do.
     flags = os.environ["XLA_FLAGS"]
     assert "--xla_force_host_platform_device_count=8" in flags and FLAG in flags
     assert jax.device_count() == 8
@@ -70,3 +73,26 @@ def test_in_effect_beside_conftest_flags():
     # The check can fail: with YNNPACK convolutions asked for, the same program has them.
     types = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     assert ynn_convolutions({"xla_cpu_experimental_ynn_fusion_type": types}) > 0
+
+
+def _fresh_python(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+def test_importing_the_library_changes_no_environment():
+    # Research code importing the losses, metrics and models: XLA_FLAGS stays as the user left it (unset here).
+    out = _fresh_python("import os, anemia_jax, anemia_jax.losses, anemia_jax.metrics, anemia_jax.models\n"
+                        "print(repr(os.environ.get('XLA_FLAGS')))")
+    assert out == "None"
+
+
+@pytest.mark.skipif(not xla_cpu._jaxlib_version().startswith(xla_cpu.TESTED_JAXLIB),
+                    reason="the flags are only set on tested jaxlib versions")
+def test_a_command_line_applies_the_flag_before_jax_starts():
+    out = _fresh_python("import os\nfrom anemia_jax import cli\ncli.Command('python -m x', 'usage')\n"
+                        "print(os.environ.get('XLA_FLAGS'))")
+    assert out == FLAG

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from anemia_jax.utils import image_io
-from anemia_jax.data.datasets.features import as_text
+from anemia_jax.utils.conversions import as_text
 from anemia_jax.utils.parallel import DATA_AXIS
 
 # Used when the device does not report its memory (e.g. CPU devices).

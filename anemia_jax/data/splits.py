@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from anemia_jax.data.datasets.features import as_text
+from anemia_jax.utils.conversions import as_text
 
 Metadata = Mapping[str, np.ndarray]
 

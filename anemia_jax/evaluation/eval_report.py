@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from anemia_jax.training import reporting
-from anemia_jax.utils import atomic
 from anemia_jax.evaluation.evaluator import DISTANCES, SCORES
+from anemia_jax.utils import atomic, paths
 
 __all__ = ["default_out_dir", "format_markdown", "format_members", "write_outputs", "write_per_image_csv"]
 
@@ -147,7 +146,7 @@ def default_out_dir(run, split: str, *, tta: bool, prune_level: int | None, ense
     """``<workdir>/eval/<split>_step<step>[_tta][_L<k>][_ensemble<M>]`` of the (first) run."""
     name = (f"{split}_step{run.step}" + ("_tta" if tta else "") + (f"_L{prune_level}" if prune_level else "")
             + (f"_ensemble{ensemble}" if ensemble > 1 else ""))
-    return reporting.as_path(run.workdir) / "eval" / name
+    return paths.as_path(run.workdir) / "eval" / name
 
 
 def write_outputs(out: str | os.PathLike, per_image: Mapping[str, np.ndarray], summary: Mapping[str, Any],

@@ -33,15 +33,13 @@ from jax.sharding import PartitionSpec as P
 
 from anemia_jax import metrics
 from anemia_jax.data import input_pipeline
-from anemia_jax.training import experiment
-from anemia_jax.utils import parallel
 from anemia_jax.inference.probabilities import ProbabilityFn, mesh_batch_size
+from anemia_jax.utils import parallel
 
 SCORES = ("dice", "iou", "precision", "recall")
 DISTANCES = ("hd95", "assd")
 
-__all__ = ["DISTANCES", "SCORES", "EvalResult", "Evaluator", "evaluate_runs", "scalars", "summarize",
-           "training_overlap"]
+__all__ = ["DISTANCES", "SCORES", "EvalResult", "Evaluator", "scalars", "summarize"]
 
 
 @dataclasses.dataclass
@@ -133,90 +131,6 @@ class Evaluator:
         summary = summarize(per_image, self.targets)
         return EvalResult(per_image, summary, scalars(summary, self.targets),
                           {k: np.concatenate(v) for k, v in panel.items()} if have else None)
-
-
-def training_overlap(runs: Sequence, builder, tfds_split: str, indices: np.ndarray) -> list[int]:
-    """How many of the examples ``indices`` of ``tfds_split`` each run TRAINED on (its own training part).
-
-    The data scored is that of the first run's config (command-line overrides included, e.g. another builder config
-    or data set); each run's training data is that of the config it recorded (``config.json``, as trained). Two
-    data sets are the same when their builder, builder config and TFDS split are (not their folder: data may move).
-    """
-    from anemia_jax.runs import restore as runs_lib  # noqa: PLC0415 -- runs builds on this module's siblings only
-
-    ds = runs[0].config.dataset
-    scored = (ds.builder, ds.builder_config, tfds_split)
-    metadata = None
-    out = []
-    for run in runs:
-        recorded = runs_lib.load_config(run.workdir)
-        if (recorded.dataset.builder, recorded.dataset.builder_config, recorded.dataset.split) != scored:
-            out.append(0)
-            continue
-        metadata = metadata if metadata is not None else input_pipeline.read_metadata(builder, tfds_split)
-        train_idx = experiment.split_indices(recorded, metadata)[0]
-        out.append(int(np.isin(np.asarray(indices), train_idx).sum()))
-    return out
-
-
-def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_level: int | None = None,
-                  distances: bool = True, threshold: float = 0.5, builder=None, members: bool = False) -> EvalResult:
-    """Scores restored runs (`anemia_jax.runs.restore.load_runs`; several form an ensemble) on their ``split``.
-
-    Args:
-        runs: one or more `restore.Run` on one mesh, with the same targets and resolution (the first run's config
-            defines the split: for an ensemble of K-fold runs, score a split none of them trained on, e.g. 'test').
-        split: 'val', 'test' or 'train' (`experiment.eval_split`).
-        transforms: TTA views (`probabilities.parse_tta`), or None.
-        prune_level: UNet++ pruned network L^k, or None for the full network.
-        distances: also compute HD95 and ASSD.
-        threshold: probability threshold of the predicted masks.
-        builder: the prepared TFDS builder, if the caller has it (default: prepared from the config).
-        members: for an ensemble, also score each run alone on the same images (``summary['members']``: workdir,
-            step and per-target statistics of each, in order).
-
-    Returns:
-        The `EvalResult`, its summary extended with the run details (workdir, checkpoint, split, model, TTA, ...)
-        and ``training_overlap`` (`training_overlap`: how many of the scored images each run trained on).
-    """
-    from anemia_jax.runs import restore as runs_lib  # noqa: PLC0415 -- runs builds on this module's siblings only
-
-    first = runs[0]
-    config, targets = first.config, first.targets
-    builder, tfds_split, indices = experiment.eval_split(config, split, builder)
-    if len(indices) == 0:
-        raise ValueError(f"Split {split!r} of this run is empty; nothing to evaluate.")
-    metadata = input_pipeline.read_metadata(builder, tfds_split)
-    batch_size = mesh_batch_size(config.get("eval_batch_size", 0) or config.batch_size, first.mesh)
-    # Each process decodes only its own share of the images, as training does.
-    dataset = input_pipeline.DeviceDataset.from_builder(builder, tfds_split, indices, first.mesh,
-                                                        batch_size=batch_size, image_size=first.image_size,
-                                                        targets=targets)
-    probability, variables = runs_lib.probability_of(runs, prune_level=prune_level, transforms=transforms)
-    evaluator = Evaluator(dataset, probability, targets, batch_size=batch_size, threshold=threshold,
-                          distances=distances, metadata=metadata)
-    result = evaluator.run(variables)
-    scored_members = []
-    if members and len(runs) > 1:
-        for run in runs:  # the same device-resident images, one run at a time
-            fn, v = runs_lib.probability_of(run, prune_level=prune_level, transforms=transforms)
-            alone = Evaluator(dataset, fn, targets, batch_size=batch_size, threshold=threshold, distances=distances,
-                              metadata=metadata).run(v)
-            scored_members.append({"workdir": str(run.workdir), "step": run.step,
-                                   "targets": alone.summary["targets"]})
-    result.summary = {
-        "workdir": str(first.workdir), "config_name": config.get("name", ""), "config_arg": config.get("arg", ""),
-        "model": config.model.name, "ensemble": [str(r.workdir) for r in runs] if len(runs) > 1 else None,
-        "checkpoint": {"step": first.step, "chosen_as": first.checkpoint, "reason": first.checkpoint_reason,
-                       "steps": [r.step for r in runs]},
-        "split": split, "tfds_split": tfds_split, "num_images": int(len(result.per_image["index"])),
-        "image_size": list(first.image_size), "threshold": threshold, "prune_level": prune_level,
-        "tta": [t.name for t in transforms] if transforms else None, "num_devices": first.mesh.size,
-        "training_overlap": training_overlap(runs, builder, tfds_split, indices),
-        **({"members": scored_members} if scored_members else {}),
-        **result.summary,
-    }
-    return result
 
 
 # ---------------------------------------------------------------------------------------------- statistics

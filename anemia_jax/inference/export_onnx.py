@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from anemia_jax.inference import probabilities, model_card, tta
+from anemia_jax.inference import model_card, probabilities, tta
 from anemia_jax.models import get_model
 from anemia_jax.models.layers import field_names
 

@@ -26,16 +26,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from anemia_jax import models
+from anemia_jax.data.normalization import normalize, to_float
 from anemia_jax.inference import tta
 from anemia_jax.utils import parallel
-from anemia_jax.data.normalization import normalize, to_float
 
 PyTree = Any
 ProbabilityFn = Callable[[PyTree, jax.Array], jax.Array]
 
-__all__ = ["ProbabilityFn", "ensemble_fn", "members_fn", "mesh_batch_size", "model_multiple", "parse_tta",
+__all__ = ["ProbabilityFn", "ensemble_fn", "members_fn", "mesh_batch_size", "model_multiple", "parse_tta", "probability_of",
            "predict_images", "probability_fn", "sharded"]
 
 
@@ -160,3 +162,26 @@ def predict_images(fn: ProbabilityFn, variables: PyTree, images_u8: np.ndarray, 
     if not out:
         raise ValueError("predict_images got no images.")
     return np.concatenate(out, axis=batch_axis).astype(np.float32)
+
+
+def probability_of(runs, *, prune_level: int | None = None,
+                   transforms: Sequence[tta.Transform] | None = None
+                   ) -> tuple[ProbabilityFn, Any]:
+    """``(probs, variables)`` of one run, or of the ensemble of several (their mean probability): the per-device
+    inference function (`anemia_jax.inference.probabilities`) and the variables to call it with.
+
+    Raises:
+        ValueError: a ``prune_level`` that a run's model does not support (`models.ModelCapabilities.prune_levels`).
+    """
+    runs = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+    if prune_level is not None:
+        for run in runs:
+            levels = models.capabilities_of(run.model).prune_levels
+            if prune_level not in levels:
+                can = f"levels {', '.join(map(str, levels))}" if levels else "no pruning (UNet++ only)"
+                raise ValueError(f"prune_level={prune_level} does not apply to {run.workdir}: its "
+                                 f"{run.config.model.name!r} model supports {can}.")
+    fns = [probability_fn(run.model, prune_level=prune_level, transforms=transforms) for run in runs]
+    if len(runs) == 1:
+        return fns[0], runs[0].variables
+    return ensemble_fn(fns), tuple(run.variables for run in runs)

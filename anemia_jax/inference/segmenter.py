@@ -1,6 +1,6 @@
 """Segmenting photographs of any size with restored runs: what ``predict``, the screening app and scripts share.
 
-`Segmenter(runs, ...)` wraps one run or an ensemble of runs (their probabilities averaged, `restore.probability_of`).
+`Segmenter(runs, ...)` wraps one run or an ensemble of runs (their probabilities averaged, `probabilities.probability_of`).
 ``segment(photos)`` takes upright uint8 RGB photos of any size (`image_io.load_photo`) and, per photo:
 
 1. resizes it to the runs' training resolution exactly as training photos were (`image_io.resize_image`);
@@ -8,7 +8,7 @@
    UNet++);
 3. returns them at the training resolution and resized back to the photo's own size (bilinear per target), with
    the masks ``probability > threshold``;
-4. with the per-pixel uncertainty (`anemia_jax.screening.quality.uncertainty_maps`): the entropy of the mean probability
+4. with the per-pixel uncertainty (`anemia_jax.inference.uncertainty.uncertainty_maps`): the entropy of the mean probability
    (what the verdict and the app show; it also rises where ensemble members disagree) and the members' disagreement
    (mutual information; zero for a single run).
 
@@ -24,12 +24,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from anemia_jax.inference import probabilities, tta
+from anemia_jax.inference import probabilities, tta, uncertainty
 from anemia_jax.runs import restore as runs_lib
-from anemia_jax.screening import quality
 from anemia_jax.utils import image_io
 
-__all__ = ["PhotoSegmentation", "Segmenter"]
+__all__ = ["PhotoSegmentation", "Segmenter", "fraction_columns"]
 
 
 @dataclasses.dataclass
@@ -44,7 +43,7 @@ class PhotoSegmentation:
             (M = 1 for a single run).
         threshold: the probability threshold of ``masks``.
         uncertainty_model: float32 ``[h, w, C]`` per-target entropy (bits, 0..1) of the mean probability
-            (`quality.uncertainty_maps`).
+            (`uncertainty.uncertainty_maps`).
         disagreement_model: float32 ``[h, w, C]`` the members' mutual information (bits; 0 for a single run).
 
     ``uncertainty`` (float32 ``[H, W]``, photo size) is the map people look at: the largest per-target entropy of
@@ -61,7 +60,7 @@ class PhotoSegmentation:
 
     def __post_init__(self):
         if self.uncertainty_model is None or self.disagreement_model is None:
-            self.uncertainty_model, self.disagreement_model = quality.uncertainty_maps(self.members_model)
+            self.uncertainty_model, self.disagreement_model = uncertainty.uncertainty_maps(self.members_model)
 
     @functools.cached_property
     def uncertainty(self) -> np.ndarray:
@@ -72,6 +71,16 @@ class PhotoSegmentation:
     def fractions(self) -> np.ndarray:
         """float [C]: the fraction of the photo inside each mask."""
         return self.masks.reshape(-1, self.masks.shape[-1]).mean(axis=0)
+
+    def overlay(self, photo: np.ndarray) -> np.ndarray:
+        """uint8 ``[H, W, 3]``: ``photo`` with each mask tinted and outlined (`image_io.overlay`), the outline
+        about 1/300 of the photo's longest side so that it stays visible on a full-size photo."""
+        return image_io.overlay(photo, self.masks, outline=max(1, round(max(photo.shape[:2]) / 300)))
+
+
+def fraction_columns(targets: Sequence[str]) -> list[str]:
+    """The results-table columns of `PhotoSegmentation.fractions`: ``fraction/<target>`` per target."""
+    return [f"fraction/{t}" for t in targets]
 
 
 class Segmenter:
@@ -96,7 +105,7 @@ class Segmenter:
         self.threshold = threshold
         self.mesh = self.runs[0].mesh
         self.batch_size = probabilities.mesh_batch_size(batch_size, self.mesh)
-        members = [runs_lib.probability_of(run, prune_level=prune_level, transforms=transforms) for run in self.runs]
+        members = [probabilities.probability_of(run, prune_level=prune_level, transforms=transforms) for run in self.runs]
         self._variables = tuple(v for _, v in members)
         self._members = probabilities.sharded(probabilities.members_fn([fn for fn, _ in members]), self.mesh,
                                               out_axis=1)

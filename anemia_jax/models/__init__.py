@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from anemia_jax.models.base import MODELS, SegmentationOutput, register_model
+from anemia_jax.models.base import MODELS, ModelCapabilities, SegmentationOutput, capabilities_of, register_model
 from anemia_jax.models.layers import field_names
 
 # Every module of the package registers its models on import.
@@ -43,10 +43,12 @@ __all__ = [
     "ConvBlock",
     "ConvTranspose2x2",
     "MODELS",
+    "ModelCapabilities",
     "SegmentationModel",
     "SegmentationOutput",
     "UNet",
     "UNetPlusPlus",
+    "capabilities_of",
     "get_model",
     "register_model",
 ]

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from anemia_jax.models.base import ModelCapabilities
+
 Array = jax.Array
 Dtype = Any
 
@@ -381,6 +383,14 @@ class SegmentationModel(nn.Module):
         """H and W of the input must be multiples of this: ``2**depth`` (every level halves the resolution), or 32
         with a ResNet encoder (``encoder`` field of U-Net / UNet++: five stride-2 stages)."""
         return 32 if getattr(self, "encoder", None) else 2**self.depth
+
+    @property
+    def capabilities(self) -> ModelCapabilities:
+        """What this model supports (`anemia_jax.models.base.ModelCapabilities`): none of the extras by default; a
+        ResNet ``encoder`` field (U-Net, UNet++) loads timm's pretrained ResNet weights."""
+        encoder = getattr(self, "encoder", None)
+        pretrained = "timm_resnet" if encoder and encoder.startswith("resnet") and encoder != "resnet_tiny" else None
+        return ModelCapabilities(pretrained=pretrained)
 
     @property
     def widths(self) -> tuple[int, ...]:

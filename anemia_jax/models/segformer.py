@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anemia_jax.models.base import SegmentationOutput, register_model
+from anemia_jax.models.base import ModelCapabilities, SegmentationOutput, register_model
 from anemia_jax.models.layers import check_images
 
 Array = jax.Array
@@ -176,6 +176,8 @@ class SegFormer(nn.Module):
 
     # Read by anemia_jax.training.steps: the decoder's BatchNorm must be synchronised over the data axis.
     norm = "batch"
+    # Its encoder loads HuggingFace ``nvidia/mit-b*`` MiT encoder weights (`anemia_jax.models.base.ModelCapabilities`).
+    capabilities = ModelCapabilities(pretrained="hf_mit")
     # H and W must be multiples of this (the last MiT stage is at 1/32).
     input_multiple = 32
 

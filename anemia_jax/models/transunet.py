@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anemia_jax.models.base import SegmentationOutput, register_model
+from anemia_jax.models.base import ModelCapabilities, SegmentationOutput, register_model
 from anemia_jax.models.layers import check_images, group_count
 
 Array = jax.Array
@@ -291,6 +291,8 @@ class TransUNet(nn.Module):
 
     # Read by anemia_jax.training.steps: the decoder's BatchNorm must be synchronised over the data axis.
     norm = "batch"
+    # Its encoder loads google-research/vision_transformer ``.npz`` (R50+)ViT-B/16 weights (`anemia_jax.models.base.ModelCapabilities`).
+    capabilities = ModelCapabilities(pretrained="vit_npz")
 
     @property
     def input_multiple(self) -> int:

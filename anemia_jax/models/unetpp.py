@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from anemia_jax.models import resnet
-from anemia_jax.models.base import SegmentationOutput, register_model
+from anemia_jax.models.base import ModelCapabilities, SegmentationOutput, register_model
 from anemia_jax.models.layers import SegmentationModel, check_images
 
 
@@ -69,6 +69,15 @@ class UNetPlusPlus(SegmentationModel):
     deep_supervision: bool = False
     encoder: str | None = None
     decoder_channels: tuple[int, ...] = resnet.SMP_DECODER_CHANNELS
+
+    @property
+    def capabilities(self) -> ModelCapabilities:
+        """Pruning to every level ``1..depth`` and deep supervision with ``deep_supervision=True`` (only the full
+        network, ``depth``, without it); with a ResNet ``encoder``, timm weights and neither of the others."""
+        if self.encoder is not None:
+            return super().capabilities
+        levels = tuple(range(1, self.depth + 1)) if self.deep_supervision else (self.depth,)
+        return ModelCapabilities(prune_levels=levels, deep_supervision=self.deep_supervision)
 
     @nn.compact
     def __call__(

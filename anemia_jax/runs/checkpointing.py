@@ -40,9 +40,8 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ppl
 
-from anemia_jax.runs import checkpoint_integrity, config_lib
-from anemia_jax.training import reporting
-from anemia_jax.utils import errors
+from anemia_jax.runs import checkpoint_integrity
+from anemia_jax.utils import conversions, errors, paths
 
 PyTree = Any
 
@@ -96,7 +95,7 @@ class CheckpointManager:
 
     Args:
         directory: where step directories live (created if missing), e.g. ``<workdir>/checkpoints``; local or on
-            shared/cloud storage (``gs://bucket/runs/x/checkpoints``, kept as given: see `reporting.as_path`).
+            shared/cloud storage (``gs://bucket/runs/x/checkpoints``, kept as given: see `paths.as_path`).
         max_to_keep: how many of the latest checkpoints to keep (>= 1).
         best_metric: key of the metrics dict passed to `save` that ranks checkpoints (higher is better); the best
             one is kept in addition to the latest ``max_to_keep``.
@@ -125,7 +124,7 @@ class CheckpointManager:
         if read_only and cleanup_tmp:
             raise ValueError("cleanup_tmp=True deletes files, which a read_only manager must not do; only the trainer "
                              "that writes the checkpoints may clean up.")
-        self.directory: epath.Path = reporting.as_path(directory)
+        self.directory: epath.Path = paths.as_path(directory)
         self.best_metric = best_metric
         self.read_only = read_only
 
@@ -208,8 +207,8 @@ class CheckpointManager:
         hint = ""
         if model_config is not None:
             recorded = self._read_meta(step).get("model")
-            given = reporting.jsonable(dict(model_config))  # as JSON has it: tuples are lists
-            changes = config_lib.config_diff(recorded, given) if isinstance(recorded, Mapping) else []
+            given = conversions.jsonable(dict(model_config))  # as JSON has it: tuples are lists
+            changes = conversions.nested_diff(recorded, given) if isinstance(recorded, Mapping) else []
             if changes:
                 hint = f" Its model config differs from the one given: {'; '.join(f'model.{c}' for c in changes)}."
         raise CheckpointMismatchError(
@@ -378,7 +377,7 @@ class CheckpointManager:
         Args:
             step: an existing checkpoint step.
             template: ``{'params': ..., 'batch_stats': ...}`` of arrays or `jax.ShapeDtypeStruct`s with shardings
-                (`experiment.abstract_variables`); the optimizer state and the rest of the saved `steps.TrainState`
+                (`model_factory.abstract_variables`); the optimizer state and the rest of the saved `steps.TrainState`
                 are not read.
 
             model_config: as for `restore`.

@@ -25,6 +25,8 @@ from typing import Any
 
 import ml_collections
 
+from anemia_jax.runs import loss_config
+from anemia_jax.utils import errors
 from anemia_jax.utils.registry import close_matches
 
 ConfigDict = ml_collections.ConfigDict
@@ -32,8 +34,8 @@ ConfigDict = ml_collections.ConfigDict
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
-    """A config that the trainer cannot run; the message lists every problem found and how to fix it."""
+# A config that cannot run (exit status 2); defined with the other failure kinds so that the data layer can raise it.
+ConfigError = errors.ConfigError
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -207,18 +209,6 @@ def default_workdir(name: str, arg: str = "", root: str = "runs") -> str:
     return os.path.join(root, f"{name}_{slug}" if slug else name)
 
 
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``["key: old -> new", ...]`` for every dotted key whose value differs between two nested config dicts."""
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            changed += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changed
-
-
 # ----------------------------------------------------------------------------------------------- durations
 
 
@@ -297,12 +287,12 @@ def validate(config: ConfigDict, *, num_devices: int | None = None) -> None:
         check(0.0 < sp.val_fraction < 1.0, f"split.val_fraction={sp.val_fraction} must lie in (0, 1).")
 
     # The registries, read where they are declared (imported here: loading a config file needs no JAX).
-    from anemia_jax import losses, models  # noqa: PLC0415
+    from anemia_jax import models  # noqa: PLC0415
 
-    for field, registry in (("model", models.MODELS), ("loss", losses.LOSSES)):
-        name = config[field].name
-        check(name in registry, f"{field}.name={name!r} is unknown.{close_matches(name, registry.all_names())} "
-                                f"Valid: {', '.join(registry.names())}.")
+    name = config.model.name
+    check(name in models.MODELS, f"model.name={name!r} is unknown.{close_matches(name, models.MODELS.all_names())} "
+                                 f"Valid: {', '.join(models.MODELS.names())}.")
+    errors.extend(loss_config.problems(config.loss))
     model = None
     if config.model.name in models.MODELS:
         fields = {k: v for k, v in config.model.items() if k not in ("name", "pretrained")}

@@ -5,7 +5,7 @@ config) and ``checkpoints/`` (Orbax step directories of the full `steps.TrainSta
 inference needs, with the experiment's own builders (`anemia_jax.training.experiment`), so nothing can drift from
 training:
 
-* the config (`load_config`), the flax model (`experiment.build_model`) and a 1-D ``data`` mesh (every device here
+* the config (`load_config`), the flax model (`model_factory.build_model`) and a 1-D ``data`` mesh (every device here
   by default; a checkpoint written on 8 devices restores on 1);
 * the model variables (``params`` and BatchNorm ``batch_stats``) of a chosen checkpoint -- ``'best'`` by
   validation mean Dice, ``'latest'``, a step number, or ``'auto'`` (see `auto_checkpoint`) -- restored alone: no
@@ -19,7 +19,7 @@ training:
 ensemble; `probability_of` gives the inference function and variables of one run or of such an ensemble.
 
 Run directories may be local or on shared/cloud storage (``gs://bucket/runs/x``): paths are `etils.epath.Path`s
-(`reporting.as_path`).
+(`paths.as_path`).
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from anemia_jax.inference import probabilities, tta
-from anemia_jax.runs import checkpointing
-from anemia_jax.training import experiment, reporting
-from anemia_jax.utils import parallel
+from anemia_jax.runs import checkpointing, model_factory
+from anemia_jax.utils import parallel, paths
 
-__all__ = ["SELECTION_SPLIT", "Run", "auto_checkpoint", "load_config", "load_run", "load_runs", "probability_of",
+__all__ = ["SELECTION_SPLIT", "Run", "auto_checkpoint", "load_config", "load_run", "load_runs",
            "resolve_checkpoint", "restore_chosen"]
 
 # The split the trainer ranks checkpoints on ('best' = highest mean Dice there), whatever the protocol.
@@ -88,7 +86,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     Raises:
         FileNotFoundError: ``workdir`` is not a run directory.
     """
-    path = reporting.as_path(workdir) / "config.json"
+    path = paths.as_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training run directory. Train one with "
                                 "`python -m anemia_jax.main --config=... --workdir=DIR` and pass that DIR.")
@@ -178,11 +176,11 @@ def load_run(workdir: str | os.PathLike, *, checkpoint: str | int = "best", mesh
         config: the run's config if the caller already has it (e.g. with command-line overrides applied);
             default: read from ``config.json``.
     """
-    workdir = reporting.as_path(workdir)
+    workdir = paths.as_path(workdir)
     config = config if config is not None else load_config(workdir)
     mesh = mesh if mesh is not None else parallel.make_mesh()
-    model = experiment.build_model(config)
-    template = experiment.abstract_variables(model, tuple(config.image_size), mesh)
+    model = model_factory.build_model(config)
+    template = model_factory.abstract_variables(model, tuple(config.image_size), mesh)
     # Read-only: the run may still be training; its trainer alone creates, cleans and prunes checkpoints/.
     manager = checkpointing.CheckpointManager(workdir / "checkpoints", max_to_keep=max(1, config.keep_checkpoints),
                                               read_only=True)
@@ -223,23 +221,3 @@ def load_runs(workdirs: Sequence[str | os.PathLike], *, checkpoint: str | int = 
                              f"has {first.targets} at {first.image_size}, {run.workdir} has {run.targets} at "
                              f"{run.image_size}.")
     return runs
-
-
-def probability_of(runs: Run | Sequence[Run], *, prune_level: int | None = None,
-                   transforms: Sequence[tta.Transform] | None = None
-                   ) -> tuple[probabilities.ProbabilityFn, Any]:
-    """``(probs, variables)`` of one run, or of the ensemble of several (their mean probability): the per-device
-    inference function (`anemia_jax.inference.probabilities`) and the variables to call it with.
-
-    Raises:
-        ValueError: ``prune_level`` for a run whose model is not UNet++.
-    """
-    runs = [runs] if isinstance(runs, Run) else list(runs)
-    if prune_level is not None:
-        for run in runs:
-            if run.config.model.name != "unetpp":
-                raise ValueError(f"prune_level applies to UNet++ only; {run.workdir} is a {run.config.model.name!r}.")
-    fns = [probabilities.probability_fn(run.model, prune_level=prune_level, transforms=transforms) for run in runs]
-    if len(runs) == 1:
-        return fns[0], runs[0].variables
-    return probabilities.ensemble_fn(fns), tuple(run.variables for run in runs)

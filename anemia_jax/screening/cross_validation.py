@@ -43,10 +43,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from anemia_jax.screening import clinical_stats
+
 # Re-exported: these lived here before the clinical statistics and the linear models got their own modules.
 from anemia_jax.screening.clinical_stats import roc_auc, youden_threshold
-from anemia_jax.data.datasets.features import as_text
 from anemia_jax.screening.linear_models import LinearModel, fit_logistic, fit_ridge
+from anemia_jax.utils.conversions import as_text
 
 __all__ = [
     "DEFAULT_ALPHAS",

@@ -34,9 +34,9 @@ import PIL.ImageDraw
 import PIL.ImageFont
 from absl import logging
 
-from anemia_jax.screening import colour, quality, screening_model as sm
-from anemia_jax.training import reporting
-from anemia_jax.utils import image_io
+from anemia_jax.screening import colour, quality
+from anemia_jax.screening import screening_model as sm
+from anemia_jax.utils import image_io, paths
 
 __all__ = ["SEX_CSV", "PhotoAssessor", "PhotoReport", "caption_lines", "csv_header", "csv_values", "draw_caption",
            "photo_sexes", "read_sex_csv", "screening_features"]
@@ -91,7 +91,7 @@ class PhotoAssessor:
 
     Args:
         targets: the runs' targets, in channel order.
-        thresholds: the quality thresholds (`quality.load_thresholds` or `quality.thresholds_from_config`).
+        thresholds: the quality thresholds (`quality.thresholds_for_runs`, `quality.load_thresholds` or `quality.DEFAULTS`).
         screening: a loaded screening model, or None.
     """
 
@@ -222,7 +222,7 @@ def read_sex_csv(path: str | os.PathLike) -> dict[str, str]:
     Raises:
         ValueError: missing columns or an unknown sex value (the message names the row).
     """
-    path = reporting.as_path(path)
+    path = paths.as_path(path)
     with io.StringIO(path.read_text(encoding="utf-8-sig"), newline="") as f:
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in reader.fieldnames or []]
@@ -265,7 +265,7 @@ def photo_sexes(files: Sequence[Any], *, sex: str | None = None, sex_csv: str | 
         tables["explicit"] = read_sex_csv(sex_csv)
     out = []
     for f in files:
-        path = reporting.as_path(f)
+        path = paths.as_path(f)
         if sex_csv:
             table = tables["explicit"]
         else:
@@ -276,7 +276,7 @@ def photo_sexes(files: Sequence[Any], *, sex: str | None = None, sex_csv: str | 
             table = tables[folder]
         out.append(table.get(_key(path), "unknown"))
     listed = {p for t in tables.values() for p in t}
-    missing = sorted(listed - {_key(reporting.as_path(f)) for f in files})
+    missing = sorted(listed - {_key(paths.as_path(f)) for f in files})
     if missing:
         logging.warning("The sex CSV lists %d file(s) that are not among the photos: %s", len(missing),
                         ", ".join(missing[:5]))

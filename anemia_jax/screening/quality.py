@@ -1,15 +1,7 @@
-"""Per-pixel uncertainty of a segmentation and the per-photo quality verdict (usable / retake), host NumPy.
+"""The per-photo quality verdict (usable / retake) and its thresholds, host NumPy.
 
-Uncertainty maps (`uncertainty_maps`), from the probabilities of the M members of an ensemble ``[M, h, w, C]``
-(M = 1 for a single run):
-
-* ``entropy``: the binary entropy, in bits, of the MEAN probability: 0 where the prediction is certain (p = 0 or 1),
-  1 bit where it is 0.5. It is the total predictive uncertainty, defined for one run and for an ensemble alike, and
-  it already rises where members disagree (two members certain of opposite answers average to 0.5: 1 bit). This is
-  what `PhotoSegmentation.uncertainty` shows and what the verdict uses.
-* ``disagreement``: the mutual information between the prediction and the member (entropy of the mean minus the
-  mean of the members' entropies; Houlsby et al. 2011, "BALD"): the part of the entropy due to members disagreeing
-  (0 for a single run, and wherever the members agree, however unsure each is). Kept for research and the app.
+The uncertainty behind the verdict is `anemia_jax.inference.uncertainty`'s (the entropy of the ensemble's mean
+probability, per pixel).
 
 Per-photo measures (`measure`), on the quality target (default: the run's first target; the screening target when a
 screening model is used):
@@ -28,7 +20,7 @@ screening model is used):
   washed out to white by glare or overexposure, so their colour is lost. (A single saturated channel is common in
   a well exposed deep-red conjunctiva, so it does not count.) 0 when the mask is empty.
 
-`verdict` turns them into a `Verdict` with `QualityThresholds` (``config.quality``, see `default_config`; or chosen
+`verdict` turns them into a `Verdict` with `QualityThresholds` (`DEFAULTS`; or chosen
 on validation data by ``python -m anemia_jax.calibrate_quality``, which uses `choose_thresholds` and writes them to a
 JSON file that `load_thresholds` reads).
 """
@@ -42,57 +34,61 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
-__all__ = ["CLIPPED_VALUE", "FORMAT", "QualityMeasures", "QualityThresholds", "Verdict", "binary_entropy",
-           "choose_thresholds", "default_config", "load_thresholds", "measure", "save_thresholds",
-           "target_channel", "THRESHOLDS_FILE", "thresholds_for_runs", "thresholds_from_config", "uncertainty_maps", "verdict"]
+from anemia_jax.utils import conversions, paths
+
+__all__ = ["CALIBRATION_DEFAULTS", "CLIPPED_VALUE", "DEFAULTS", "FORMAT", "THRESHOLDS_FILE", "QualityMeasures",
+           "QualityThresholds", "Verdict", "choose_thresholds", "load_thresholds", "measure", "save_thresholds",
+           "target_channel", "thresholds_for_runs", "thresholds_from_record", "verdict"]
 
 FORMAT = "anemia_jax.quality_thresholds"
 CLIPPED_VALUE = 250  # 8-bit value at or above which a channel counts as clipped by the camera (white: all three)
 _LUMA = np.array([0.2126, 0.7152, 0.0722])
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The quality verdict's settings; the trainer records them as ``config.quality``.
-
-    The two segmentation thresholds are placeholders until chosen on validation data (``python -m
-    anemia_jax.calibrate_quality``); the exposure thresholds are fixed physical limits, not calibrated.
-    """
-    c = ml_collections.ConfigDict()
-    c.target = ""  # the mask the verdict judges; '' = the run's first target
-    c.min_area_fraction = 0.005  # the mask must cover at least this share of the photo
-    c.max_uncertainty = 0.5  # mean entropy (bits, 0..1) over the target's pixels (see anemia_jax.screening.quality)
-    c.min_brightness = 0.12  # mean luma of the photo, 0..1
-    c.max_clipped_fraction = 0.2  # share of the mask's pixels washed out to white by glare
-    # Calibration: a validation photo's segmentation is 'good' at Dice >= good_dice, and each chosen threshold keeps
-    # the fraction keep_good of the good photos (so about 1 - keep_good of good photos are sent to retake per rule).
-    c.good_dice = 0.6
-    c.keep_good = 0.975
-    return c
+# Calibration (python -m anemia_jax.calibrate_quality): a validation photo's segmentation is 'good' at Dice >=
+# good_dice, and each chosen threshold keeps the share keep_good of the good photos (so about 1 - keep_good of the
+# good photos are sent to retake per rule).
+CALIBRATION_DEFAULTS = {"good_dice": 0.6, "keep_good": 0.975}
 
 
 @dataclasses.dataclass(frozen=True)
 class QualityThresholds:
-    """What a photo must meet to be usable (`default_config` explains each), and where the values came from."""
+    """What a photo must meet to be usable, and where the values came from.
 
-    min_area_fraction: float
-    max_uncertainty: float
-    min_brightness: float
-    max_clipped_fraction: float
+    The two segmentation thresholds are placeholders until chosen on validation data (``python -m
+    anemia_jax.calibrate_quality``); the exposure thresholds are fixed physical limits, not calibrated.
+
+    Attributes:
+        min_area_fraction: the mask must cover at least this share of the photo.
+        max_uncertainty: the largest mean entropy (bits, 0..1) over the target's pixels (`measure`).
+        min_brightness: the smallest mean luma of the photo, 0..1.
+        max_clipped_fraction: the largest share of the mask's pixels washed out to white by glare.
+        target: the mask the verdict judges ('' = the runs' first target, or the screening model's).
+        source: where the values came from (shown in outputs).
+    """
+
+    min_area_fraction: float = 0.005
+    max_uncertainty: float = 0.5
+    min_brightness: float = 0.12
+    max_clipped_fraction: float = 0.2
     target: str = ""
     source: str = "defaults (not calibrated)"
 
 
-def thresholds_from_config(quality: Mapping[str, Any] | None, *, source: str = "") -> QualityThresholds:
-    """`QualityThresholds` of a ``config.quality`` block (missing keys and a missing block take `default_config`)."""
-    merged = {**default_config().to_dict(), **(dict(quality) if quality else {})}
-    return QualityThresholds(
-        min_area_fraction=float(merged["min_area_fraction"]), max_uncertainty=float(merged["max_uncertainty"]),
-        min_brightness=float(merged["min_brightness"]), max_clipped_fraction=float(merged["max_clipped_fraction"]),
-        target=str(merged["target"]),
-        source=source or ("the run's config.quality (not calibrated)" if quality else "defaults (not calibrated)"))
+DEFAULTS = QualityThresholds()
+_FIELDS = ("min_area_fraction", "max_uncertainty", "min_brightness", "max_clipped_fraction")
+
+
+def thresholds_from_record(block: Mapping[str, Any] | None, *, source: str = "") -> QualityThresholds:
+    """`QualityThresholds` of a recorded block: a thresholds file's ``thresholds``, or the ``config.quality`` that
+    runs trained before the verdict's settings left the training config carry. Missing keys take `DEFAULTS`."""
+    block = dict(block or {})
+    values = {f: float(block.get(f, getattr(DEFAULTS, f))) for f in _FIELDS}
+    return QualityThresholds(**values, target=str(block.get("target", "")),
+                             source=source or ("the run's recorded config.quality (not calibrated)" if block
+                                               else DEFAULTS.source))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,25 +124,6 @@ class QualityMeasures:
     mean_uncertainty: float
     brightness: float
     clipped_fraction: float
-
-
-def binary_entropy(p: np.ndarray) -> np.ndarray:
-    """Entropy in bits of Bernoulli(p), elementwise: 0 at p in {0, 1}, 1 at p = 0.5 (float32)."""
-    p = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
-    return np.nan_to_num(h, nan=0.0).astype(np.float32)
-
-
-def uncertainty_maps(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(entropy, disagreement)``, each float32 ``[h, w, C]`` in bits, of member probabilities ``[M, h, w, C]``
-    (module docstring); ``disagreement`` is 0 for M = 1."""
-    members = np.asarray(members, np.float32)
-    if members.ndim != 4:
-        raise ValueError(f"members must be [M, h, w, C] probabilities; got shape {members.shape}.")
-    entropy = binary_entropy(members.mean(axis=0))
-    disagreement = np.maximum(entropy - binary_entropy(members).mean(axis=0), 0.0)
-    return entropy, disagreement.astype(np.float32)
 
 
 def measure(photo: np.ndarray, seg, channel: int) -> QualityMeasures:
@@ -247,11 +224,10 @@ def choose_thresholds(area_fraction: np.ndarray, mean_uncertainty: np.ndarray, d
 
 def save_thresholds(path: str | os.PathLike, thresholds: QualityThresholds, record: Mapping[str, Any]) -> None:
     """Writes ``thresholds`` with their calibration ``record`` (protocol, runs, report) as JSON at ``path``."""
-    from anemia_jax.training import reporting  # noqa: PLC0415
     from anemia_jax.utils import atomic
 
     data = {"format": FORMAT, "version": 1, "thresholds": dataclasses.asdict(thresholds), **record}
-    atomic.write_text(path, json.dumps(reporting.jsonable(data), indent=2, sort_keys=True) + "\n")
+    atomic.write_text(path, json.dumps(conversions.jsonable(data), indent=2, sort_keys=True) + "\n")
 
 
 def load_thresholds(path: str | os.PathLike) -> tuple[QualityThresholds, dict[str, Any]]:
@@ -260,9 +236,7 @@ def load_thresholds(path: str | os.PathLike) -> tuple[QualityThresholds, dict[st
     Raises:
         FileNotFoundError / ValueError: no such file, or not a quality-thresholds file (the message says which).
     """
-    from anemia_jax.training import reporting  # noqa: PLC0415
-
-    p = reporting.as_path(path)
+    p = paths.as_path(path)
     if not p.is_file():
         raise FileNotFoundError(f"No quality thresholds at {p}; choose them with `python -m "
                                 "anemia_jax.calibrate_quality --workdir=RUN ...`.")
@@ -292,7 +266,7 @@ def target_channel(targets: Sequence[str], wanted: str) -> int:
         return 0
     if wanted not in targets:
         raise ValueError(f"The quality target {wanted!r} is not predicted by the runs (targets {list(targets)}); "
-                         "set config.quality.target or the thresholds' 'target' to one of them.")
+                         "set the thresholds' 'target' (calibrate_quality --target) to one of them.")
     return list(targets).index(wanted)
 
 
@@ -304,24 +278,22 @@ def _same_runs(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return sorted(map(norm, a)) == sorted(map(norm, b))
 
 
-def thresholds_for_runs(workdirs: Sequence[Any], quality_config: Mapping[str, Any] | None,
+def thresholds_for_runs(workdirs: Sequence[Any], recorded: Mapping[str, Any] | None = None,
                         path: str | os.PathLike | None = None) -> QualityThresholds:
     """The thresholds to judge photos segmented by the runs ``workdirs`` with.
 
     In order: the file ``path`` if given; else a `THRESHOLDS_FILE` in the first run's directory or in its parent
-    (the folder of a K-fold set); else the runs' ``config.quality`` (``quality_config``; defaults for runs trained
-    before it existed). A file chosen for other runs, or for single runs when an ensemble is used (an ensemble is
-    more uncertain where its members disagree), is used with a warning saying so.
+    (the folder of a K-fold set); else ``recorded`` (the ``config.quality`` that older runs carry); else
+    `DEFAULTS`. A file chosen for other runs, or for single runs when an ensemble is used (an ensemble is more
+    uncertain where its members disagree), is used with a warning saying so.
     """
     from absl import logging  # noqa: PLC0415
 
-    from anemia_jax.training import reporting  # noqa: PLC0415
-
     if path is None:
-        first = reporting.as_path(workdirs[0])
+        first = paths.as_path(workdirs[0])
         found = [p for p in (first / THRESHOLDS_FILE, first.parent / THRESHOLDS_FILE) if p.is_file()]
         if not found:
-            return thresholds_from_config(quality_config)
+            return thresholds_from_record(recorded) if recorded else DEFAULTS
         path = found[0]
     thresholds, record = load_thresholds(path)
     chosen_on = record.get("runs", [])

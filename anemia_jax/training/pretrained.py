@@ -37,6 +37,7 @@ import flax
 import ml_dtypes
 import numpy as np
 
+from anemia_jax import models
 from anemia_jax.models.resnet import ENCODER_SCOPE
 from anemia_jax.models.transunet import align_corners_matrix
 
@@ -210,18 +211,25 @@ def _resize_pos_embedding(w: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return w
 
 
+# The checkpoint formats the models' encoders load, keyed by `models.ModelCapabilities.pretrained`.
+CONVERTERS: dict[str, tuple[str, Callable[[str, np.ndarray], Converted]]] = {
+    "timm_resnet": ("timm ResNet safetensors", convert_timm_resnet),
+    "hf_mit": ("HuggingFace nvidia/mit-b* safetensors", convert_hf_mit),
+    "vit_npz": ("google-research/vision_transformer .npz", convert_vit_npz),
+}
+
+
 def _converter(model) -> tuple[str, Callable[[str, np.ndarray], Converted]]:
-    kind = type(model).__name__
-    if getattr(model, "encoder", None) is not None and kind in ("UNet", "UNetPlusPlus"):
-        if not model.encoder.startswith("resnet") or model.encoder == "resnet_tiny":
-            raise PretrainedError(f"no pretrained weights exist for encoder {model.encoder!r}.")
-        return "timm ResNet safetensors", convert_timm_resnet
-    if kind == "SegFormer":
-        return "HuggingFace nvidia/mit-b* safetensors", convert_hf_mit
-    if kind in ("TransUNet", "TransUNetViT"):
-        return "google-research/vision_transformer .npz", convert_vit_npz
-    raise PretrainedError(f"{kind} has no pretrained encoder (encoder weights load into unet/unetpp with "
-                          "encoder=resnet18/34/50, segformer, transunet and transunet_vit).")
+    kind = models.capabilities_of(model).pretrained
+    if kind is None:
+        encoder = getattr(model, "encoder", None)
+        if encoder is not None:
+            raise PretrainedError(f"no pretrained weights exist for encoder {encoder!r}.")
+        with_weights = [name for name, cls in models.MODELS.items() if isinstance(getattr(cls, "capabilities", None),
+                                                                                   models.ModelCapabilities)]
+        raise PretrainedError(f"{type(model).__name__} has no pretrained encoder (encoder weights load into unet/unetpp "
+                              f"with encoder=resnet18/34/50, and into {', '.join(with_weights) or 'no other model'}).")
+    return CONVERTERS[kind]
 
 
 # ------------------------------------------------------------------------------------------------ conversion

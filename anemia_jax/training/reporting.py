@@ -14,7 +14,7 @@ so multi-host runs produce one set of files. Files under the workdir:
   config as hyper-parameters and text.
 
 The workdir may be local or on shared/cloud storage (``gs://bucket/runs/x``): every path is an `etils.epath.Path`
-(`as_path`), which reads and writes either. Object stores cannot append to a file, so there ``metrics.jsonl`` is
+(`paths.as_path`), which reads and writes either. Object stores cannot append to a file, so there ``metrics.jsonl`` is
 rewritten whole at each log call; locally it is appended to. The workdir itself is created by the first write, so a
 run that fails before writing anything (e.g. missing data) leaves no empty directory behind.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,56 +38,10 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from anemia_jax.utils import atomic
+from anemia_jax.utils import atomic, conversions, paths
 from anemia_jax.utils.image_io import COLORS, overlay
 
 _MIN_TILE = 128  # Pixels; smaller images are enlarged to at least this.
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# What `pathlib.Path('gs://b/x')` turns a URL into ('gs:/b/x'); a one-letter scheme would be a Windows drive.
-_COLLAPSED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names remote storage (``gs://``, ``s3://``...) rather than a local file."""
-    return bool(_URL.match(os.fspath(path)))
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """A workdir (or a file in one) as an `etils.epath.Path`: local paths ``~``-expanded and made absolute; URLs
-    such as ``gs://bucket/runs/x`` kept exactly as they are (Orbax, TFDS and JAX's cache read epath paths too).
-
-    Raises:
-        ValueError: ``path`` is a URL whose ``//`` was collapsed (``gs:/bucket/x``), as `pathlib.Path` does; pass
-            the URL as a string or an `epath.Path` instead.
-    """
-    text = os.fspath(path)
-    if _URL.match(text):
-        return epath.Path(text)
-    if _COLLAPSED_URL.match(text):
-        raise ValueError(f"{text!r} looks like a URL whose '//' was lost (pathlib.Path does that to 'gs://...'); "
-                         "pass it as a plain string or an etils.epath.Path.")
-    return epath.Path(text).expanduser().absolute()
-
-
-def jsonable(value: Any) -> Any:
-    """Converts NumPy/JAX scalars and arrays, tuples and non-finite floats to strict-JSON-friendly Python."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return jsonable(value.tolist())
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return value
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    return str(value)
-
-
 def format_duration(seconds: float) -> str:
     """``3725`` -> ``'1h02m05s'``; ``65`` -> ``'1m05s'``; ``4.2`` -> ``'4s'``."""
     if not math.isfinite(seconds):
@@ -179,7 +133,7 @@ class Reporter:
     Nothing is created until the first write (`write_config`, `log_metrics`, `save_panel`, `write_summary`).
 
     Args:
-        workdir: the run directory, local or a URL (see `as_path`).
+        workdir: the run directory, local or a URL (see `paths.as_path`).
         is_main: whether this process writes (normally ``jax.process_index() == 0``).
         append: how ``metrics.jsonl`` grows: True appends each line (local files); False rewrites the whole file
             at each call (object stores, where "append" is unsupported or silently overwrites). None: False for
@@ -189,9 +143,9 @@ class Reporter:
 
     def __init__(self, workdir: str | os.PathLike, *, is_main: bool, append: bool | None = None,
                  tensorboard: bool = True):
-        self.workdir = as_path(workdir)
+        self.workdir = paths.as_path(workdir)
         self.is_main = is_main
-        self._append = (not is_url(self.workdir)) if append is None else append
+        self._append = (not paths.is_url(self.workdir)) if append is None else append
         self._lines: list[str] | None = None  # metrics.jsonl as written so far, when rewriting it whole.
         self._created = False
         self._tensorboard = tensorboard and is_main
@@ -217,15 +171,13 @@ class Reporter:
             return None
         if self._writer is None:
             self._ensure_workdir()
-            if is_url(self.workdir) and not _has_module("google.cloud.storage"):
+            if paths.is_url(self.workdir) and not _has_module("google.cloud.storage"):
                 logging.warning("TensorBoard event files are off for %s: writing them to a bucket needs the "
                                 "google-cloud-storage package (metrics.jsonl is written as usual).", self.workdir)
                 self._tensorboard = False
                 return None
             try:
-                import tensorboardX  # noqa: PLC0415 -- imported with the first event
-
-                self._writer = tensorboardX.SummaryWriter(logdir=str(self.workdir), flush_secs=30)
+                self._writer = _EventFile(str(self.workdir))
             except Exception as e:  # noqa: BLE001 -- e.g. gs:// without google-cloud-storage: keep training
                 logging.warning("TensorBoard event files are off for %s: %s (metrics.jsonl is written as usual).",
                                 self.workdir, e)
@@ -240,11 +192,11 @@ class Reporter:
             return
         import tensorboardX.summary  # noqa: PLC0415
 
-        flat = _flatten(jsonable(dict(config_dict)))
+        flat = _flatten(conversions.jsonable(dict(config_dict)))
         hparams = {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
         for summary in tensorboardX.summary.hparams(hparams, {"val/dice/mean": math.nan}):
-            writer._get_file_writer().add_summary(summary)  # same run, not tensorboardX's per-call subfolder
-        writer.add_text("config", "```\n" + json.dumps(jsonable(dict(config_dict)), indent=2, sort_keys=True)
+            writer.add_summary(summary, 0)
+        writer.add_text("config", "```\n" + json.dumps(conversions.jsonable(dict(config_dict)), indent=2, sort_keys=True)
                         + "\n```", 0)
 
     def close(self) -> None:
@@ -279,7 +231,7 @@ class Reporter:
         """Appends ``{"step", "split", **values}`` as one line of ``metrics.jsonl``."""
         if not self.is_main:
             return
-        record = {"step": int(step), "split": split, **jsonable(dict(values))}
+        record = {"step": int(step), "split": split, **conversions.jsonable(dict(values))}
         line = json.dumps(record, sort_keys=True) + "\n"
         self._ensure_workdir()
         writer = self._events()
@@ -287,6 +239,7 @@ class Reporter:
             for name, value in values.items():
                 if isinstance(value, (bool, int, float, np.number)) and math.isfinite(float(value)):
                     writer.add_scalar(f"{split}/{name}", float(value), int(step))
+            writer.flush()
         if self._append:
             with self.metrics_path.open("a") as f:
                 f.write(line)
@@ -357,3 +310,45 @@ def _has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+class _EventFile:
+    """TensorBoard events written synchronously, in the caller's thread (tensorboardX's protobufs and file format).
+
+    tensorboardX's own `SummaryWriter` hands events to a background thread through a queue of ten: when that thread
+    dies on a full disk, the eleventh event (or closing the writer) waits forever, and a trainer that should stop
+    with "no space left" hangs instead. Written here, a failed write raises where it happens, like every other
+    output of the run.
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter  # noqa: PLC0415 -- with the first event
+
+        self._file = EventsWriter(os.path.join(logdir, "events"))
+
+    def add_summary(self, summary, step: int) -> None:
+        from tensorboardX.proto import event_pb2  # noqa: PLC0415
+
+        self._file.write_event(event_pb2.Event(summary=summary, wall_time=time.time(), step=int(step)))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX import summary  # noqa: PLC0415
+
+        self.add_summary(summary.scalar(tag, value), step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        from tensorboardX import summary  # noqa: PLC0415
+
+        self.add_summary(summary.text(tag, text), step)
+
+    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str = "HWC") -> None:
+        from tensorboardX import summary  # noqa: PLC0415
+
+        self.add_summary(summary.image(tag, image, dataformats=dataformats), step)
+        self.flush()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

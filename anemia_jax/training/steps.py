@@ -54,12 +54,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from anemia_jax import metrics
 from anemia_jax.data import augment
-from anemia_jax.utils import parallel
 from anemia_jax.data.normalization import normalize, to_float
+from anemia_jax.utils import parallel
 from anemia_jax.utils.parallel import DATA_AXIS
 
 PyTree = Any

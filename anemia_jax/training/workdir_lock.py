@@ -30,8 +30,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from anemia_jax.training import reporting
-from anemia_jax.utils import atomic, errors
+from anemia_jax.utils import atomic, errors, paths
 
 __all__ = ["LEASE_SECONDS", "LOCK_FILE", "WorkdirLock"]
 
@@ -69,7 +68,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, lease_seconds: float = LEASE_SECONDS):
-        self.workdir = reporting.as_path(workdir)
+        self.workdir = paths.as_path(workdir)
         self.path = self.workdir / LOCK_FILE
         self.enabled = enabled
         self.lease_seconds = lease_seconds
@@ -97,7 +96,7 @@ class WorkdirLock:
         atomic.ensure_dir(self.workdir)
         self._record = {"pid": os.getpid(), "host": socket.gethostname(), "started_utc": _now(),
                         "command": " ".join(sys.argv)[:300]}
-        if reporting.is_url(self.workdir):
+        if paths.is_url(self.workdir):
             self._acquire_lease()
         else:
             self._acquire_flock()

@@ -26,15 +26,9 @@ from typing import IO, Any
 
 from etils import epath
 
-from anemia_jax.utils import errors
+from anemia_jax.utils import conversions, errors, paths
 
 __all__ = ["ensure_dir", "open_atomic", "output_error", "write_bytes", "write_json", "write_text"]
-
-
-def _is_url(path: str | os.PathLike) -> bool:
-    from anemia_jax.training import reporting  # noqa: PLC0415 -- reporting imports this module
-
-    return reporting.is_url(path)
 
 
 def output_error(path: str | os.PathLike, error: OSError, what: str = "write") -> errors.OutputError:
@@ -54,16 +48,14 @@ def ensure_dir(path: str | os.PathLike) -> epath.Path:
     Raises:
         errors.OutputError: it cannot be created (a file in the way, read-only place, no permission).
     """
-    from anemia_jax.training import reporting  # noqa: PLC0415
-
-    folder = reporting.as_path(path)
+    folder = paths.as_path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError as e:  # a file under that name: mkdir(exist_ok=True) still raises
         raise output_error(folder, e, "create the folder") from None
     except OSError as e:
         raise output_error(folder, e, "create the folder") from None
-    if not _is_url(folder) and not folder.is_dir():
+    if not paths.is_url(folder) and not folder.is_dir():
         raise output_error(folder, NotADirectoryError(20, "Not a directory"), "use the folder")
     return folder
 
@@ -83,13 +75,11 @@ def open_atomic(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     Raises:
         errors.OutputError: writing or renaming failed for a reason of the place (see the module docstring).
     """
-    from anemia_jax.training import reporting  # noqa: PLC0415
-
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w'; got {mode!r}.")
-    final = reporting.as_path(path)
+    final = paths.as_path(path)
     kwargs = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
-    if _is_url(final):
+    if paths.is_url(final):
         try:
             with final.open(mode, **kwargs) as f:
                 yield f
@@ -123,7 +113,5 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Writes ``value`` as indented, key-sorted strict JSON (`reporting.jsonable`) to ``path`` atomically."""
-    from anemia_jax.training import reporting  # noqa: PLC0415
-
-    write_text(path, json.dumps(reporting.jsonable(value), indent=2, sort_keys=True) + "\n")
+    """Writes ``value`` as indented, key-sorted strict JSON (`conversions.jsonable`) to ``path`` atomically."""
+    write_text(path, json.dumps(conversions.jsonable(value), indent=2, sort_keys=True) + "\n")

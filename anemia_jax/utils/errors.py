@@ -7,7 +7,7 @@ imports nothing heavy (the commands read it before JAX loads).
 
 | status | kind | raised for |
 |---:|---|---|
-| 2 | config (`anemia_jax.runs.config_lib.ConfigError`, `anemia_jax.cli.CommandLineError`) | bad flags, config values, config files |
+| 2 | `ConfigError`, `anemia_jax.cli.CommandLineError` | bad flags, config values, config files |
 | 3 | `DataError` | missing or unusable source data, a prepared dataset built from another source |
 | 4 | `CheckpointError` | no checkpoint, a damaged one, or one written by another model configuration |
 | 5 | `OutputError` | an output that cannot be written (read-only place, a file where a folder belongs, full disk) |
@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["CheckpointError", "DataError", "OutputError", "UnusableSourceError", "WorkdirBusyError", "describe_os_error",
+__all__ = ["CheckpointError", "ConfigError", "DataError", "OutputError", "UnusableSourceError", "WorkdirBusyError", "describe_os_error",
            "is_output_failure", "output_advice"]
 
+EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_IO = 5
 EXIT_BUSY = 6
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem found and how to fix it."""
+
+    exit_code = EXIT_CONFIG
 
 
 class DataError(Exception):

@@ -23,6 +23,8 @@ import PIL.Image
 import PIL.ImageOps
 from scipy import ndimage
 
+from anemia_jax.utils import paths
+
 __all__ = ["COLORS", "decode_mask", "decode_photo", "load_photo", "overlay", "resize_image",
            "resize_probabilities", "to_rgb8"]
 
@@ -60,9 +62,7 @@ def decode_photo(data: bytes) -> np.ndarray:
 
 def load_photo(path: str | os.PathLike) -> np.ndarray:
     """A photo file (local or a URL) -> upright uint8 RGB ``[H, W, 3]`` (`decode_photo`)."""
-    from anemia_jax.training import reporting  # noqa: PLC0415 -- only file paths (possibly URLs) need epath
-
-    with reporting.as_path(path).open("rb") as f:
+    with paths.as_path(path).open("rb") as f:
         return decode_photo(f.read())
 
 

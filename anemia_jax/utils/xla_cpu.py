@@ -1,4 +1,4 @@
-"""XLA CPU-backend flags that anemia_jax sets when it is imported, before JAX starts its backends.
+"""XLA CPU-backend flags that anemia_jax's commands set before JAX starts its backends (`apply`).
 
 One flag today, measured on the 2-core development machine (jaxlib 0.10.2, batch 8, 128², float32;
 experiments/results/cpu_speed/): ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
@@ -9,10 +9,13 @@ UNet++ train step ~1.8x slower.
 
 How it is applied, and when it is not:
 
-* It is appended to ``XLA_FLAGS`` (a user's own flags are kept, never replaced), so it also reaches
-  programs the user jits around the models. XLA reads ``XLA_FLAGS`` once, when JAX initialises its
-  backends: importing anemia_jax before anything runs on a device (as ``python -m anemia_jax.*``
-  and the experiment scripts do) is enough; if the backends are already up it changes nothing.
+* Who applies it: every command line (`anemia_jax.cli.Command`, which ``python -m anemia_jax.*`` and the
+  experiment scripts build before JAX starts), never ``import anemia_jax``: a library has no business changing
+  its importer's environment. Research code that imports the losses or models and wants the same CPU speed calls
+  `apply()` itself, before its first JAX computation.
+* It is appended to ``XLA_FLAGS`` (a user's own flags are kept, never replaced), so it also reaches programs
+  the user jits around the models. XLA reads ``XLA_FLAGS`` once, when JAX initialises its backends; if the
+  backends are already up, `apply` changes nothing.
 * A flag already named in ``XLA_FLAGS`` (any value) is the user's explicit choice and is left alone;
   ``ANEMIA_JAX_XLA_CPU_FLAGS=0`` turns the whole module off.
 * Only ``xla_cpu_*`` flags: GPU and TPU compilations ignore them. Only for jaxlib versions where they

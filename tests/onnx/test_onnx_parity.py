@@ -18,7 +18,8 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX environment only (README: 
 onnx = pytest.importorskip("onnx")
 
 import _parity  # noqa: E402
-from anemia_jax.inference import export_onnx, probabilities, model_card  # noqa: E402
+
+from anemia_jax.inference import export_onnx, model_card, probabilities  # noqa: E402
 
 TOLERANCE = 1e-4
 CASES = {

@@ -47,7 +47,7 @@ def builder_class(name: str) -> type:
 def get_builder(name: str, *, data_dir: str | None = None, config: str | None = None, **kwargs: Any):
     """Instantiates builder ``name`` (optionally a named builder ``config``) writing under ``data_dir``.
 
-    Nothing is prepared: call ``download_and_prepare`` (or use `anemia_jax.training.experiment.prepare_builder`, which
+    Nothing is prepared: call ``download_and_prepare`` (or use `anemia_jax.data.loading.prepare_builder`, which
     also turns missing source files into a message saying what to pass).
     """
     cls = builder_class(name)

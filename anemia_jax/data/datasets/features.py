@@ -25,10 +25,6 @@ _DOCS = {
 }
 
 
-def as_text(value) -> str:
-    """A text feature (or any metadata value) as ``str``: TFDS data sources return text features as UTF-8 bytes."""
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
 
 def example_features(mask_names: Sequence[str], *, documented: bool = True) -> tfds.features.FeaturesDict:
     """Features of one example with the masks ``mask_names``.

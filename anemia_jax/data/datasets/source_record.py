@@ -11,7 +11,7 @@ record, beside the prepared files, the source they read and the options that sha
 * the builder **options** that change the prepared examples (e.g. ``mask_threshold``, ``max_file_mb``).
 
 `check` compares that record with what a run asks for before the prepared data are reused
-(`anemia_jax.training.experiment.prepare_builder` calls it) and raises `SourceMismatchError` naming both sources on any
+(`anemia_jax.data.loading.prepare_builder` calls it) and raises `SourceMismatchError` naming both sources on any
 difference; the remedies are a ``data_dir`` of the new source's own, or deleting the prepared directory to rebuild it. A
 source found only by downloading (kagglehub) cannot be fingerprinted without downloading it, so it is not compared; a
 dataset prepared before records existed is reused with a warning that it cannot be verified.

@@ -13,8 +13,8 @@ import math
 
 from PIL import Image, ImageOps
 
-from anemia_jax.utils import image_io
 from anemia_jax.data.datasets.eyes_defy_anemia.masks import UnreadableImageError
+from anemia_jax.utils import image_io
 
 JPEG_QUALITY = 95
 

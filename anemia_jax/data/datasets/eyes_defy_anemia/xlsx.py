@@ -16,8 +16,8 @@ import io
 import os
 import posixpath
 import re
-import zipfile
 import xml.etree.ElementTree as ET
+import zipfile
 import zlib
 from typing import Union
 

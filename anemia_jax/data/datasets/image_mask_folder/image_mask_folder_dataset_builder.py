@@ -42,10 +42,10 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageOps
 
-from anemia_jax.utils import errors, image_io
 from anemia_jax.data.datasets import features as features_lib
 from anemia_jax.data.datasets import source_record
 from anemia_jax.data.datasets.spec import DatasetSpec, register_dataset
+from anemia_jax.utils import errors, image_io
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
