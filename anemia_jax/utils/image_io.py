@@ -63,7 +63,7 @@ def open_image(data: bytes) -> PIL.Image.Image:
     try:
         return PIL.Image.open(io.BytesIO(data))
     except PIL.UnidentifiedImageError:
-        what = "the file is empty" if not data else f"its first bytes {bytes(data[:8])!r} are no image format known here"
+        what = "the file is empty" if not data else f"its first bytes {bytes(data[:8])!r} are no known image format"
         raise PIL.UnidentifiedImageError(f"not a readable image ({what}; JPEG, PNG, BMP, TIFF, WebP or GIF expected)"
                                          ) from None
 
