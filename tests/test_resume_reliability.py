@@ -118,6 +118,24 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous_one(resumed_run, 
     assert_unique_and_ascending(run)
 
 
+# ---------------------------------------------------------------------------------- a rerun's other config
+
+
+def test_a_rerun_with_another_config_keeps_the_original(resumed_run, shared, tmp_path, warnings_log):
+    run = copy_of(resumed_run[0], tmp_path)
+    original = json.loads((run / "config.json").read_text())
+    summary = train.train_and_evaluate(make_config(shared, **{"optimizer.learning_rate": 0.5, "seed": 7}), run)
+    assert summary["status"] == "completed"
+    now = json.loads((run / "config.json").read_text())
+    assert (now["optimizer"]["learning_rate"], now["seed"]) == (0.5, 7)
+    kept = json.loads((run / "config_history" / "config_1.json").read_text())
+    assert kept == original and kept["optimizer"]["learning_rate"] != 0.5
+    assert any("optimizer.learning_rate" in w and "config_history" in w for w in warnings_log), warnings_log
+    # The same config again keeps no copy; another change keeps the one it replaces as the next.
+    train.train_and_evaluate(make_config(shared, **{"optimizer.learning_rate": 0.5, "seed": 7}), run)
+    assert sorted(p.name for p in (run / "config_history").iterdir()) == ["config_1.json"]
+
+
 # ------------------------------------------------------------------------------- messages, not tracebacks
 
 
