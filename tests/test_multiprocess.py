@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import _children
 import jax
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from anemia_jax.utils import parallel
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
-TIMEOUT_S = 240
+BUDGET_S = 240  # unloaded seconds (`_children`)
 
 
 def _load_worker():
@@ -48,27 +49,26 @@ def test_two_processes_match_single_process(tmp_path):
     port = _free_port()
     outs = [tmp_path / f"process_{i}.npz" for i in range(NUM_PROCESSES)]
     logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(NUM_PROCESSES)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--process_id", str(i), "--num_processes",
-                               str(NUM_PROCESSES), "--port", str(port), "--out", str(outs[i])],
-                              env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-             for i in range(NUM_PROCESSES)]
-
-    # The reference runs here while the workers run.
-    worker = _load_worker()
-    reference = worker.train(parallel.make_mesh(jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]))
-
+    procs = []
     try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+        for i in range(NUM_PROCESSES):
+            procs.append(_children.Child([sys.executable, str(WORKER), "--process_id", str(i), "--num_processes",
+                                          str(NUM_PROCESSES), "--port", str(port), "--out", str(outs[i])],
+                                         budget_s=BUDGET_S, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
+        # The reference runs here while the workers run.
+        worker = _load_worker()
+        reference = worker.train(parallel.make_mesh(jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]))
+        codes = [p.wait() for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            p.close()
     reports = []
     for log in logs:
         log.seek(0)
         reports.append(log.read()[-3000:])
         log.close()
+    for p in procs:
+        p.check_budget("\n----\n".join(reports))
     assert codes == [0] * NUM_PROCESSES, "worker failed:\n" + "\n----\n".join(reports)
 
     for i, out in enumerate(outs):

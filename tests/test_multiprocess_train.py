@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 
+import _children
 import jax
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/unetpp.py:data=phantom,test,steps=8"
 TOTAL, CKPT_EVERY, LOG_EVERY = 8, 4, 2
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
-TIMEOUT_S = 300
+BUDGET_S = 300  # unloaded seconds per launch (`_children`): it takes about 170 s on 2 idle cores
 
 
 def _free_port() -> int:
@@ -61,24 +62,31 @@ def start(workdir, data_dir, cache_dir, logs_dir, *, num_processes=NUM_PROCESSES
         command += ["--distributed", f"--coordinator_address=127.0.0.1:{_free_port()}",
                     f"--num_processes={num_processes}"]
     launched = []
-    for i in range(num_processes):
-        path = pathlib.Path(logs_dir) / f"{name}_{i}.log"
-        with open(path, "w") as log:
-            extra = [f"--process_id={i}"] if num_processes > 1 else []
-            launched.append((subprocess.Popen(command + extra, env=env, stdout=log, stderr=subprocess.STDOUT), path))
+    try:
+        for i in range(num_processes):
+            path = pathlib.Path(logs_dir) / f"{name}_{i}.log"
+            with open(path, "w") as log:
+                extra = [f"--process_id={i}"] if num_processes > 1 else []
+                launched.append((_children.Child(command + extra, budget_s=BUDGET_S, env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT), path))
+    except BaseException:
+        for child, _ in launched:
+            child.close()
+        raise
     return launched
 
 
 def finish(launched):
-    """Waits for the processes of `start`; asserts they all exited 0 and returns their logs."""
+    """Waits for the processes of `start` (each killed past its budget, and all of them on any way out); asserts
+    they all exited 0 and returns their logs."""
     try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p, _ in launched]
+        codes = [child.wait() for child, _ in launched]
     finally:
-        for p, _ in launched:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        for child, _ in launched:
+            child.close()
     logs = [path.read_text() for _, path in launched]
+    for child, _ in launched:
+        child.check_budget("\n----\n".join(log[-2000:] for log in logs))
     assert codes == [0] * len(launched), "a process failed:\n" + "\n----\n".join(log[-4000:] for log in logs)
     return logs
 
