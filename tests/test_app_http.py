@@ -229,3 +229,10 @@ def test_file_names_reach_the_csv_as_text_never_as_formulas(server):
     status, _, csv_body = _exchange(port, _get(port, f"/results.csv?ids={result['id']}"))
     rows = list(csv.DictReader(io.StringIO(csv_body.decode())))
     assert [r["file"] for r in rows] == ['\'=HYPERLINK("http://evil.invalid","x")']
+
+
+def test_an_unreadable_upload_is_described_not_a_buffer(server):
+    port = server.server_address[1]
+    status, _, body = _exchange(port, _post(port, b"GIF89a but not really", name="odd.gif"))
+    message = json.loads(body)["error"]
+    assert status == 415 and "odd.gif" in message and "BytesIO" not in message, message

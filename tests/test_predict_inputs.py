@@ -17,7 +17,7 @@ from _tiny_run import best_run, workdir  # noqa: F401 -- pytest fixtures
 
 from anemia_jax import cli, predict
 from anemia_jax.inference import segmenter
-from anemia_jax.screening import photo_folder
+from anemia_jax.screening import photo_folder, photo_report
 from anemia_jax.utils import errors, image_io, input_files
 
 
@@ -165,3 +165,12 @@ def test_file_names_never_reach_the_csv_as_formulas(best_run, tmp_path):
     rows = {r["stem"]: r for r in _rows(tmp_path / "out" / "predictions.csv")}
     assert set(rows) == {f"'{name}", "-5"}  # a number stays a number
     assert all(not value.startswith(("=", "+", "@")) for row in rows.values() for value in row.values())
+
+
+def test_a_fifo_as_sex_csv_is_never_waited_on(tmp_path):
+    photo = _save(tmp_path / "a.png")
+    with watched_fifo(tmp_path / photo_report.SEX_CSV) as fifo:  # beside the photos: not a table, ignored
+        assert photo_report.photo_sexes([photo]) == ["unknown"]
+        with pytest.raises(ValueError, match="named pipe"):  # named explicitly: a message
+            photo_report.photo_sexes([photo], sex_csv=fifo.path)
+    assert not fifo.opened_by_reader

@@ -132,7 +132,7 @@ class ScreeningService:
         if not data:
             raise PhotoError(f"{name} is empty. Choose a photo file (JPEG or PNG).")
         try:
-            with PIL.Image.open(io.BytesIO(data)) as im:
+            with image_io.open_image(data) as im:  # its errors describe the bytes, not an in-memory buffer
                 width, height = im.size
         except _DECODE_ERRORS as e:
             raise PhotoError(f"{name} is not an image this page can read ({type(e).__name__}: {e}). Send a JPEG or "
