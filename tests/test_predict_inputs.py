@@ -174,3 +174,17 @@ def test_a_fifo_as_sex_csv_is_never_waited_on(tmp_path):
         with pytest.raises(ValueError, match="named pipe"):  # named explicitly: a message
             photo_report.photo_sexes([photo], sex_csv=fifo.path)
     assert not fifo.opened_by_reader
+
+
+def test_fifos_named_as_a_run_or_thresholds_are_never_waited_on(workdir, tmp_path, capfd):  # noqa: F811
+    photo = _save(tmp_path / "a.png")
+    (tmp_path / "run").mkdir()
+    with watched_fifo(tmp_path / "run" / "config.json") as config, watched_fifo(tmp_path / "q.json") as thresholds:
+        status = predict.main(["predict", f"--workdir={tmp_path / 'run'}", str(photo), f"--out={tmp_path / 'o1'}"])
+        err = capfd.readouterr().err
+        assert status == cli.EXIT_CONFIG and "not a training run directory" in err, err[-2000:]
+        status = predict.main(["predict", f"--workdir={workdir}", str(photo), f"--quality={thresholds.path}",
+                               f"--out={tmp_path / 'o2'}"])
+        err = capfd.readouterr().err
+        assert status == cli.EXIT_CONFIG and "No quality thresholds" in err, err[-2000:]
+    assert not config.opened_by_reader and not thresholds.opened_by_reader
