@@ -1,65 +1,21 @@
 """Result records of the experiment scripts: provenance (command, git state, machine, wall time) and the writer of
 ``<out>/<name>.md`` / ``<out>/<name>.json`` shared by protocols.py, pruning_table.py and screening_run.py.
 
-The git state counts every change a rerun from the recorded commit would miss: modified or staged tracked files
-AND untracked files that git does not ignore (a new module that a run imported but nobody has committed yet is
-exactly what makes a result irreproducible from its commit). Ignored paths (virtual environments, run outputs,
-prepared data) are not code and are not counted.
+The git state is `anemia_jax.utils.provenance.git_state` (every change a rerun from the recorded commit would miss).
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 import pathlib
-import platform
 import shlex
-import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from anemia_jax.utils import provenance
+from anemia_jax.utils.provenance import MAX_CHANGED_PATHS, git_state  # noqa: F401 -- re-exported
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MAX_CHANGED_PATHS = 50  # kept in the JSON record; the markdown shows fewer
 _MARKDOWN_PATHS = 10
-
-
-def _git(repo: pathlib.Path, *args: str) -> str | None:
-    """``git <args>`` stdout in ``repo``, or None if git is missing or fails (e.g. not a repository)."""
-    try:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30,
-                              check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def git_state(repo: str | pathlib.Path = REPO, *, max_paths: int = MAX_CHANGED_PATHS) -> dict[str, Any]:
-    """The commit checked out in ``repo`` and what the working tree has that the commit does not.
-
-    Returns:
-        ``{'git_commit': sha or 'unknown', 'git_uncommitted_changes': bool, or None when git could not tell,
-        'git_changed_paths': ['<XY> <path>', ...] (``git status --porcelain`` codes: ' M' modified, 'M ' staged,
-        '??' untracked, ...; untracked folders collapsed to 'dir/'; at most ``max_paths``, sorted),
-        'git_changed_paths_total': how many there were before the cap}``.
-    """
-    repo = pathlib.Path(repo)
-    head = _git(repo, "rev-parse", "HEAD")
-    # -z: paths verbatim (no quoting), NUL-separated; untracked=normal lists non-ignored untracked files and
-    # folders; ignored files are left out by default.
-    status = _git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=normal")
-    if status is None:
-        return {"git_commit": (head or "").strip() or "unknown", "git_uncommitted_changes": None,
-                "git_changed_paths": [], "git_changed_paths_total": 0}
-    entries, fields = [], iter(status.split("\0"))
-    for field in fields:
-        if not field:
-            continue
-        code, path = field[:2], field[3:]
-        if code[0] in "RC":
-            next(fields, None)  # a rename or copy is followed by its source path, which is not a second change
-        entries.append(f"{code} {path}")
-    entries.sort()
-    return {"git_commit": (head or "").strip() or "unknown", "git_uncommitted_changes": bool(entries),
-            "git_changed_paths": entries[:max_paths], "git_changed_paths_total": len(entries)}
 
 
 def record(argv: Sequence[str], wall_time_s: float, script: str) -> dict[str, Any]:
@@ -68,15 +24,12 @@ def record(argv: Sequence[str], wall_time_s: float, script: str) -> dict[str, An
     import jax  # noqa: PLC0415 -- initialised by the runs by now; aggregation alone never needs it
 
     devices = jax.devices()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "command": shlex.join(["python", *script.split(), *argv]),
         **git_state(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                    "load_average_1_5_15min": [round(x, 2) for x in load] if load else None,
-                    "jax": jax.__version__, "backend": jax.default_backend(), "num_devices": len(devices),
-                    "device_kind": devices[0].device_kind},
+        "date_utc": provenance.date_utc(),
+        "machine": {**provenance.machine(), "jax": jax.__version__, "backend": jax.default_backend(),
+                    "num_devices": len(devices), "device_kind": devices[0].device_kind},
         "wall_time_s": round(wall_time_s, 1),
     }
 

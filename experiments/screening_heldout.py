@@ -23,15 +23,16 @@ from anemia_jax.evaluation import finished_runs
 from anemia_jax.inference import segmenter
 from anemia_jax.runs import restore
 from anemia_jax.screening import clinical_stats
+from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.screening.photo_report import screening_features
-from anemia_jax.utils.image_io import resize_probabilities
 
 ENSEMBLE = "fold ensemble"
 
 
-def heldout_masks(run_dirs: Sequence, *, builder_config: str, tfds_split: str, target: str, checkpoint: str,
-                  feature_size: tuple[int, int] | None) -> dict[str, Any]:
-    """Ground-truth, per-fold and ensemble ``target`` masks of every photo of ``builder_config``'s ``tfds_split``.
+def heldout_masks(run_dirs: Sequence, spec: FeatureSpec, *, builder_config: str, tfds_split: str,
+                  checkpoint: str) -> dict[str, Any]:
+    """Ground-truth, per-fold and ensemble masks of ``spec.target`` for every photo of ``builder_config``'s
+    ``tfds_split``, made as ``spec`` makes them (`FeatureSpec.masks`: at its feature size and threshold).
 
     Returns:
         dict with [N] ``index``, ``patient_id``, ``hgb``, ``anemic``, ``has_mask``, ``run`` (zeros: one held-out
@@ -52,24 +53,21 @@ def heldout_masks(run_dirs: Sequence, *, builder_config: str, tfds_split: str, t
     if any(overlap):
         raise ValueError(f"The runs trained on {overlap} of the {len(indices)} photos of {builder_config!r} "
                          f"{split!r}: they are not held out. Pass a data set none of them trained on.")
+    target, size = spec.target, spec.feature_size
     if target not in first.targets:
         raise ValueError(f"The runs were trained on {first.targets}, not {target!r}; pass --target.")
     c = first.targets.index(target)
-    size = tuple(feature_size or first.image_size)
     host = input_pipeline.read_examples(builder, split, indices, image_size=first.image_size, targets=(target,))
     segs = segmenter.Segmenter(restored).segment(list(host.images))
     feat = host if size == first.image_size else input_pipeline.read_examples(builder, split, indices,
                                                                               image_size=size, targets=(target,))
 
-    def at_size(probs: np.ndarray) -> np.ndarray:
-        return resize_probabilities(probs[..., None], size)[..., 0] > 0.5
-
-    members = {r.workdir.name: np.stack([at_size(s.members_model[m, ..., c]) for s in segs])
+    members = {r.workdir.name: np.stack(spec.masks([s.members_model[m, ..., c] for s in segs]))
                for m, r in enumerate(restored)}
     return {"index": feat.indices, "patient_id": feat.metadata["patient_id"], "hgb": feat.metadata["hgb"],
             "anemic": feat.metadata["anemic"], "has_mask": feat.mask_weights[:, 0] > 0,
             "run": np.zeros(len(indices), np.int64), "images": feat.images, "truth": feat.masks[..., 0] > 0,
-            "members": members, "ensemble": np.stack([at_size(s.probs_model[..., c]) for s in segs]),
+            "members": members, "ensemble": np.stack(spec.masks([s.probs_model[..., c] for s in segs])),
             "segs": segs, "model_images": host.images, "targets": first.targets, "feature_size": size,
             "checkpoints": [r.step for r in restored],
             "data": {"builder": config.dataset.builder, "builder_config": builder_config, "split": split,

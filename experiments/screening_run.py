@@ -11,8 +11,10 @@
 
 For every photo that a segmentation model did NOT train on -- the validation fold of each K-fold run (or the left-out
 country of a leave-one-country-out run) -- the run's model predicts the ``--target`` mask (default palpebral, the region
-the anemia literature reads colour from) at its training resolution; the probabilities are resized to ``--feature_size``
-(default: the training resolution) and thresholded at 0.5. Colour features (`anemia_jax.screening.colour`: CIELAB means,
+the anemia literature reads colour from) at its training resolution (`anemia_jax.screening.fit.out_of_fold`); the
+photo and the probabilities become colour features by the screening model's feature spec
+(`anemia_jax.screening.features.FeatureSpec`: resized to ``--feature_size``, default the training resolution, the
+map thresholded at 0.5). Colour features (`anemia_jax.screening.colour`: CIELAB means,
 a*/L*, mean RGB and chromaticities, erythema index, high hue ratio) are computed inside the ground-truth mask and inside
 the predicted mask of the same photo, each with every ``--constancy`` option (none, grey-world, white patch: see
 `anemia_jax.screening.colour`), and `anemia_jax.screening.cross_validation.screening_table` cross-validates Hgb
@@ -36,7 +38,8 @@ Beside ``<out>/<name>.md`` / ``.json`` it writes ``<name>_{bland_altman,roc,cali
 matplotlib: ``pip install 'anemia_jax[report]'``; skipped with a warning without it) and ``<name>_model.json``: the
 screening model (`anemia_jax.screening.screening_model`) fitted on ALL the out-of-fold features of the predicted masks
 with ``--artifact_constancy``, on the same folds (which also give its CV+ prediction intervals and its recorded
-out-of-fold metrics), for ``predict --screening=...``.
+out-of-fold metrics), for ``predict --screening=...``: exactly what ``python -m anemia_jax.fit_screening`` writes
+(`anemia_jax.screening.fit.fit`), this script adding the comparison tables around it.
 
 Ensemble vs single fold (``--heldout_data``): out-of-fold photos have no ensemble (every other fold trained on
 them), so the comparison runs on photos none of the runs trained on: every photo of ``--heldout_split`` of the
@@ -52,7 +55,6 @@ above on the training set) screens those photos from each fold's and the ensembl
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 import time
@@ -63,70 +65,26 @@ import numpy as np
 from absl import flags
 
 from anemia_jax import cli
-from anemia_jax.data import input_pipeline, loading
-from anemia_jax.inference import segmenter
-from anemia_jax.runs import restore
-from anemia_jax.screening import colour, cross_validation, plots, screening_model
-from anemia_jax.utils.image_io import resize_probabilities
+from anemia_jax.screening import colour, cross_validation, fit, plots, screening_model
+from anemia_jax.screening.features import FeatureSpec
 from experiments import provenance, screening_heldout
 
 
-def find_runs(path: str | pathlib.Path) -> list[pathlib.Path]:
-    """``path`` itself if it is a run (has config.json), else its subfolders that are runs, sorted."""
-    path = pathlib.Path(path).expanduser()
-    if (path / "config.json").is_file():
-        return [path]
-    runs = sorted(p.parent for p in path.glob("*/config.json"))
-    if not runs:
-        raise FileNotFoundError(f"{path} is neither a run (config.json) nor a folder of runs (*/config.json).")
-    return runs
-
-
-def _size(text: str, default: tuple[int, int]) -> tuple[int, int]:
+def _size(text: str) -> tuple[int, int] | None:
     if not text:
-        return default
+        return None
     parts = [int(p) for p in text.replace("x", ",").split(",")]
     return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 
-def out_of_sample_masks(run_dirs: Sequence[pathlib.Path], *, target: str, checkpoint: str,
-                        feature_size: str = "") -> dict[str, Any]:
-    """Predicted and ground-truth ``target`` masks of every photo each run did not train on.
-
-    Returns:
-        dict with [N] ``index``, ``patient_id``, ``hgb``, ``anemic``, ``run`` (position in ``run_dirs``),
-        ``has_mask`` and [N, H, W, 3] ``images``, [N, H, W] bool ``truth`` / ``pred`` at the feature size, plus
-        ``feature_size`` and ``checkpoints`` (the step restored per run).
-    """
-    parts: dict[str, list] = {k: [] for k in ("index", "patient_id", "hgb", "anemic", "run", "has_mask", "images",
-                                               "truth", "pred")}
-    steps, builder, size = [], None, None
-    for r, workdir in enumerate(run_dirs):
-        run = restore.load_run(workdir, checkpoint=checkpoint)
-        if target not in run.targets:
-            raise ValueError(f"{workdir} was trained on {run.targets}, not {target!r}; pass --target.")
-        split = "test" if run.config.split.protocol == "loco" else "val"
-        builder, tfds_split, indices = loading.eval_split(run.config, split, builder)
-        size = _size(feature_size, run.image_size) if size is None else size
-        host = input_pipeline.read_examples(builder, tfds_split, indices, image_size=run.image_size, targets=(target,))
-        probs = np.stack([s.probs_model for s in segmenter.Segmenter([run]).segment(list(host.images))])
-        probs = probs[..., run.targets.index(target)]
-        feat = host if size == run.image_size else input_pipeline.read_examples(
-            builder, tfds_split, indices, image_size=size, targets=(target,))
-        parts["pred"].append(np.stack([resize_probabilities(p[..., None], size)[..., 0] > 0.5 for p in probs]))
-        parts["truth"].append(feat.masks[..., 0] > 0)
-        parts["images"].append(feat.images)
-        parts["has_mask"].append(feat.mask_weights[:, 0] > 0)
-        parts["index"].append(feat.indices)
-        parts["run"].append(np.full(len(indices), r))
-        for key in ("patient_id", "hgb", "anemic"):
-            parts[key].append(feat.metadata[key])
-        steps.append(run.step)
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    if len(np.unique(out["index"])) != len(out["index"]):
-        raise ValueError("The runs' held-out parts overlap: pass the fold workdirs of ONE K-fold set (or one run).")
-    out["feature_size"], out["checkpoints"] = size, steps
-    return out
+def masks_of(oof: fit.OutOfFold, spec: FeatureSpec) -> dict[str, Any]:
+    """The table's view of the out-of-fold photos: [N] ``patient_id``, ``hgb``, ``anemic``, ``run``, ``has_mask``,
+    [N, H, W, 3] ``images``, [N, H, W] bool ``truth`` and ``pred`` (the runs' masks as ``spec`` makes them) at the
+    feature size, ``feature_size`` and ``checkpoints``."""
+    return {"patient_id": oof.patient_id, "hgb": oof.hgb, "anemic": oof.anemic, "run": oof.run,
+            "has_mask": oof.has_mask, "images": oof.photos, "truth": oof.truth,
+            "pred": np.stack(spec.masks(oof.probabilities)), "feature_size": oof.feature_size,
+            "checkpoints": oof.steps}
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -147,10 +105,11 @@ def predicted_sources(masks: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"predicted mask": masks["pred"]}
 
 
-def run_screening(masks: dict[str, Any], *, seed: int = 0, constancies: Sequence[str] = ("none",),
+def run_screening(masks: dict[str, Any], spec: FeatureSpec, *, seed: int = 0, constancies: Sequence[str] = ("none",),
                   predicted: dict[str, np.ndarray] | None = None, target_sensitivity: float = 0.9,
                   num_bootstrap: int = 2000) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
-    """`cross_validation.screening_table` rows for ground-truth and predicted masks under each colour constancy.
+    """`cross_validation.screening_table` rows for ground-truth and predicted masks under each colour constancy
+    (features computed by ``spec`` with that constancy: `FeatureSpec.compute_from_masks`).
 
     Returns:
         rows, segmentation context, and ``{'features': {label: ColourFeatures}, 'folds': [...]}`` for the artifact.
@@ -158,7 +117,7 @@ def run_screening(masks: dict[str, Any], *, seed: int = 0, constancies: Sequence
     has = masks["has_mask"]
     truth = np.where(has[:, None, None], masks["truth"], False)  # a missing mask is empty: NaN features, excluded
     predicted = predicted_sources(masks) if predicted is None else predicted
-    features = {source_name(name, c): colour.batch_colour_features(masks["images"], m, constancy=c)
+    features = {source_name(name, c): dataclasses.replace(spec, constancy=c).compute_from_masks(masks["images"], m)
                 for name, m in {"ground-truth mask": truth, **predicted}.items() for c in constancies}
     # Rows share their photos (common_examples), so one source missing most photos (e.g. a mask covering the whole
     # frame leaves colour constancy no reference pixels) would empty every row: such a source is dropped instead.
@@ -168,11 +127,7 @@ def run_screening(masks: dict[str, Any], *, seed: int = 0, constancies: Sequence
     for name, why in dropped.items():
         print(f"WARNING: source {name!r} left out of the table: {why}.")
     table_features = {k: v for k, v in features.items() if k not in dropped}
-    runs = np.unique(masks["run"])
-    if len(runs) > 1:
-        folds = [(np.flatnonzero(masks["run"] != r), np.flatnonzero(masks["run"] == r)) for r in runs]
-    else:
-        folds = cross_validation.grouped_folds(masks["patient_id"], 5, seed=seed)
+    folds = fit.folds_of(masks["run"], masks["patient_id"], seed=seed)
     rows = cross_validation.screening_table(table_features, hgb=masks["hgb"], anemic=masks["anemic"], folds=folds,
                                             groups=masks["patient_id"], seed=seed, target_sensitivity=target_sensitivity,
                                             num_bootstrap=num_bootstrap)
@@ -200,11 +155,11 @@ def _row_record(row: dict[str, Any]) -> dict[str, Any]:
 def heldout_section(args, run_dirs, model, constancies: Sequence[str], out: pathlib.Path
                     ) -> tuple[str, dict[str, Any]]:
     """The ensemble-vs-single-fold table, its plots and the saved model's external check (module docstring)."""
-    size = _size(args.feature_size, (0, 0)) if args.feature_size else None
-    masks = screening_heldout.heldout_masks(run_dirs, builder_config=args.heldout_data, tfds_split=args.heldout_split,
-                                            target=args.target, checkpoint=args.checkpoint, feature_size=size)
+    spec = dataclasses.replace(model.feature_spec, constancy="none")  # the model's size, mask and threshold
+    masks = screening_heldout.heldout_masks(run_dirs, spec, builder_config=args.heldout_data,
+                                            tfds_split=args.heldout_split, checkpoint=args.checkpoint)
     predicted = predicted_sources(masks)
-    rows, context, _ = run_screening(masks, seed=args.seed, constancies=constancies, predicted=predicted,
+    rows, context, _ = run_screening(masks, spec, seed=args.seed, constancies=constancies, predicted=predicted,
                                      target_sensitivity=args.target_sensitivity, num_bootstrap=args.bootstrap)
     shown = {"ground-truth mask", next(iter(predicted)), f"{screening_heldout.ENSEMBLE} mask"}
     figures = _write_plots([r for r in rows if r["source"].split(",")[0] in shown], masks, out,
@@ -246,8 +201,8 @@ def _write_plots(rows, masks, out: pathlib.Path, name: str, num_bootstrap: int) 
     return [p.name for p in paths.values()]
 
 
-def held_out_coverage(features: colour.ColourFeatures, masks: dict[str, Any], folds, *, coverage: float,
-                      seed: int) -> dict[str, float]:
+def held_out_coverage(features: colour.ColourFeatures, masks: dict[str, Any], folds, spec: FeatureSpec, *,
+                      coverage: float, seed: int) -> dict[str, float]:
     """Checks the screening model's prediction intervals on photos it did not see: for each outer fold k, a model
     fitted (with its own inner CV+ folds) on the other folds predicts fold k; returns the pooled coverage and the
     median interval width."""
@@ -259,7 +214,7 @@ def held_out_coverage(features: colour.ColourFeatures, masks: dict[str, Any], fo
         model = screening_model.fit_screening_model(
             sub, hgb=hgb[train], anemic=masks["anemic"][train], groups=groups[train],
             folds=cross_validation.grouped_folds(groups[train], len(folds), seed=seed), coverage=coverage, seed=seed,
-            num_bootstrap=0)
+            num_bootstrap=0, feature_spec=spec)
         pred = model.predict(features.values[test])
         known = np.isfinite(pred.hgb) & np.isfinite(hgb[test])
         hits.append((hgb[test] >= pred.hgb_lo) & (hgb[test] <= pred.hgb_hi))
@@ -267,14 +222,6 @@ def held_out_coverage(features: colour.ColourFeatures, masks: dict[str, Any], fo
     hits = np.concatenate(hits)
     return {"coverage_nominal": coverage, "coverage_held_out": float(hits.mean()) if hits.size else float("nan"),
             "n": int(hits.size), "median_width": float(np.median(widths)) if widths else float("nan")}
-
-
-def data_record(run_dirs: Sequence[pathlib.Path]) -> dict[str, Any]:
-    """The data set and split protocol the runs were trained on (from the first run's config.json)."""
-    config = json.loads((run_dirs[0] / "config.json").read_text())
-    dataset, split = config.get("dataset", {}), config.get("split", {})
-    return {"dataset": {k: dataset.get(k) for k in ("name", "builder", "builder_config")},
-            "split": {k: v for k, v in split.items() if k != "fold"}, "image_size": config.get("image_size")}
 
 
 def _command() -> cli.Command:
@@ -322,32 +269,28 @@ def main(argv: Sequence[str]) -> int:
     cli.setup_logging()
     if args.artifact_constancy not in constancies:
         constancies.append(args.artifact_constancy)
-    run_dirs = find_runs(args.runs)
-    masks = out_of_sample_masks(run_dirs, target=args.target, checkpoint=args.checkpoint,
-                                feature_size=args.feature_size)
+    run_dirs = fit.find_runs(args.runs)
+    oof = fit.out_of_fold(run_dirs, target=args.target, checkpoint=args.checkpoint,
+                          feature_size=_size(args.feature_size))
+    spec = FeatureSpec(feature_size=oof.feature_size, target=args.target)  # the table's; constancy set per row
+    masks = masks_of(oof, spec)
     predicted = predicted_sources(masks)
-    rows, context, fit_inputs = run_screening(masks, seed=args.seed, constancies=constancies, predicted=predicted,
-                                              target_sensitivity=args.target_sensitivity,
+    rows, context, fit_inputs = run_screening(masks, spec, seed=args.seed, constancies=constancies,
+                                              predicted=predicted, target_sensitivity=args.target_sensitivity,
                                               num_bootstrap=args.bootstrap)
     prov = provenance.record(argv[1:], time.time() - start, "-m experiments.screening_run")
     out = pathlib.Path(args.out)
     h, w = masks["feature_size"]
     model_source = source_name(next(iter(predicted)), args.artifact_constancy)
-    model = screening_model.fit_screening_model(
-        fit_inputs["features"][model_source], hgb=masks["hgb"], anemic=masks["anemic"], groups=masks["patient_id"],
-        folds=fit_inputs["folds"], coverage=args.coverage, target_sensitivity=args.target_sensitivity,
-        seed=args.seed, num_bootstrap=args.bootstrap,
-        colour_settings={"target": args.target, "feature_size": [h, w], "mask_threshold": 0.5,
-                         "hhr_threshold_deg": colour.DEFAULT_HHR_THRESHOLD_DEG,
-                         "white_fraction": colour.DEFAULT_WHITE_FRACTION},
-        training={"features_from": f"{model_source} (out-of-fold masks)", "data": data_record(run_dirs),
-                  "runs": [str(d) for d in run_dirs],
-                  "checkpoint": args.checkpoint, "steps": masks["checkpoints"], "command": prov["command"],
-                  "git_commit": prov["git_commit"], "git_uncommitted_changes": prov["git_uncommitted_changes"],
-                  "date_utc": prov["date_utc"], "num_photos": context["num_photos"]})
+    # The saved model is fitted as `python -m anemia_jax.fit_screening` fits it (the same features as its table row).
+    model_spec = dataclasses.replace(spec, constancy=args.artifact_constancy)
+    model, _, _ = fit.fit(oof, model_spec, coverage=args.coverage, target_sensitivity=args.target_sensitivity,
+                          seed=args.seed, num_bootstrap=args.bootstrap, checkpoint=args.checkpoint,
+                          command=prov["command"])
     model_path = model.save(out / model_path_name(args))
     context["model_interval_check"] = check = held_out_coverage(
-        fit_inputs["features"][model_source], masks, fit_inputs["folds"], coverage=args.coverage, seed=args.seed)
+        fit_inputs["features"][model_source], masks, fit_inputs["folds"], model_spec, coverage=args.coverage,
+        seed=args.seed)
     figures = _write_plots(rows, masks, out, args.name, args.bootstrap)
     seg = "; ".join(f"{k}: Dice {v['dice_mean']:.4f} ± {v['dice_std']:.4f}, {v['num_empty']} empty"
                     for k, v in context.items() if isinstance(v, dict) and "dice_mean" in v)

@@ -25,7 +25,8 @@ from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 
 from anemia_jax import app
 from anemia_jax.data.datasets.conjunctiva_phantom import phantom
-from anemia_jax.screening import app_server, colour, cross_validation, screening_model
+from anemia_jax.screening import app_server, cross_validation, screening_model
+from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.utils import image_io
 
 MAX_UPLOAD = 2_000_000
@@ -41,12 +42,13 @@ def _png(image: np.ndarray) -> bytes:
 def screening_path(tmp_path_factory):
     """A screening model fitted on 40 phantom photos' true palpebral masks (64x48), saved as JSON."""
     examples = list(phantom.generate(0, 40, long_side=64))
-    feats = colour.batch_colour_features([e.image for e in examples], [e.palpebral for e in examples])
+    spec = FeatureSpec(feature_size=(64, 48), target="palpebral")  # the photos' own size: masks used as they are
+    feats = spec.compute_from_masks([e.image for e in examples], [e.palpebral for e in examples])
     groups = np.array([e.patient_id for e in examples])
     model = screening_model.fit_screening_model(
         feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]),
         groups=groups, folds=cross_validation.grouped_folds(groups, 5), num_bootstrap=0,
-        colour_settings={"target": "palpebral", "feature_size": [64, 48], "mask_threshold": 0.5})
+        feature_spec=spec)
     return model.save(tmp_path_factory.mktemp("model") / "screening_model.json")
 
 

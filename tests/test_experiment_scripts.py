@@ -9,6 +9,7 @@ import math
 import pytest
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 
+from anemia_jax.screening.features import FeatureSpec
 from experiments import pruning_table, screening_heldout, screening_run, training_curves
 
 
@@ -54,7 +55,7 @@ def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     from anemia_jax.screening import screening_model  # noqa: PLC0415
 
     model = screening_model.load(tmp_path / "s_model.json")
-    assert model.constancy == "none" and model.colour_settings["target"] == "palpebral"
+    assert model.constancy == "none" and model.feature_spec.target == "palpebral"
     assert model.training["n_hgb"] == rows["predicted mask"]["n_hgb"] or model.training["n_excluded_no_features"]
     for figure in record["figures"] + record["heldout"]["figures"]:
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
@@ -69,8 +70,8 @@ def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     assert "## Fold ensemble vs single folds, on held-out photos" in text
     # Photos the run trained on are not held out.
     with pytest.raises(ValueError, match="not held out"):
-        screening_heldout.heldout_masks([workdir], builder_config="res64", tfds_split="train", target="palpebral",
-                                        checkpoint="latest", feature_size=None)
+        screening_heldout.heldout_masks([workdir], FeatureSpec(feature_size=(32, 32)), builder_config="res64",
+                                        tfds_split="train", checkpoint="latest")
 
 
 def test_training_curves_of_a_run(tmp_path, capsys):

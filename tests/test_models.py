@@ -18,10 +18,12 @@ from anemia_jax.models import (
     MODELS,
     AttentionUNet,
     ConvTranspose2x2,
+    ModelCapabilities,
     SegmentationModel,
     SegmentationOutput,
     UNet,
     UNetPlusPlus,
+    capabilities_of,
     get_model,
 )
 from anemia_jax.models.layers import max_pool_2x2
@@ -422,3 +424,34 @@ def test_registry_names_aliases_and_errors():
         get_model("unet", deep_supervision=True)  # a UNet++-only field
     with pytest.raises(ValueError, match="norm must be one of"):
         get_model("attention_unet", norm="layer")
+
+
+@pytest.mark.parametrize("name, kwargs, pretrained, prune_levels, deep", [
+    ("unet", {}, None, (), False),
+    ("unet", {"encoder": "resnet34"}, "timm_resnet", (), False),
+    ("unet", {"encoder": "resnet_tiny"}, None, (), False),  # a test encoder: no published weights
+    ("attention_unet", {}, None, (), False),
+    ("unetpp", {"depth": 3}, None, (3,), False),  # only the full network has a trained head
+    ("unetpp", {"depth": 3, "deep_supervision": True}, None, (1, 2, 3), True),
+    ("unetpp", {"encoder": "resnet50"}, "timm_resnet", (), False),
+    ("segformer", {}, "hf_mit", (), False),
+    ("transunet", {}, "vit_npz", (), False),
+    ("transunet_vit", {}, "vit_npz", (), False),
+])
+def test_capabilities_are_declared_beside_the_model(name, kwargs, pretrained, prune_levels, deep):
+    caps = capabilities_of(get_model(name, **kwargs))
+    assert (caps.pretrained, caps.prune_levels, caps.deep_supervision) == (pretrained, prune_levels, deep)
+
+
+def test_a_new_model_declares_its_own_capabilities():
+    # What the rest of the package reads: a model that declares nothing supports nothing beyond a call.
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, images, *, train):
+            return SegmentationOutput.single(nn.Conv(1, (1, 1))(images))
+
+    class Prunable(Plain):
+        capabilities = ModelCapabilities(prune_levels=(1, 2))
+
+    assert capabilities_of(Plain()) == ModelCapabilities()
+    assert capabilities_of(Prunable()).prune_levels == (1, 2)

@@ -18,7 +18,8 @@ from anemia_jax import predict
 from anemia_jax.data.datasets.conjunctiva_phantom import phantom
 from anemia_jax.inference import segmenter, uncertainty
 from anemia_jax.runs import restore
-from anemia_jax.screening import colour, cross_validation, photo_report, quality, screening_model
+from anemia_jax.screening import cross_validation, photo_report, quality, screening_model
+from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.utils import parallel
 
 
@@ -173,12 +174,13 @@ def test_sex_of_each_photo(tmp_path, caplog):
 def phantom_model(tmp_path_factory):
     """A screening model fitted on 40 phantom photos' true palpebral masks (64x48), saved as JSON."""
     examples = list(phantom.generate(0, 40, long_side=64))
-    feats = colour.batch_colour_features([e.image for e in examples], [e.palpebral for e in examples])
+    spec = FeatureSpec(feature_size=(64, 48), target="palpebral")  # the photos' own size: masks used as they are
+    feats = spec.compute_from_masks([e.image for e in examples], [e.palpebral for e in examples])
     groups = np.array([e.patient_id for e in examples])
     model = screening_model.fit_screening_model(
         feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]),
         groups=groups, folds=cross_validation.grouped_folds(groups, 5), num_bootstrap=0,
-        colour_settings={"target": "palpebral", "feature_size": [64, 48], "mask_threshold": 0.5})
+        feature_spec=spec)
     return model, model.save(tmp_path_factory.mktemp("model") / "screening_model.json"), examples
 
 

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from anemia_jax.screening import colour, cross_validation, screening_model
+from anemia_jax.screening.features import FeatureSpec
 
 NAMES = ("lab_a", "lab_l", "hhr")
+# The spec those synthetic features stand for (names and constancy as `_cohort` makes them).
+SPEC = FeatureSpec(feature_size=(64, 48), constancy="grey_world", names=NAMES)
 
 
 def _cohort(n, seed, noise=1.0, photos=1):
@@ -27,8 +30,8 @@ def _fit(n=300, seed=0, **kwargs):
     feats, hgb, anemic, groups, _ = _cohort(n, seed)
     folds = cross_validation.grouped_folds(groups, 5, seed=0)
     return screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds,
-                                               num_bootstrap=100, colour_settings={"target": "palpebral"},
-                                               training={"data": "synthetic"}, **kwargs)
+                                               num_bootstrap=100, feature_spec=SPEC, training={"data": "synthetic"},
+                                               **kwargs)
 
 
 def test_artifact_round_trip_is_exact(tmp_path):
@@ -38,7 +41,7 @@ def test_artifact_round_trip_is_exact(tmp_path):
     data = json.loads(text)  # strict JSON: the file has no NaN/Infinity
     assert "NaN" not in text and "Infinity" not in text
     assert data["schema_version"] == screening_model.SCHEMA_VERSION and data["feature_names"] == list(NAMES)
-    assert data["colour"] == {"target": "palpebral", "constancy": "grey_world"}
+    assert data["feature_spec"] == {**SPEC.to_json(), "constancy": "grey_world"} and "colour" not in data
     assert data["classifier"]["target_sensitivity"] == 0.9 and data["who_thresholds_g_dl"]["unknown"] == 13.0
     assert data["training"]["data"] == "synthetic" and data["training"]["num_folds"] == 5
     assert data["metrics"]["hgb"]["mae"] > 0 and 0.5 < data["metrics"]["anemia"]["auc"] <= 1
@@ -56,7 +59,7 @@ def test_prediction_interval_covers_stated_fraction():
     feats, hgb, anemic, groups, _ = _cohort(2000, seed=1)
     folds = cross_validation.grouped_folds(groups, 5, seed=0)
     model = screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds,
-                                                coverage=0.9, num_bootstrap=0)
+                                                coverage=0.9, num_bootstrap=0, feature_spec=SPEC)
     test, truth, *_ = _cohort(4000, seed=2)
     pred = model.predict(test)
     covered = np.mean((truth >= pred.hgb_lo) & (truth <= pred.hgb_hi))
@@ -64,7 +67,8 @@ def test_prediction_interval_covers_stated_fraction():
     assert np.median(pred.hgb_hi - pred.hgb_lo) == pytest.approx(2 * 1.645, rel=0.08)
     assert np.all(pred.hgb_lo <= pred.hgb) and np.all(pred.hgb <= pred.hgb_hi)
     wide = screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds,
-                                               coverage=0.5, num_bootstrap=0).predict(test)
+                                               coverage=0.5, num_bootstrap=0,
+                                               feature_spec=SPEC).predict(test)
     assert 0.46 <= np.mean((truth >= wide.hgb_lo) & (truth <= wide.hgb_hi)) <= 0.54
 
 
@@ -116,7 +120,7 @@ def test_unscreenable_photos_say_why():
     (lambda d: d["regression"]["coef"].pop(), "regression.coef must have 3 entries"),
     (lambda d: d["regression"].update(scale=[1.0, 0.0, 1.0]), "regression.scale must be positive"),
     (lambda d: d["classifier"].update(threshold=1.5), "classifier.threshold must be a probability"),
-    (lambda d: d["colour"].update(constancy="retinex"), "colour.constancy must be one of"),
+    (lambda d: d["feature_spec"].update(constancy="retinex"), "feature_spec is invalid .*'retinex' must be one of"),
     (lambda d: d["prediction_interval"]["residual_fold"].append(0), "abs_residuals must have"),
     (lambda d: d.update(format="something else"), "not a screening model artifact"),
 ])
@@ -141,7 +145,7 @@ def test_fit_uses_training_folds_and_records_the_protocol():
     feats, hgb, anemic, groups, _ = _cohort(240, seed=5, photos=2)
     folds = cross_validation.grouped_folds(groups, 4, seed=1)
     model = screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds,
-                                                num_bootstrap=0)
+                                                num_bootstrap=0, feature_spec=SPEC)
     assert len(model.fold_models) == 4 and len(model.abs_residuals) == 240
     cv = cross_validation.cross_validate_hgb(feats.values, hgb, folds, groups=groups)
     np.testing.assert_allclose(model.abs_residuals, np.abs(hgb - cv.predictions))  # the OOF residuals
@@ -151,4 +155,5 @@ def test_fit_uses_training_folds_and_records_the_protocol():
     _, oof = cross_validation.choose_l2(feats.values, anemic.astype(float), groups)
     assert np.mean(oof[anemic == 1] >= model.threshold) >= 0.9
     with pytest.raises(ValueError, match="in no test fold"):
-        screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds[:3])
+        screening_model.fit_screening_model(feats, hgb=hgb, anemic=anemic, groups=groups, folds=folds[:3],
+                                            feature_spec=SPEC)

@@ -5,7 +5,7 @@ the training size, how photos are resized to it), the normalisation inside the m
 the output (sigmoid probabilities per target) and the thresholds that make masks of it, how the members are combined,
 and for each run its checkpoint, training data and protocol (from ``config.json``), and validation metrics of the
 exported checkpoint (from ``summary.json``, when the trainer recorded them for that step). The exporting checkout's git
-state comes from ``experiments/provenance.py`` when the package runs from a source checkout; the trainer does not record
+state comes from `anemia_jax.utils.provenance` when the package runs from a source checkout; the trainer does not record
 the commit a run was trained at, and the card says so rather than guessing.
 
 `write` saves it as ``<artifact stem>.card.json`` beside the artifact (`card_path`), with the artifact's size and
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.util
 import json
 import math
 import pathlib
@@ -25,11 +24,12 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from anemia_jax.utils import provenance
+
 __all__ = ["FORMAT", "SCHEMA_VERSION", "artifact_entry", "build", "card_path", "exporter_git_state", "write"]
 
 FORMAT = "anemia_jax.model_card"
 SCHEMA_VERSION = 1
-_CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _plain(value: Any) -> Any:
@@ -48,14 +48,8 @@ def _plain(value: Any) -> Any:
 
 
 def exporter_git_state() -> dict[str, Any]:
-    """The git state of the checkout this package runs from (`experiments.provenance.git_state`), or why unknown."""
-    script = _CHECKOUT / "experiments" / "provenance.py"
-    if not script.is_file():
-        return {"git_commit": "unknown", "note": "anemia_jax is not running from a source checkout"}
-    spec = importlib.util.spec_from_file_location("_anemia_jax_provenance", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.git_state(_CHECKOUT)
+    """The git state of the checkout this package runs from (`anemia_jax.utils.provenance`), or why unknown."""
+    return provenance.checkout_git_state()
 
 
 def _read_json(path: Any) -> dict[str, Any] | None:

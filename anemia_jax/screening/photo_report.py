@@ -5,10 +5,9 @@
 
 1. the quality verdict (`anemia_jax.screening.quality`): usable / retake with reasons, judged on the quality target (the
    thresholds' ``target``; else the screening model's target; else the runs' first target);
-2. with a screening model (`anemia_jax.screening.screening_model`): colour features computed EXACTLY as the model's
-   training features were (`screening_features`: the photo resized to the model's ``feature_size`` as training photos
-   were, the ensemble's mean probability of its ``target`` resized bilinearly to that size and thresholded at its
-   ``mask_threshold``, its colour constancy, hue threshold and white fraction), then the Hgb estimate with its
+2. with a screening model (`anemia_jax.screening.screening_model`): colour features computed by the model's own
+   feature spec, the code that computed its training features (`features.FeatureSpec.compute` of the photo and the
+   ensemble's mean probability of the spec's ``target``), then the Hgb estimate with its
    prediction interval, the probability of anemia and the call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex uses
    13). A screening note that says the estimate is unreliable (colour outside the training range) also makes the photo
    'retake'.
@@ -36,7 +35,7 @@ from absl import logging
 
 from anemia_jax.screening import colour, quality
 from anemia_jax.screening import screening_model as sm
-from anemia_jax.utils import image_io, input_files, paths
+from anemia_jax.utils import input_files, paths
 
 __all__ = ["SEX_CSV", "PhotoAssessor", "PhotoReport", "caption_lines", "csv_header", "csv_values", "draw_caption",
            "photo_sexes", "read_sex_csv", "screening_features"]
@@ -60,7 +59,7 @@ class PhotoReport:
 
 
 def _screening_channel(model: sm.ScreeningModel, targets: Sequence[str]) -> int:
-    target = model.colour_settings.get("target", "palpebral")
+    target = model.feature_spec.target
     if target not in targets:
         raise ValueError(f"The screening model reads colour from {target!r}, which these runs do not predict "
                          f"(targets {list(targets)}); use runs trained on it.")
@@ -74,16 +73,8 @@ def screening_features(model: sm.ScreeningModel, photos: Sequence[np.ndarray], s
     Raises:
         ValueError: the runs do not predict the model's target.
     """
-    s = model.colour_settings
     c = _screening_channel(model, targets)
-    size = tuple(int(v) for v in s["feature_size"])
-    images = [image_io.resize_image(np.asarray(p, np.uint8), size) for p in photos]
-    masks = [image_io.resize_probabilities(seg.probs_model[..., c:c + 1], size)[..., 0] > s.get("mask_threshold", 0.5)
-             for seg in segs]
-    return colour.batch_colour_features(
-        images, masks, constancy=model.constancy,
-        hhr_threshold_deg=s.get("hhr_threshold_deg", colour.DEFAULT_HHR_THRESHOLD_DEG),
-        white_fraction=s.get("white_fraction", colour.DEFAULT_WHITE_FRACTION))
+    return model.feature_spec.compute(photos, [seg.probs_model[..., c] for seg in segs])
 
 
 class PhotoAssessor:
@@ -100,7 +91,7 @@ class PhotoAssessor:
         self.targets = tuple(targets)
         self.thresholds = thresholds
         self.screening = screening
-        wanted = thresholds.target or (screening.colour_settings.get("target", "") if screening else "")
+        wanted = thresholds.target or (screening.feature_spec.target if screening else "")
         self.channel = quality.target_channel(self.targets, wanted)
         self.target = self.targets[self.channel]
         if screening is not None:

@@ -1,7 +1,8 @@
 """A saved screening model: conjunctival colour features -> Hgb with a prediction interval and an anemia call.
 
 `fit_screening_model` fits, on OUT-OF-FOLD colour features (photos whose masks came from segmentation models that
-did not train on them, as `experiments/screening_run.py` computes them), the same two models whose out-of-fold
+did not train on them, as `anemia_jax.screening.fit` computes them with the model's `features.FeatureSpec`), the same
+two models whose out-of-fold
 performance `anemia_jax.screening.cross_validation` reports, now on all the photos:
 
 * Hgb: ridge regression (`cross_validation.choose_alpha` picks the penalty by inner patient-grouped folds).
@@ -24,8 +25,9 @@ performance `anemia_jax.screening.cross_validation` reports, now on all the phot
   the threshold that the Hgb interval is compared with (``hgb_vs_who``: 'below' if hi < t, 'above' if lo >= t,
   else 'straddles').
 
-The artifact is one small JSON file (`save` / `load`, schema `SCHEMA_VERSION`): feature names, colour settings
-(constancy, target mask, size), scaler, coefficients and intercepts, penalties, the CV+ fold models and residuals,
+The artifact is one small JSON file (`save` / `load`, schema `SCHEMA_VERSION`): the feature spec (which mask, at
+what size, which threshold, constancy and features: `features.FeatureSpec`, the one definition of how a photo becomes
+the model's input), scaler, coefficients and intercepts, penalties, the CV+ fold models and residuals,
 the threshold, the WHO thresholds, the training protocol and the out-of-fold metrics it reached. Floats are written
 with Python's shortest round-trip repr, so a loaded model predicts bit-identically. Pure NumPy.
 """
@@ -42,7 +44,9 @@ from typing import Any
 import numpy as np
 
 from anemia_jax.screening import clinical_stats, colour, cross_validation
+from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.screening.linear_models import LinearModel, fit_logistic, fit_ridge
+from anemia_jax.utils import atomic
 
 __all__ = [
     "FORMAT",
@@ -56,7 +60,8 @@ __all__ = [
 ]
 
 FORMAT = "anemia_jax.screening_model"
-SCHEMA_VERSION = 1
+# 2: the feature spec (`features.FeatureSpec`) replaced the untyped 'colour' settings; version 1 files still load.
+SCHEMA_VERSION = 2
 WHO_THRESHOLDS_G_DL = {"F": 12.0, "M": 13.0, "unknown": 13.0}
 DEFAULT_EXTRAPOLATION_Z = 5.0
 _SEX = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M",
@@ -113,7 +118,7 @@ class ScreeningModel:
     """A fitted screening model (see the module docstring); build it with `fit_screening_model` or `load`."""
 
     feature_names: tuple[str, ...]
-    colour_settings: dict[str, Any]
+    feature_spec: FeatureSpec
     regression: LinearModel
     alpha: float
     fold_models: tuple[LinearModel, ...]
@@ -131,7 +136,8 @@ class ScreeningModel:
 
     @property
     def constancy(self) -> str:
-        return self.colour_settings["constancy"]
+        """The colour constancy its features are computed with (``feature_spec.constancy``)."""
+        return self.feature_spec.constancy
 
     def interval(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """CV+ prediction interval (lo, hi) [M] of finite features x [M, F] at ``coverage``."""
@@ -150,8 +156,8 @@ class ScreeningModel:
         if isinstance(features, colour.ColourFeatures):
             if features.constancy != self.constancy:
                 raise ValueError(f"features were computed with colour constancy {features.constancy!r} but this "
-                                 f"model was trained with {self.constancy!r}; compute them with "
-                                 f"colour.batch_colour_features(..., constancy={self.constancy!r}).")
+                                 f"model was trained with {self.constancy!r}; compute them with the model's "
+                                 "feature_spec.compute(...).")
             missing = [n for n in self.feature_names if n not in features.names]
             if missing:
                 raise ValueError(f"features lack {missing}, which this model needs ({list(self.feature_names)}).")
@@ -211,7 +217,7 @@ class ScreeningModel:
         """The artifact as JSON-ready Python (lists and floats)."""
         return {
             "format": FORMAT, "schema_version": SCHEMA_VERSION, "feature_names": list(self.feature_names),
-            "colour": dict(self.colour_settings),
+            "feature_spec": self.feature_spec.to_json(),
             "regression": {**_linear_json(self.regression), "alpha": self.alpha},
             "prediction_interval": {
                 "method": "cv_plus", "coverage": self.coverage,
@@ -229,10 +235,11 @@ class ScreeningModel:
             "extrapolation_z": self.extrapolation_z, "training": self.training, "metrics": self.metrics}
 
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Writes the JSON artifact (strict JSON: no NaN/Infinity); returns its path."""
+        """Writes the JSON artifact (strict JSON: no NaN/Infinity) atomically: complete under its name or absent;
+        returns its path."""
         path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+        atomic.ensure_dir(path.parent)
+        atomic.write_text(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
         return path
 
 
@@ -244,7 +251,7 @@ class _Reader:
 
     def fail(self, field: str, what: str) -> ValueError:
         return ValueError(f"screening model {self.source}: {field} {what}. Re-create the artifact with "
-                          "experiments/screening_run.py (or screening_model.fit_screening_model).")
+                          "python -m anemia_jax.fit_screening.")
 
     def get(self, d: Mapping, field: str, kind: type | tuple, prefix: str = "") -> Any:
         if not isinstance(d, Mapping) or field not in d:
@@ -282,17 +289,21 @@ def _from_json(data: Any, source: str) -> ScreeningModel:
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         raise ValueError(f"{source} is not a screening model artifact (its 'format' is not {FORMAT!r}).")
     version = r.get(data, "schema_version", int)
-    if version != SCHEMA_VERSION:
+    if version not in (1, SCHEMA_VERSION):
         newer = version > SCHEMA_VERSION
-        raise ValueError(f"screening model {source} has schema version {version}; this anemia_jax reads version "
-                         f"{SCHEMA_VERSION}: {'upgrade anemia_jax' if newer else 're-create the artifact'}.")
+        raise ValueError(f"screening model {source} has schema version {version}; this anemia_jax reads versions "
+                         f"1 and {SCHEMA_VERSION}: {'upgrade anemia_jax' if newer else 're-create the artifact'}.")
     names = r.get(data, "feature_names", list)
     if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise r.fail("feature_names", "must be distinct strings")
     f = len(names)
-    settings = r.get(data, "colour", dict)
-    if r.get(settings, "constancy", str, "colour.") not in colour.CONSTANCY_METHODS:
-        raise r.fail("colour.constancy", f"must be one of {colour.CONSTANCY_METHODS}")
+    field = "colour" if version == 1 else "feature_spec"
+    try:  # version 1 stored the same settings untyped, as 'colour' (its features: feature_names)
+        spec = FeatureSpec.from_json(r.get(data, field, dict), names=names if version == 1 else None)
+    except ValueError as e:
+        raise r.fail(field, f"is invalid ({e})") from None
+    if list(spec.names) != list(names):
+        raise r.fail("feature_spec.names", f"must equal feature_names {names}")
     reg, pi, cls = (r.get(data, k, dict) for k in ("regression", "prediction_interval", "classifier"))
     if r.get(pi, "method", str, "prediction_interval.") != "cv_plus":
         raise r.fail("prediction_interval.method", "must be 'cv_plus'")
@@ -311,7 +322,7 @@ def _from_json(data: Any, source: str) -> ScreeningModel:
     if not 0.0 <= threshold <= 1.0:
         raise r.fail("classifier.threshold", "must be a probability in [0, 1]")
     return ScreeningModel(
-        feature_names=tuple(names), colour_settings=dict(settings), regression=r.linear(reg, f, "regression."),
+        feature_names=tuple(names), feature_spec=spec, regression=r.linear(reg, f, "regression."),
         alpha=r.get(reg, "alpha", float, "regression."),
         fold_models=tuple(r.linear(m, f, f"prediction_interval.fold_models[{i}].") for i, m in enumerate(folds)),
         residual_fold=residual_fold, abs_residuals=abs_residuals, coverage=coverage,
@@ -325,8 +336,7 @@ def load(path: str | pathlib.Path) -> ScreeningModel:
     """Reads and validates a screening model artifact written by `ScreeningModel.save`."""
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no screening model at {path}; experiments/screening_run.py writes one "
-                                "(screening_model.json beside its table).")
+        raise FileNotFoundError(f"no screening model at {path}; python -m anemia_jax.fit_screening writes one.")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -339,7 +349,7 @@ def fit_screening_model(features: colour.ColourFeatures, *, hgb: np.ndarray, ane
                         target_sensitivity: float = cross_validation.DEFAULT_TARGET_SENSITIVITY,
                         alphas: Sequence[float] = cross_validation.DEFAULT_ALPHAS,
                         l2s: Sequence[float] = cross_validation.DEFAULT_L2S, inner_folds: int = 5, seed: int = 0,
-                        colour_settings: Mapping[str, Any] | None = None, training: Mapping[str, Any] | None = None,
+                        feature_spec: FeatureSpec, training: Mapping[str, Any] | None = None,
                         extrapolation_z: float = DEFAULT_EXTRAPOLATION_Z, num_bootstrap: int = 2000) -> ScreeningModel:
     """Fits the screening model on N photos' out-of-fold colour features (module docstring).
 
@@ -350,13 +360,17 @@ def fit_screening_model(features: colour.ColourFeatures, *, hgb: np.ndarray, ane
             folds of the reported out-of-fold metrics).
         coverage: of the prediction interval, in (0, 1); target_sensitivity: of the operating threshold.
         alphas, l2s, inner_folds, seed: the model selection, as in `anemia_jax.screening.cross_validation`.
-        colour_settings: how the features were read, recorded for `predict` callers (e.g. ``target``,
-            ``feature_size``); ``constancy`` is taken from ``features``.
+        feature_spec: how the features were computed (`FeatureSpec.compute`), saved in the artifact so that
+            serving computes them the same way; its names and constancy must be those of ``features``.
         training: protocol to record (runs, commit, data); extrapolation_z: |z| beyond which a photo is flagged.
         num_bootstrap: patient-bootstrap replicates of the recorded metrics' intervals.
     """
     if not 0.0 < coverage < 1.0:
         raise ValueError(f"coverage must be in (0, 1); got {coverage}.")
+    if tuple(features.names) != feature_spec.names or features.constancy != feature_spec.constancy:
+        raise ValueError(f"features ({features.names}, constancy {features.constancy!r}) were not computed with the "
+                         f"feature spec ({feature_spec.names}, constancy {feature_spec.constancy!r}): compute them "
+                         "with feature_spec.compute(...).")
     x = np.asarray(features.values, np.float64)
     hgb, anemic = np.asarray(hgb, np.float64), np.asarray(anemic, np.int64)
     group_ids = np.asarray(groups).astype(str)
@@ -398,13 +412,12 @@ def fit_screening_model(features: colour.ColourFeatures, *, hgb: np.ndarray, ane
         "hgb": {**{k: v for k, v in dataclasses.asdict(agree).items()},
                 "conformal_half_width": float(np.sort(residuals)[k_hi - 1]) if k_hi <= n_cal else float("inf")},
         "anemia": dataclasses.asdict(detect)}
-    settings = {**dict(colour_settings or {}), "constancy": features.constancy}
     record = {**dict(training or {}), "num_folds": len(folds), "inner_folds": inner_folds, "seed": seed,
               "n_hgb": int(use.sum()), "n_anemia": int(labelled.sum()), "n_anemic": int(y.sum()),
               "n_excluded_no_features": int((~finite).sum()), "alphas_grid": list(alphas), "l2s_grid": list(l2s),
               "fold_alphas": reg_cv.alphas.tolist()}
     return ScreeningModel(
-        feature_names=tuple(features.names), colour_settings=_finite_json(settings),
+        feature_names=tuple(features.names), feature_spec=feature_spec,
         regression=fit_ridge(x[use], hgb[use], alpha=alpha), alpha=float(alpha), fold_models=reg_cv.models,
         residual_fold=fold_of[done], abs_residuals=residuals, coverage=float(coverage),
         classifier=fit_logistic(x[labelled], y, l2=l2), l2=float(l2), threshold=float(threshold),

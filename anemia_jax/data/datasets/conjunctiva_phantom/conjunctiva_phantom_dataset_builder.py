@@ -119,4 +119,5 @@ register_dataset(DatasetSpec(
     name="phantom", builder="conjunctiva_phantom", stored=((256, "res256"), (512, "res512")),
     masks=phantom.MASK_NAMES, default_targets=("palpebral", "forniceal_palpebral"), protocols=("kfold", "loco"),
     schedule=(("num_epochs", 100), ("warmup_epochs", 3), ("eval_every_epochs", 5), ("checkpoint_every_epochs", 5)),
+    synthetic=True,
 ), aliases=("conjunctiva_phantom",))
