@@ -93,12 +93,14 @@ def find_photos(inputs: Sequence[str | os.PathLike]) -> tuple[list[epath.Path], 
         errors.DataError: no input names a file (empty folders, or only paths that do not exist or are not files).
     """
     files, missing = collect_inputs(inputs)
-    if not files:
+    if files:
+        return files, missing
+    if missing:
         listed = "; ".join(f"{p}: {why}" for p, why in list(missing.items())[:10])
-        raise errors.DataError(
-            f"No photo to read in {', '.join(map(str, inputs))}: no image files ({', '.join(IMAGE_SUFFIXES)})"
-            + (f" ({listed})" if listed else "") + ". Name photo files, or folders that hold them.")
-    return files, missing
+        raise errors.DataError(f"None of the inputs is a photo file that can be read ({listed}). Name photo files "
+                               "(JPEG, PNG...), or folders that hold them.")
+    raise errors.DataError(f"{', '.join(map(str, inputs))} hold(s) no image files ({', '.join(IMAGE_SUFFIXES)}). "
+                           "Name photo files, or folders that hold them.")
 
 
 def _real(path: str | os.PathLike) -> str:
