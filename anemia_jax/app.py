@@ -3,7 +3,8 @@ uncertainty, the usable / retake verdict and the Hb estimate; download a CSV of 
 
     python -m anemia_jax.app --workdir=RUN [--workdir=RUN2 ...] [--screening=screening_model.json]
         [--quality=quality.json] [--host=127.0.0.1] [--port=8000] [--checkpoint=best|latest|<step>] [--tta ...]
-        [--threshold=0.5] [--max_upload_mb=30] [--max_megapixels=50] [--config.<key>=<value> ...]
+        [--threshold=0.5] [--max_upload_mb=30] [--max_megapixels=50] [--allowed_host=NAME ...]
+        [--config.<key>=<value> ...]
 
 ``--runs`` is accepted for ``--workdir``. Then open http://127.0.0.1:8000 in a browser on the same machine (on a phone
 browser the "Take a photo" button opens the camera). Nothing leaves the machine: the page carries its own CSS and
@@ -17,7 +18,12 @@ assessment of `anemia_jax.screening.photo_report` (quality verdict; the screenin
 the health worker picks), reports the same values as ``predict``'s CSV. Safety: the body size is capped
 (``--max_upload_mb``, checked before reading), the decoded size too (``--max_megapixels``, checked from the header
 before decoding: a decompression bomb is refused unread), anything that does not decode is a message on the page, never
-a crash; requests are served on threads and the model runs under one lock, one photo at a time.
+a crash; requests are served on threads (a burst of uploads waits in a long listen backlog, each answered in turn)
+and the model runs under one lock, one photo at a time. The server answers only requests whose ``Host`` names the
+address it listens on (for 127.0.0.1 also ``localhost``; ``--allowed_host`` adds a name, e.g. this machine's on the
+LAN), so that a web page whose host name is made to resolve here cannot script it; uploads from another origin are
+refused; every response carries the Content-Security-Policy and ``nosniff``; the CSV escapes file names that a
+spreadsheet would run as formulas (`anemia_jax.screening.app_server`).
 
 Why the standard library's ``http.server`` and no framework: four routes, one at a time through the model, on
 localhost -- a WSGI/ASGI framework would add a dependency (and for Flask/Starlette a server) without removing any of
@@ -55,6 +61,8 @@ def _command() -> cli.Command:
     flags.DEFINE_float("threshold", 0.5, "Probability threshold of the masks.", flag_values=fv)
     flags.DEFINE_float("max_upload_mb", 30.0, "Largest photo file accepted, in MB.", flag_values=fv)
     flags.DEFINE_float("max_megapixels", 50.0, "Largest decoded photo accepted, in megapixels.", flag_values=fv)
+    flags.DEFINE_multi_string("allowed_host", [], "A host name the page may be opened at besides --host (e.g. this "
+                              "machine's name on the LAN); requests naming any other Host are refused.", flag_values=fv)
     return cmd
 
 
@@ -97,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
         return cmd.fail_run(e)
     try:
-        server = make_server(service, cmd.host, cmd.port, max_upload_bytes=int(cmd.max_upload_mb * 1e6))
+        server = make_server(service, cmd.host, cmd.port, max_upload_bytes=int(cmd.max_upload_mb * 1e6),
+                             allowed_host_names=cmd.allowed_host)
     except OSError as e:
         print(f"app: cannot listen on {cmd.host}:{cmd.port} ({e.strerror or e}); choose another --port or --host.",
               file=sys.stderr)

@@ -153,6 +153,25 @@ def _config_spec(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _config_file_error(error: BaseException, spec: str | None) -> CommandLineError | None:
+    """The message for a config file that cannot be run (a syntax error, or anything ``get_config`` or the file's
+    imports raise), naming the file and line; None when ``error`` did not come from the config file."""
+    if not spec:
+        return None
+    path = os.path.realpath(os.path.expanduser(spec.partition(":")[0]))
+    if isinstance(error, SyntaxError) and error.filename and os.path.realpath(error.filename) == path:
+        line = error.lineno
+    else:
+        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+                 if os.path.realpath(frame.filename) == path]
+        if not lines:
+            return None
+        line = lines[-1]
+    what = f"{type(error).__name__}: {error.msg if isinstance(error, SyntaxError) else error}"
+    return CommandLineError(f"The config file {path} cannot be loaded (line {line}: {what}). Fix the file (or "
+                            "choose another one, e.g. one of configs/) and run the command again.")
+
+
 class Command:
     """The flags of one command line.
 
@@ -293,9 +312,14 @@ class Command:
                     message = f"Invalid --config={spec}: {message.rsplit(marker, 1)[1].strip()}"
             raise CommandLineError(f"{message}\nPass --help to see every flag of {self._prog}.") from None
         except (AttributeError, KeyError) as e:
-            raise self._unknown_override(argv, spec, e) from None
+            raise (_config_file_error(e, spec) or self._unknown_override(argv, spec, e)) from None
         except (OSError, config_lib.ConfigError) as e:  # config_flags reports an unloadable file as an OSError
-            raise CommandLineError(f"Invalid --config={spec}: {e}") from None
+            raise (_config_file_error(e, spec) or CommandLineError(f"Invalid --config={spec}: {e}")) from None
+        except Exception as e:  # noqa: BLE001 -- only what the config file itself raised becomes a message
+            failure = _config_file_error(e, spec)
+            if failure is None:
+                raise
+            raise failure from None
 
     def _unknown_override(self, argv: Sequence[str], spec: str | None, error: Exception) -> CommandLineError:
         # ml_collections raises AttributeError/KeyError (with at most one suggestion) for a missing key.

@@ -12,16 +12,22 @@ Flax paths (``params/encoder/layer1_0/conv1/kernel``, ``batch_stats/encoder/...`
 transposed linear layers, position embeddings resized) and checked against the model (every tensor used or ignored
 by name, every encoder variable present, every shape equal). It is a plain ``.npz`` (read with
 ``allow_pickle=False``), so ``--config.model.pretrained`` accepts it or DIR without PyTorch-layout conversion; the
-original file works there too (converted on each load). ``meta.json`` records the source file, its SHA-256, the
-model and the image size.
+original file works there too (converted on each load). ``meta.json`` records the source file, its SHA-256 (of the
+file read, hashed before anything is written), the model and the image size. Both are written atomically (a kill or
+a full disk never leaves a truncated file), and never over the input: ``--out`` may not be the folder whose
+``encoder.npz`` is being converted.
 
-Exit status: 0 written; 1 the file does not fit the model (the message names the tensors); 2 bad arguments.
+Failures end with a one-paragraph message (the traceback with ``--verbose``). Exit status: 0 written; 2 bad
+arguments, or a weight file that is missing, unreadable (pickled, damaged, a safetensors header that does not
+describe its data) or does not fit the model (the message names the tensors), or an ``--out`` that would replace the
+input; 5 ``--out`` cannot be written (a file in the way, read-only, full disk).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import sys
 
@@ -29,6 +35,7 @@ import numpy as np
 from absl import flags
 
 from anemia_jax import cli
+from anemia_jax.utils import atomic
 
 
 def _command() -> cli.Command:
@@ -48,35 +55,54 @@ def main(argv: list[str] | None = None) -> int:
         if cmd.parse(sys.argv if argv is None else argv) is None:
             return cli.EXIT_OK  # --help
     except cli.CommandLineError as e:
-        print(f"convert_weights: {e}", file=sys.stderr)
-        return cli.EXIT_CONFIG
+        return cmd.fail(e)
+    cli.setup_logging()
+    try:
+        out, count, name = _convert(cmd)
+    except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
+        return cmd.fail(e)
+    print(f"wrote {out / 'encoder.npz'} ({count} encoder variables) for {name}")
+    return cli.EXIT_OK
+
+
+def _convert(cmd: cli.Command) -> tuple[pathlib.Path, int, str]:
+    """Converts ``--in`` into ``--out``; returns (out, number of variables, model name)."""
     import jax  # noqa: PLC0415 -- after the flags
 
-    from anemia_jax.runs import model_factory
+    from anemia_jax.runs import model_factory  # noqa: PLC0415
     from anemia_jax.training import pretrained  # noqa: PLC0415
 
     config = cmd.config
+    src = pretrained.checkpoint_file(cmd.flags["in"].value)
+    out = pathlib.Path(cmd.out).expanduser()
+    if os.path.realpath(out / "encoder.npz") == os.path.realpath(src):
+        raise cli.CommandLineError(f"--out={cmd.out} would replace the input {src} with its conversion; choose "
+                                   "another --out.")
+    # Read and hashed before anything is written: meta.json names the source as it was converted.
+    tensors = pretrained.read_checkpoint(src)
+    digest = _sha256(src)
     model = model_factory.build_model(config)
     h, w = config.image_size
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, h, w, 3)), train=False))
-    src = pathlib.Path(cmd.flags["in"].value).expanduser()
-    try:
-        converted = pretrained.convert(pretrained.read_checkpoint(src), model=model, target=shapes, source=str(src))
-    except (pretrained.PretrainedError, FileNotFoundError) as e:
-        print(f"convert_weights: {e}", file=sys.stderr)
-        return cli.EXIT_FAILED
-    out = pathlib.Path(cmd.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    converted = pretrained.convert(tensors, model=model, target=shapes, source=str(src))
+    atomic.ensure_dir(out)
     arrays = {"/".join(path): value for path, value in converted.items()}
     arrays[pretrained.CONVERTED_MARKER] = np.zeros((), np.int8)
-    np.savez(out / "encoder.npz", **arrays)
+    with atomic.open_atomic(out / "encoder.npz", "wb") as f:
+        np.savez(f, **arrays)
     fields = {k: v for k, v in config.model.to_dict().items() if k != "pretrained"}
-    meta = {"source": str(src.resolve()), "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
-            "config": cmd.config_file_name(), "model": fields, "image_size": [int(h), int(w)],
-            "tensors": len(converted)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(f"wrote {out / 'encoder.npz'} ({len(converted)} encoder variables) for {config.model.name}")
-    return cli.EXIT_OK
+    meta = {"source": str(src.resolve()), "sha256": digest, "config": cmd.config_file_name(), "model": fields,
+            "image_size": [int(h), int(w)], "tensors": len(converted)}
+    atomic.write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    return out, len(converted), config.model.name
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":

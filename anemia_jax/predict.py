@@ -3,7 +3,7 @@
     python -m anemia_jax.predict --workdir=runs/unetpp [--workdir=RUN2 ...] photo.jpg more_photos/ --out=masks/
         [--checkpoint=best|latest|<step>] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--threshold=0.5]
         [--prune_level=k] [--batch_size=8] [--quality=quality.json] [--screening=screening_model.json
-        [--sex=F|M | --sex_csv=sex.csv]] [--config.<key>=<value> ...]
+        [--sex=F|M | --sex_csv=sex.csv]] [--max_megapixels=50] [--max_file_mb=100] [--config.<key>=<value> ...]
 
 Each photo (any size or aspect ratio; folders contribute their image files, non-recursively, sorted) is decoded with
 PIL and turned upright by its EXIF orientation (phone photos are often stored sideways with an orientation tag), then
@@ -29,8 +29,13 @@ measures, and the screening columns) and ``predictions.json`` (the runs, checkpo
 where they came from, the screening model, and the usable/retake counts). Photos with the verdict 'retake' keep
 their estimates in the CSV but must not be acted on; their overlay shows none.
 
-Stems that repeat across folders get ``_2``, ``_3``... appended. A file that cannot be read as an image is reported
-with a warning and skipped. Photos, folders and ``--out`` may be local or on shared/cloud storage (``gs://...``).
+Stems that repeat across folders get ``_2``, ``_3``... appended, and so does a stem whose outputs would replace one
+of the input photos (``--out`` may be the photos' own folder: an output never overwrites an input; a warning names
+it). A file that cannot be read as an image is reported with a warning and skipped, and so is anything that is not
+a regular file (a FIFO or a device is never opened), a file over ``--max_file_mb`` and a photo over
+``--max_megapixels`` (read from its header: it is refused before any pixel is decoded). Text cells of the CSV (file
+names) are escaped so that a spreadsheet never runs them as formulas. Photos, folders and ``--out`` may be local or
+on shared/cloud storage (``gs://...``).
 
 It runs in one process (over that process's devices); photos are batched ``--batch_size`` at a time at the
 training resolution, so memory does not grow with the photos' size beyond one decoded photo per batch slot.
@@ -46,9 +51,10 @@ Failures end with a one-paragraph message and no traceback unless ``--verbose``.
 |---:|---|
 | 0 | every photo written |
 | 1 | some photos could not be read (listed); the others were written |
-| 2 | bad arguments or run directory |
+| 2 | bad arguments or run directory; ``--out`` would replace an input with ``predictions.csv`` |
+| 3 | no photo to read: no image file in the inputs, or none of them readable (nothing written) |
 | 4 | no usable checkpoint (``--checkpoint=STEP`` damaged or absent, every checkpoint damaged, or one of another model configuration) |
-| 5 | ``--out`` cannot be written (a file, read-only, full disk); the photos done are listed in predictions.csv |
+| 5 | ``--out`` cannot be written (a file, read-only, full disk); the message says how many photos were done and whether predictions.csv lists them |
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ def _command() -> cli.Command:
                         flag_values=fv)
     flags.DEFINE_string("sex_csv", None, "CSV with columns file,sex (default: sex.csv in each photo's folder).",
                         flag_values=fv)
+    flags.DEFINE_float("max_megapixels", photo_folder.MAX_PIXELS / 1e6, "Largest photo decoded, in megapixels "
+                       "(read from its header: a larger one is refused before decoding).", lower_bound=0.0,
+                       flag_values=fv)
+    flags.DEFINE_float("max_file_mb", photo_folder.MAX_FILE_BYTES / 1e6, "Largest photo file read, in MB.",
+                       lower_bound=0.0, flag_values=fv)
     return cmd
 
 
@@ -105,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from anemia_jax.utils import parallel
 
     try:
+        photo_folder.find_photos(inputs)  # before the runs load: nothing to read is said at once
         transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
         # This process's devices only: every process of a multi-host job would otherwise need the same photos.
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint,
@@ -118,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "path": str(cmd.screening), "features_from": model.training.get("features_from"),
             "constancy": model.constancy, "coverage": model.coverage, "anemia_threshold": model.threshold}}
         report = photo_folder.predict_photos(seg, inputs, cmd.out, assessor=assessor, sex=cmd.sex, sex_csv=cmd.sex_csv,
-                                             record=record)
+                                             record=record, max_bytes=int(cmd.max_file_mb * 1e6),
+                                             max_pixels=int(cmd.max_megapixels * 1e6))
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest
         return cmd.fail_run(e)
     print(f"Wrote masks of {len(report.written)} photo(s) to {cmd.out}.")

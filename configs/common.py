@@ -12,7 +12,8 @@ is parsed here; its keys (all optional, comma-separated):
   epochs=<n> | steps=<n>                     run length (steps win if both are given)
   dtype=bfloat16|float32                     computation dtype (parameters are always float32)
   seed=0                                     initialisation, data order and augmentation seed
-  test                                       tiny everything, for end-to-end tests (well under a minute on a CPU)
+  test                                       tiny everything, for end-to-end tests (well under a minute on a CPU);
+                                             a size, batch, steps or dtype given beside it is kept
 
 Everything else is reachable with flags, e.g. ``--config.optimizer.learning_rate=3e-4``.
 """
@@ -35,6 +36,11 @@ def parse(arg: str | None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, **ARG_DEFAULTS)
     args.data = config_lib.dataset_spec(args.data).name
     return args
+
+
+def _given(arg: str | None) -> set[str]:
+    """The keys ``arg`` sets explicitly (``'data=phantom,test,batch=4'`` -> data, test, batch)."""
+    return {item.partition("=")[0].strip() for item in (arg or "").split(",") if item.strip()}
 
 
 def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
@@ -106,8 +112,9 @@ def base_config(arg: str | None, *, name: str) -> tuple[ml_collections.ConfigDic
     c.profile_steps = 0  # > 0: a jax.profiler trace of that many steps (after the first) in <workdir>/profile.
 
     if args.test:
-        c.image_size = (32, 32)
-        c.batch_size = 8
+        given = _given(arg)  # what the argument states beside 'test' is kept, never silently replaced
+        c.image_size = c.image_size if "size" in given else (32, 32)
+        c.batch_size = c.batch_size if "batch" in given else 8
         c.num_train_steps = args.steps or 24  # ~3 epochs of the 25 training examples at batch 8.
         c.warmup_steps = 2
         c.eval_every_steps = 12

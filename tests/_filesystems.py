@@ -15,21 +15,21 @@ import os
 import pathlib
 import subprocess
 
+import _children
 import pytest
 
 
 def _mount(path: pathlib.Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
-                                timeout=30)
-    except (OSError, subprocess.SubprocessError):
+        result = _children.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], budget_s=30)
+    except (OSError, subprocess.SubprocessError, _children.ChildTimeout):
         return False
     return result.returncode == 0
 
 
 def _unmount(path: pathlib.Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+    _children.run(["umount", "-l", str(path)], budget_s=30)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+import _children
 import numpy as np
 import PIL.Image
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
@@ -20,9 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _lint(config: pathlib.Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
-                           "sys.exit(lint_imports_command())", str(config), "--no-cache"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return _children.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                          "sys.exit(lint_imports_command())", str(config), "--no-cache"],
+                         cwd=ROOT, text=True, budget_s=600)
 
 
 def test_import_contracts_are_kept():
@@ -48,7 +49,7 @@ def test_serving_a_photo_loads_no_trainer(workdir, tmp_path):
         "from anemia_jax import predict\n"
         f"status = predict.main(['predict', '--workdir={workdir}', '{photo}', '--out={tmp_path / 'out'}'])\n"
         "print(json.dumps({'status': status, 'modules': sorted(sys.modules)}))\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = _children.run([sys.executable, "-c", script], cwd=ROOT, text=True, budget_s=600)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["status"] == 0

@@ -6,9 +6,9 @@ Only that it runs and reports: its speed figures belong to the benchmark's own r
 
 import json
 import pathlib
-import subprocess
 import sys
 
+import _children
 import pytest
 
 from anemia_jax.runs import config_lib
@@ -22,7 +22,7 @@ def test_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "experiments.benchmark", "--config=configs/unet.py:size=32,batch=8,dtype=float32",
            "--config.model.features=4", "--steps=1", "--windows=2", "--warmup=1", f"--out={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = _children.run(cmd, text=True, budget_s=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert row["devices"] == 8  # the conftest's fake CPU devices reach the child processes
@@ -79,7 +79,7 @@ def test_batch_the_devices_do_not_divide_is_a_message(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "experiments.benchmark", "--config=configs/unet.py:test", "--config.batch_size=3",
            f"--out={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = _children.run(cmd, text=True, budget_s=300, cwd=ROOT)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "config.batch_size=3" in result.stderr and "multiple of the 8 devices" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()

@@ -78,10 +78,24 @@ def test_damaged_checkpoint_asked_for_by_number_is_an_error(run_copy, damage, ca
     assert not (run_copy / "eval").exists()
 
 
-def test_legacy_checkpoint_without_manifest_still_loads_unverified(run_copy, warnings_log):
-    (run_copy / "checkpoints/4" / checkpoint_integrity.MANIFEST).unlink()
+def test_legacy_checkpoints_without_manifests_still_load_unverified(run_copy, warnings_log):
+    for step in (2, 4):  # written before manifests existed: none of them has one
+        (run_copy / "checkpoints" / str(step) / checkpoint_integrity.MANIFEST).unlink()
     assert restore.load_run(run_copy, checkpoint="latest").step == 4
     assert any("no checksum manifest" in w for w in warnings_log), warnings_log
+
+
+def test_a_deleted_manifest_among_manifested_checkpoints_is_damage(run_copy, warnings_log, capfd):
+    # Deleting the manifest to hide altered weights: the older checkpoint's manifest shows one was written.
+    (run_copy / "checkpoints/4" / checkpoint_integrity.MANIFEST).unlink()
+    overwrite(largest_state_file(run_copy, 4))
+    run = restore.load_run(run_copy, checkpoint="latest")
+    assert run.step == 2 and "step 4 is damaged" in run.checkpoint_reason
+    assert any("Checkpoint step 4" in w and "manifest is missing" in w for w in warnings_log), warnings_log
+    status = evaluate.main(["evaluate", f"--workdir={run_copy}", "--checkpoint=4", "--no_distances",
+                            f"--out={run_copy / 'eval'}"])
+    err = capfd.readouterr().err
+    assert status == cli.EXIT_CHECKPOINT and "Traceback" not in err and "manifest is missing" in err, err[-3000:]
 
 
 def test_checkpoint_of_another_model_configuration(run_copy, capfd):

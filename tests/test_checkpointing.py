@@ -7,10 +7,10 @@ checkpoint written here on 8 fake devices is restored in subprocesses that see 1
 import logging
 import os
 import pathlib
-import subprocess
 import sys
 import textwrap
 
+import _children
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,8 +184,7 @@ def test_restore_on_a_different_device_count(tmp_path, num_devices):
         print("restored", len(leaves), "arrays on", jax.device_count(), "devices")
     """)
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = _children.run([sys.executable, "-c", script], cwd=ROOT, env=env, text=True, budget_s=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"on {num_devices} devices" in result.stdout

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import _children
 import jax
 import pytest
 
@@ -175,8 +176,7 @@ def test_schedule_warms_up_then_decays():
 
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anemia_jax.main", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return _children.run([sys.executable, "-m", "anemia_jax.main", *args], cwd=ROOT, text=True, budget_s=300)
 
 
 def test_command_line_rejects_mistyped_key_listing_close_keys():

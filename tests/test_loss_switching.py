@@ -7,10 +7,10 @@ loss of one's own registered in one's own module and named from a config file.
 
 import json
 import pathlib
-import subprocess
 import sys
 import textwrap
 
+import _children
 import pytest
 
 from anemia_jax import cli, losses, main
@@ -117,10 +117,10 @@ def test_a_loss_of_ones_own_from_a_config_file(data_dir, tmp_path):
         """))
     workdir = tmp_path / "run"
     # In a process of its own, as a researcher runs it (and so that 'margin_dice' stays out of this one's registry).
-    result = subprocess.run(
+    result = _children.run(
         [sys.executable, "-m", "anemia_jax.main", f"--config={config_file}:data=phantom,test,steps=2",
          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", "--config.compilation_cache_dir=",
          "--config.eval_every_steps=2", "--config.max_panels=0", "--config.augment.enabled=False",
-         "--config.loss.margin=0.25"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+         "--config.loss.margin=0.25"], cwd=tmp_path, text=True, budget_s=900)
     assert result.returncode == cli.EXIT_OK, result.stderr[-3000:]
     assert json.loads((workdir / "config.json").read_text())["loss"] == {"name": "margin_dice", "margin": 0.25}

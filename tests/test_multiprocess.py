@@ -6,6 +6,10 @@ of every global batch (`make_array_from_process_local_data`). Augmentation and d
 their per-device keys come from the mesh position, so the 2x2-device run must match this
 process's run on a 4-device mesh, parameter for parameter (float tolerance: the all-reduces
 sum in a different order).
+
+The workers are launched again (at most twice more) when, and only when, they failed on the Gloo CPU collectives'
+fixed 30 s wait for a peer (``Gloo context initialization failed: DEADLINE_EXCEEDED``), a limit inside JAX that a
+worker more than 30 s behind the other reaches on a heavily loaded machine (see test_multiprocess_train.py).
 """
 
 import importlib.util
@@ -15,6 +19,7 @@ import socket
 import subprocess
 import sys
 
+import _children
 import jax
 import numpy as np
 import pytest
@@ -23,7 +28,9 @@ from anemia_jax.utils import parallel
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
-TIMEOUT_S = 240
+BUDGET_S = 240  # unloaded seconds (`_children`)
+GLOO_WAIT = "Gloo context initialization failed: DEADLINE_EXCEEDED"
+ATTEMPTS = 3
 
 
 def _load_worker():
@@ -45,30 +52,35 @@ def test_two_processes_match_single_process(tmp_path):
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     repo = str(pathlib.Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
-    port = _free_port()
     outs = [tmp_path / f"process_{i}.npz" for i in range(NUM_PROCESSES)]
-    logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(NUM_PROCESSES)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--process_id", str(i), "--num_processes",
-                               str(NUM_PROCESSES), "--port", str(port), "--out", str(outs[i])],
-                              env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-             for i in range(NUM_PROCESSES)]
-
-    # The reference runs here while the workers run.
-    worker = _load_worker()
-    reference = worker.train(parallel.make_mesh(jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]))
-
-    try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
-    finally:
+    reference = None
+    for attempt in range(1, ATTEMPTS + 1):
+        port = _free_port()
+        logs = [open(tmp_path / f"process_{i}_{attempt}.log", "w+") for i in range(NUM_PROCESSES)]
+        procs = []
+        try:
+            for i in range(NUM_PROCESSES):
+                procs.append(_children.Child([sys.executable, str(WORKER), "--process_id", str(i),
+                                              "--num_processes", str(NUM_PROCESSES), "--port", str(port), "--out",
+                                              str(outs[i])], budget_s=BUDGET_S, env=env, stdout=logs[i],
+                                             stderr=subprocess.STDOUT))
+            if reference is None:  # the reference runs here, once, while the workers run
+                worker = _load_worker()
+                reference = worker.train(parallel.make_mesh(jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]))
+            codes = [p.wait() for p in procs]
+        finally:
+            for p in procs:
+                p.close()
+        whole = []
+        for log in logs:
+            log.seek(0)
+            whole.append(log.read())
+            log.close()
+        reports = [text[-3000:] for text in whole]
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    reports = []
-    for log in logs:
-        log.seek(0)
-        reports.append(log.read()[-3000:])
-        log.close()
+            p.check_budget("\n----\n".join(reports))
+        if codes == [0] * NUM_PROCESSES or attempt == ATTEMPTS or not any(GLOO_WAIT in text for text in whole):
+            break
     assert codes == [0] * NUM_PROCESSES, "worker failed:\n" + "\n----\n".join(reports)
 
     for i, out in enumerate(outs):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import subprocess
 
+import _children
 import ml_collections
 import numpy as np
 import pytest
@@ -167,8 +167,9 @@ def test_command_line_configs_models_and_overrides(tmp_path, capsys, monkeypatch
 
 
 def _git(repo: pathlib.Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false",
-                    *args], cwd=repo, check=True, capture_output=True, timeout=60)
+    result = _children.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false",
+                            *args], cwd=repo, budget_s=60)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_git_state_counts_untracked_not_ignored(tmp_path):
@@ -180,7 +181,7 @@ def test_git_state_counts_untracked_not_ignored(tmp_path):
     (repo / "b.py").write_text("b = 1\n")
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "init")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    head = _children.run(["git", "rev-parse", "HEAD"], cwd=repo, text=True, budget_s=60).stdout.strip()
     clean = provenance.git_state(repo)
     assert clean == {"git_commit": head, "git_uncommitted_changes": False, "git_changed_paths": [],
                      "git_changed_paths_total": 0}

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import _children
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,23 +237,28 @@ def test_rerun_resumes_without_retraining(reference, shared, tmp_path):
     assert summary["final"]["val"]["dice/mean"] == pytest.approx(reference[1]["final"]["val"]["dice/mean"])
 
 
-def start_main(cwd, shared):
+def start_main(cwd, shared) -> _children.Child:
     """The command line, run from ``cwd`` without --workdir: the run goes to ``cwd/runs/unetpp_data-phantom_test``."""
     args = [sys.executable, "-u", "-m", "anemia_jax.main", f"--config={ROOT / CONFIG}",
             f"--config.dataset.data_dir={shared['data_dir']}", f"--config.compilation_cache_dir={shared['cache']}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen(args, cwd=cwd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return _children.Child(args, budget_s=300, cwd=cwd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                           text=True)
 
 
-def signal_when(process, pattern, sig, log):
-    """Reads the process's log until a line matches ``pattern``, sends ``sig``, and returns its exit code."""
-    for line in process.stderr:
-        log.append(line)
-        if re.search(pattern, line):
-            process.send_signal(sig)
-            break
-    log.extend(process.stderr)
-    return process.wait(timeout=300)
+def signal_when(child: _children.Child, pattern, sig, log):
+    """Reads the child's log until a line matches ``pattern``, sends ``sig``, and returns its exit code (the child
+    is killed past its budget of unloaded seconds, and on any way out of here)."""
+    with child:
+        for line in child.process.stderr:
+            log.append(line)
+            if re.search(pattern, line):
+                child.process.send_signal(sig)
+                break
+        log.extend(child.process.stderr)
+        code = child.wait()
+    child.check_budget("".join(log))
+    return code
 
 
 def test_interrupted_runs_end_like_an_uninterrupted_one(reference, shared, tmp_path):

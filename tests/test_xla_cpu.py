@@ -3,9 +3,9 @@
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
+import _children
 import jax
 import jax.numpy as jnp
 import pytest
@@ -77,8 +77,8 @@ def test_in_effect_beside_conftest_flags():
 
 def _fresh_python(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    result = _children.run([sys.executable, "-c", code], env=env, text=True, budget_s=600,
+                           cwd=pathlib.Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip()
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -41,7 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import PIL.Image
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -121,7 +119,7 @@ def _check_size(image_size) -> tuple[int, int]:
 
 def _decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
     """Encoded stored photo -> uint8 [H, W, 3] at ``size`` (`image_io.resize_image`: Lanczos, as prediction)."""
-    with PIL.Image.open(io.BytesIO(data)) as encoded:
+    with image_io.open_image(data) as encoded:
         return image_io.resize_image(image_io.to_rgb8(encoded), size)
 
 

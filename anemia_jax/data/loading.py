@@ -7,13 +7,19 @@ experiment scripts all see exactly the examples the trainer saw:
   been prepared from the source the config names (`datasets.source_record`); `data_source` says which that was.
 * `split_indices` / `eval_split`: the patient-level cut of the split protocol (K-fold, leave one country out,
   holdout), for training and for scoring a finished run.
-* `load_data`: train / validation (/ test) examples resident on the devices (`input_pipeline.DeviceDataset`).
+* `load_data`: train / validation (/ test) examples resident on the devices (`input_pipeline.DeviceDataset`), after
+  checking that the training and validation examples carry labels for every target (`check_labels`): a source
+  without usable masks is a data error before anything trains, never a run with loss 0 and Dice NaN.
+
+A preparation that fails leaves nothing behind: the folders TFDS created for it in ``data_dir`` are removed again
+when they hold nothing (`_remove_created`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,11 +33,15 @@ from jax.sharding import Mesh
 
 from anemia_jax.data import datasets, input_pipeline, splits
 from anemia_jax.data.datasets import source_record
-from anemia_jax.utils import errors
+from anemia_jax.utils import errors, paths
 
 ConfigDict = ml_collections.ConfigDict
 
-__all__ = ["Data", "DataNotFoundError", "data_source", "eval_split", "load_data", "prepare_builder", "split_indices"]
+__all__ = ["Data", "DataNotFoundError", "check_labels", "data_source", "eval_split", "load_data", "prepare_builder",
+           "split_indices"]
+
+# Builder keywords that name a file or folder (the only ones a "point the trainer at the files" message suggests).
+_PATH_SUFFIXES = ("_dir", "_path", "_file")
 
 
 class DataNotFoundError(errors.DataError, FileNotFoundError):
@@ -79,22 +89,49 @@ def prepare_builder(config: ConfigDict):
         except errors.DataError:
             raise
         except FileNotFoundError as e:
-            flags = [f"--config.dataset.builder_kwargs.{k}=PATH" for k in ds.builder_kwargs] + [
-                "--config.dataset.manual_dir=DIR"]
+            flags = [f"--config.dataset.builder_kwargs.{k}=PATH" for k in ds.builder_kwargs
+                     if k.endswith(_PATH_SUFFIXES)] + ["--config.dataset.manual_dir=DIR"]
             raise DataNotFoundError(f"Preparing dataset {ds.name!r} failed: {e}\nFrom the command line, point "
                                     f"the trainer at the files with {' or '.join(flags)}.") from e
 
+    def prepare_or_clean_up():
+        root, prepared = pathlib.Path(os.fspath(builder.data_dir_root)), pathlib.Path(os.fspath(builder.data_path))
+        created = [p for p in (root, root / "downloads", root / "downloads" / "extracted", root / builder.name,
+                               prepared.parent, prepared) if not p.exists()]
+        if paths.is_url(os.fspath(builder.data_dir_root)):
+            created = []  # object stores have no empty folders to leave behind
+        try:
+            prepare()
+        except BaseException:
+            _remove_created(created, root / builder.name / ".config" / "metadata.json")
+            raise
+
     if jax.process_count() == 1:
-        prepare()
+        prepare_or_clean_up()
     else:
         # On a shared data_dir the others then find it prepared; on per-host disks each prepares its own copy.
         if jax.process_index() == 0:
-            prepare()
+            prepare_or_clean_up()
         multihost_utils.sync_global_devices("anemia_jax:dataset_prepared")
         if jax.process_index() != 0:
-            prepare()
+            prepare_or_clean_up()
     _compare_with_trained(config, builder)
     return builder
+
+
+def _remove_created(created: list[pathlib.Path], bookkeeping: pathlib.Path) -> None:
+    """Removes the folders of ``created`` (which did not exist before a failed preparation) where they hold nothing
+    but empty folders and TFDS's ``bookkeeping`` file: a run that failed on its data leaves ``data_dir`` as it was."""
+    for top in reversed(created):  # the data_dir root last
+        if not top.is_dir():
+            continue
+        if bookkeeping.is_relative_to(top) and bookkeeping.is_file():
+            bookkeeping.unlink()
+        for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # deepest first
+            try:
+                os.rmdir(folder)  # only succeeds when empty: nothing anyone wrote is ever removed
+            except OSError:
+                pass
 
 
 def _compare_with_trained(config: ConfigDict, builder) -> None:
@@ -176,12 +213,49 @@ def eval_split(config: ConfigDict, split: str, builder=None) -> tuple[Any, str, 
                      "and datasets with a test split (Kvasir-SEG) have one.")
 
 
+def check_labels(config: ConfigDict, metadata: Mapping[str, np.ndarray], parts: Mapping[str, np.ndarray],
+                 where: str = "") -> None:
+    """Raises unless every target has a mask in at least one example of each part (e.g. ``{'train': train_idx,
+    'val': val_idx}``): training without labels ends with loss 0, zero gradients, Dice NaN and a "best" checkpoint.
+
+    Args:
+        config: the run's config (``targets``, ``dataset``).
+        metadata: `input_pipeline.read_metadata` of the split (``has_<target>`` [N] bool).
+        parts: part name -> int indices into the split.
+        where: the prepared dataset's directory, for the message.
+
+    Raises:
+        errors.DataError: a target without a single mask in one of the parts (exit status 3).
+    """
+    problems = []
+    for part, indices in parts.items():
+        for target in config.targets:
+            labelled = metadata.get(f"has_{target}")
+            if labelled is None or len(indices) == 0:
+                continue
+            if not np.asarray(labelled)[np.asarray(indices)].any():
+                problems.append(f"none of the {len(indices)} {part} examples has a usable {target!r} mask")
+    if problems:
+        kwargs = "".join(f" --config.dataset.builder_kwargs.{k}" for k in config.dataset.builder_kwargs
+                         if not k.endswith(_PATH_SUFFIXES))
+        raise errors.DataError(
+            f"No usable labels in {config.dataset.name}: {'; '.join(problems)}. Training would learn nothing (loss 0, "
+            f"Dice undefined). Check that the source holds its masks (an image/mask folder needs masks/ beside "
+            f"images/, with the images' names), and read the preparation's warnings or its build summary"
+            f"{f' in {where}' if where else ''} for why masks were unusable"
+            + (f" (the options{kwargs} change how masks are read)" if kwargs else "")
+            + "; then delete the prepared folder and run again, or train on the targets that have masks "
+            "(--config.targets=...).")
+
+
 def load_data(config: ConfigDict, mesh: Mesh) -> Data:
-    """Prepares the dataset, cuts the split and puts every part into device memory."""
+    """Prepares the dataset, checks its labels (`check_labels`), cuts the split and puts every part into device
+    memory."""
     builder = prepare_builder(config)
     ds = config.dataset
     metadata = input_pipeline.read_metadata(builder, ds.split)
     train_idx, val_idx, test_idx = split_indices(config, metadata)
+    check_labels(config, metadata, {"training": train_idx, "validation": val_idx}, str(builder.data_path))
     common = dict(image_size=tuple(config.image_size), targets=tuple(config.targets))
     eval_batch = config.eval_batch_size or config.batch_size
     make = input_pipeline.DeviceDataset.from_builder

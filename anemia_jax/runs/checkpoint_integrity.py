@@ -13,8 +13,9 @@ synchronous saves write it right after the save.
 
 `verify` says what a checkpoint directory is: ``intact`` (every listed file present with its size and checksum),
 ``damaged`` (naming the first differences: a missing, truncated, altered or unexpected file, an unreadable manifest),
-or ``unverified`` (no manifest: written before manifests existed, or the manifest was deleted, which cannot be told
-apart; such a checkpoint is restored, but never claimed intact). `tree_mismatch` compares the array tree stored in a
+or ``unverified`` (no manifest: written before manifests existed, or the manifest was deleted, which this directory
+alone cannot tell apart; `checkpointing.CheckpointManager.verify` tells them apart by the older checkpoints beside
+it, and an unverified checkpoint is restored, but never claimed intact). `tree_mismatch` compares the array tree stored in a
 checkpoint with the tree a model expects and describes the differences in words.
 """
 
@@ -93,7 +94,7 @@ def verify(step_dir: epath.PathLike) -> Verdict:
     step_dir = epath.Path(step_dir)
     manifest_path = step_dir / MANIFEST
     if not manifest_path.exists():
-        return Verdict("unverified", "it has no checksum manifest (written before manifests existed)")
+        return Verdict("unverified", "it has no checksum manifest")
     try:
         manifest = json.loads(manifest_path.read_text())
         expected: Mapping[str, Mapping[str, Any]] = manifest["files"]

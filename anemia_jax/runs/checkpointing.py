@@ -10,8 +10,10 @@ One checkpoint is a step directory under ``<workdir>/checkpoints`` holding two i
 Integrity (`anemia_jax.runs.checkpoint_integrity`): each checkpoint also holds ``checksums.json`` (size and SHA-256 of
 every file of its items), written once Orbax has finalised it and before Orbax commits the directory. Every restore
 first verifies it: a damaged checkpoint raises `DamagedCheckpointError` naming it and the difference, never restoring
-altered numbers; one without a manifest (written before manifests existed) is restored with a warning, and any
-failure to read it is a `DamagedCheckpointError` too. A checkpoint whose arrays do not fit the template raises
+altered numbers; one without a manifest is restored with a warning only when it may have been written before
+manifests existed (no older checkpoint beside it has one): a checkpoint whose older siblings have manifests was
+written by code that writes them, so its missing manifest is damage (deleted or lost), never a reason to trust it.
+Any failure to read it is a `DamagedCheckpointError` too. A checkpoint whose arrays do not fit the template raises
 `CheckpointMismatchError` ("written by a different model configuration"), listing the differences in one paragraph.
 `restore_latest_intact` is the trainer's resume: the newest usable checkpoint, damaged ones set aside
 (`quarantine`) with a warning.
@@ -171,8 +173,20 @@ class CheckpointManager:
         checkpoint_integrity.write_manifest(pending[-1] if pending else self.step_dir(step), _ITEMS)
 
     def verify(self, step: int) -> checkpoint_integrity.Verdict:
-        """Checks checkpoint ``step`` against its manifest (`checkpoint_integrity.verify`)."""
-        return checkpoint_integrity.verify(self.step_dir(step))
+        """Checks checkpoint ``step`` against its manifest (`checkpoint_integrity.verify`). A checkpoint without a
+        manifest is 'damaged' when an older checkpoint beside it has one (then it was written with one), else
+        'unverified' (it may predate manifests)."""
+        verdict = checkpoint_integrity.verify(self.step_dir(step))
+        if verdict.status != "unverified":
+            return verdict
+        older = [s for s in self._manager.all_steps() if s < step
+                 and (self.step_dir(s) / checkpoint_integrity.MANIFEST).exists()]
+        if older:
+            return checkpoint_integrity.Verdict(
+                "damaged", f"its checksum manifest is missing, although the older checkpoint step {max(older)} beside "
+                "it has one: it was written with a manifest, which has been deleted or lost, so its files cannot be "
+                "trusted")
+        return verdict
 
     def _damaged(self, step: int, reason: str) -> DamagedCheckpointError:
         return DamagedCheckpointError(f"Checkpoint step {step} in {self.directory} is damaged: {reason}.", step)
@@ -185,8 +199,9 @@ class CheckpointManager:
         if verdict.status == "damaged":
             raise self._damaged(step, verdict.reason)
         if verdict.status == "unverified":
-            logging.warning("Checkpoint step %d in %s has no checksum manifest (written before manifests existed): "
-                            "restoring it without an integrity check.", step, self.directory)
+            logging.warning("Checkpoint step %d in %s has no checksum manifest, and no older checkpoint beside it has "
+                            "one (it may predate manifests): restoring it without an integrity check.", step,
+                            self.directory)
 
     def _check_tree(self, step: int, template: PyTree, *, partial: bool,
                     model_config: Mapping[str, Any] | None) -> None:

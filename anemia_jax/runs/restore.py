@@ -36,7 +36,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from anemia_jax.runs import checkpointing, model_factory
-from anemia_jax.utils import parallel, paths
+from anemia_jax.utils import input_files, parallel, paths
 
 __all__ = ["SELECTION_SPLIT", "Run", "auto_checkpoint", "load_config", "load_run", "load_runs",
            "resolve_checkpoint", "restore_chosen"]
@@ -87,10 +87,15 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         FileNotFoundError: ``workdir`` is not a run directory.
     """
     path = paths.as_path(workdir) / "config.json"
-    if not path.is_file():
+    if not input_files.is_regular_file(path):  # a FIFO in its place is refused, never waited on
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training run directory. Train one with "
                                 "`python -m anemia_jax.main --config=... --workdir=DIR` and pass that DIR.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    text = input_files.read_file(path, max_bytes=64 << 20, what="Run config").decode("utf-8")
+    try:
+        return ml_collections.ConfigDict(json.loads(text))
+    except ValueError as e:
+        raise ValueError(f"{path} is not the JSON a trainer writes ({e}); {workdir} is not a usable run "
+                         "directory.") from None
 
 
 def auto_checkpoint(split: str | None) -> tuple[str, str]:

@@ -4,6 +4,19 @@
 (`photo_report.PhotoAssessor`) under one lock, and keeps recent results for the batch CSV; `make_server` serves it
 with the page (`anemia_jax.screening.app_page`) on a `ThreadingHTTPServer`. The command that starts it is
 ``python -m anemia_jax.app``.
+
+The HTTP layer trusts nothing a client sends:
+
+* **Bodies**: an upload needs a ``Content-Length`` (411 without one, and for ``Transfer-Encoding: chunked``); a
+  negative, malformed or repeated-and-different length is a 400; one over the limit a 413, refused before reading.
+* **Bursts**: the listen backlog holds `http_guard.BACKLOG` connections and at most `http_guard.MAX_WORKERS` are
+  served at once (the others wait in the backlog, not refused), so a burst of uploads is queued and each answered.
+* **Where requests come from**: the ``Host`` header must name the address the server is bound to (a DNS-rebinding
+  page's host name is refused, 421), and a request that changes state (``POST``) from a page of another origin
+  (``Origin`` / ``Sec-Fetch-Site``) is refused (403): a cross-origin ``text/plain`` form post cannot upload.
+* **Every response**, errors and the standard library's own 400/501 pages included, carries the Content-Security-
+  Policy, ``nosniff``, ``no-store`` and ``no-referrer``; the ``Server`` header names no Python version.
+* **CSV cells** are escaped so that a spreadsheet never runs an uploaded file's name as a formula (`csv_cells`).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
@@ -27,7 +40,7 @@ import PIL.Image
 
 from anemia_jax.inference import segmenter as segmenter_lib
 from anemia_jax.screening import app_page
-from anemia_jax.utils import image_io
+from anemia_jax.utils import csv_cells, http_guard, image_io
 
 __all__ = ["PhotoError", "ScreeningService", "make_server"]
 
@@ -119,7 +132,7 @@ class ScreeningService:
         if not data:
             raise PhotoError(f"{name} is empty. Choose a photo file (JPEG or PNG).")
         try:
-            with PIL.Image.open(io.BytesIO(data)) as im:
+            with image_io.open_image(data) as im:  # its errors describe the bytes, not an in-memory buffer
                 width, height = im.size
         except _DECODE_ERRORS as e:
             raise PhotoError(f"{name} is not an image this page can read ({type(e).__name__}: {e}). Send a JPEG or "
@@ -188,28 +201,42 @@ class ScreeningService:
         with io.StringIO(newline="") as f:
             writer = csv.writer(f)
             writer.writerow(self.columns())
-            writer.writerows(rows)
+            writer.writerows(csv_cells.escape_row(row) for row in rows)
             return f.getvalue()
+
+
+_SECURITY_HEADERS = {"Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+                     "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
 class _Handler(BaseHTTPRequestHandler):
     """The routes: ``/`` the page, ``/api/info``, ``POST /api/photo``, ``/results.csv?ids=``, ``/healthz``."""
 
     server_version = "anemia_jax"
+    sys_version = ""  # the Server header names no Python version
     timeout = 60  # seconds a client may stall mid-request before its thread gives up
     service: ScreeningService
     max_upload_bytes: int
+    allowed_hosts: frozenset[str] = frozenset()  # host names (lower case, no port) the Host header may carry
+    any_ip: bool = False  # bound to the wildcard address: any IP literal is a Host too
+    port: int = 0
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base class's name
         pass  # absl logging is enough; the default writes every request to stderr
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def end_headers(self) -> None:
+        # On every response, the standard library's own error pages (400, 414, 501...) included.
+        for key, value in _SECURITY_HEADERS.items():
+            self.send_header(key, value)
+        super().end_headers()
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", _CSP)
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         self.end_headers()
@@ -219,7 +246,32 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
         self._send(status, json.dumps(payload, allow_nan=False).encode(), "application/json")
 
+    def _refuse(self, status: HTTPStatus, message: str) -> None:
+        """Answers ``message`` without reading the body, then closes the connection."""
+        self.close_connection = True
+        self._json(status, {"error": message})
+        self.wfile.flush()
+        http_guard.drain_available(self.connection)  # so that the close does not reset the answer away
+
+    def _from_here(self, *, changes_state: bool) -> bool:
+        """Whether the request is for this server (its Host; else 421: a DNS-rebinding page) and, for one that
+        ``changes_state``, from its own page (else 403: a cross-origin post). Answers the refusal itself."""
+        host = self.headers.get("Host")
+        if not http_guard.host_allowed(host, self.allowed_hosts, self.port, any_ip=self.any_ip):
+            names = ", ".join(sorted(self.allowed_hosts))
+            self._refuse(HTTPStatus.MISDIRECTED_REQUEST, f"This server answers for {names} on port {self.port}, not "
+                         f"for {host!r}. Open the page at the address the app printed.")
+            return False
+        origin = http_guard.foreign_origin(self.headers) if changes_state else None
+        if origin is not None:
+            self._refuse(HTTPStatus.FORBIDDEN, f"Uploads are accepted from this server's own page only, not from "
+                         f"{origin}. Open the page at http://{host or 'the address the app printed'}/.")
+            return False
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
+        if not self._from_here(changes_state=False):
+            return
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/":
             self._send(HTTPStatus.OK, app_page.PAGE.encode(), "text/html; charset=utf-8")
@@ -235,16 +287,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {url.path}"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._from_here(changes_state=True):
+            return
         url = urllib.parse.urlsplit(self.path)
         if url.path != "/api/photo":
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {url.path}"})
+            self._refuse(HTTPStatus.NOT_FOUND, f"no page {url.path}")
             return
         query = urllib.parse.parse_qs(url.query)
         name = (query.get("name") or ["photo"])[0][:200]
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "Send the photo with its Content-Length."})
+        length, status, message = http_guard.content_length(self.headers)
+        if length is None:
+            self._refuse(status, message)
             return
         if length > self.max_upload_bytes:
             self.close_connection = True
@@ -280,9 +333,22 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(service: ScreeningService, host: str = "127.0.0.1", port: int = 8000, *,
-                max_upload_bytes: int = 30_000_000) -> ThreadingHTTPServer:
-    """The HTTP server of ``service`` on ``host:port`` (port 0: any free port; see ``server.server_address``)."""
-    handler = type("Handler", (_Handler,), {"service": service, "max_upload_bytes": max_upload_bytes})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+                max_upload_bytes: int = 30_000_000, allowed_host_names: Sequence[str] = (),
+                max_workers: int = http_guard.MAX_WORKERS) -> http_guard.QueueingHTTPServer:
+    """The HTTP server of ``service`` on ``host:port`` (port 0: any free port; see ``server.server_address``).
+
+    Args:
+        service: what answers the uploads.
+        host, port: the address to listen on.
+        max_upload_bytes: the largest body read.
+        allowed_host_names: host names the ``Host`` header may carry besides the bound address (and, for a loopback
+            address, ``localhost``), e.g. this machine's name on the LAN.
+        max_workers: requests served at once (the others wait in the listen backlog, `http_guard.BACKLOG`).
+    """
+    server = http_guard.QueueingHTTPServer((host, port), _Handler, max_workers=max_workers)
+    address = host.strip("[]")
+    server.RequestHandlerClass = type("Handler", (_Handler,), {
+        "service": service, "max_upload_bytes": max_upload_bytes, "port": server.server_address[1],
+        "allowed_hosts": http_guard.allowed_hosts(host, allowed_host_names),
+        "any_ip": address in ("0.0.0.0", "::")})
     return server

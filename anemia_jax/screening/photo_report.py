@@ -35,7 +35,7 @@ from absl import logging
 
 from anemia_jax.screening import colour, quality
 from anemia_jax.screening import screening_model as sm
-from anemia_jax.utils import paths
+from anemia_jax.utils import input_files, paths
 
 __all__ = ["SEX_CSV", "PhotoAssessor", "PhotoReport", "caption_lines", "csv_header", "csv_values", "draw_caption",
            "photo_sexes", "read_sex_csv", "screening_features"]
@@ -214,7 +214,9 @@ def read_sex_csv(path: str | os.PathLike) -> dict[str, str]:
         ValueError: missing columns or an unknown sex value (the message names the row).
     """
     path = paths.as_path(path)
-    with io.StringIO(path.read_text(encoding="utf-8-sig"), newline="") as f:
+    # A regular file of at most 16 MB: a FIFO named sex.csv is refused, never waited on.
+    text = input_files.read_file(path, max_bytes=16 << 20, what="Sex CSV").decode("utf-8-sig")
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in reader.fieldnames or []]
         if "file" not in fields or "sex" not in fields:
@@ -263,7 +265,7 @@ def photo_sexes(files: Sequence[Any], *, sex: str | None = None, sex_csv: str | 
             folder = str(path.parent)
             if folder not in tables:
                 candidate = path.parent / SEX_CSV
-                tables[folder] = read_sex_csv(candidate) if candidate.is_file() else {}
+                tables[folder] = read_sex_csv(candidate) if input_files.is_regular_file(candidate) else {}
             table = tables[folder]
         out.append(table.get(_key(path), "unknown"))
     listed = {p for t in tables.values() for p in t}

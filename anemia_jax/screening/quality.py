@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from anemia_jax.utils import conversions, paths
+from anemia_jax.utils import conversions, input_files, paths
 
 __all__ = ["CALIBRATION_DEFAULTS", "CLIPPED_VALUE", "DEFAULTS", "FORMAT", "THRESHOLDS_FILE", "QualityMeasures",
            "QualityThresholds", "Verdict", "choose_thresholds", "load_thresholds", "measure", "save_thresholds",
@@ -237,12 +237,12 @@ def load_thresholds(path: str | os.PathLike) -> tuple[QualityThresholds, dict[st
         FileNotFoundError / ValueError: no such file, or not a quality-thresholds file (the message says which).
     """
     p = paths.as_path(path)
-    if not p.is_file():
+    if not input_files.is_regular_file(p):
         raise FileNotFoundError(f"No quality thresholds at {p}; choose them with `python -m "
                                 "anemia_jax.calibrate_quality --workdir=RUN ...`.")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    try:  # a regular file only (a FIFO is never waited on), of a thresholds file's size
+        data = json.loads(input_files.read_file(p, max_bytes=16 << 20, what="Quality thresholds file"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p} is not valid JSON ({e}); re-create it with python -m anemia_jax.calibrate_quality.")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{p} is not a quality-thresholds file (its 'format' is not {FORMAT!r}).")
@@ -291,7 +291,7 @@ def thresholds_for_runs(workdirs: Sequence[Any], recorded: Mapping[str, Any] | N
 
     if path is None:
         first = paths.as_path(workdirs[0])
-        found = [p for p in (first / THRESHOLDS_FILE, first.parent / THRESHOLDS_FILE) if p.is_file()]
+        found = [p for p in (first / THRESHOLDS_FILE, first.parent / THRESHOLDS_FILE) if input_files.is_regular_file(p)]
         if not found:
             return thresholds_from_record(recorded) if recorded else DEFAULTS
         path = found[0]

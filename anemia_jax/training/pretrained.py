@@ -30,6 +30,7 @@ import math
 import pathlib
 import re
 import struct
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +41,7 @@ import numpy as np
 from anemia_jax import models
 from anemia_jax.models.resnet import ENCODER_SCOPE
 from anemia_jax.models.transunet import align_corners_matrix
+from anemia_jax.utils import errors, input_files
 
 PyTree = Any
 Path = tuple[str, ...]  # (collection, 'encoder', module..., leaf)
@@ -50,36 +52,95 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
 CONVERTED_MARKER = "__anemia_jax_encoder__"
 
 
-class PretrainedError(ValueError):
-    """A weight file that does not fit the model (the message names every offending tensor)."""
+class PretrainedError(errors.ConfigError):
+    """A weight file that is missing, unreadable, or does not fit the model (the message names every offending
+    tensor). A `errors.ConfigError`: the config's ``model.pretrained`` (or ``--in``) names an unusable file, exit
+    status 2."""
 
 
 # ----------------------------------------------------------------------------------------------- reading files
 
+MAX_WEIGHT_BYTES = 8 << 30  # the largest weight file read (ViT-L/16 .npz files are about 1.2 GB)
+_MAX_HEADER_BYTES = 100 << 20  # as the safetensors library: a header larger than this is no header
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"the key(s) {', '.join(map(repr, repeated))} appear more than once")
+    return dict(pairs)
+
+
+def _checked_entry(path, key: str, info: Any, buffer_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """``(dtype, shape, start, end)`` of one header entry, or `PretrainedError` saying what does not fit."""
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise PretrainedError(f"{where} is described by {info!r}; a safetensors header entry holds exactly dtype, "
+                              "shape and data_offsets.")
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise PretrainedError(f"{where} has dtype {info['dtype']!r}, which this reader does not support "
+                              f"({', '.join(SAFETENSORS_DTYPES)}).")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+        raise PretrainedError(f"{where} has shape {shape!r}; a shape is a list of non-negative integers.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= buffer_size):
+        raise PretrainedError(f"{where} has data_offsets {offsets!r}; they must be two integers 0 <= start <= end <= "
+                              f"{buffer_size}, the size of the file's data.")
+    dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+    need = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != need:
+        raise PretrainedError(f"{where} spans {offsets[1] - offsets[0]} bytes, but {info['dtype']} {shape} needs "
+                              f"{need}.")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
 
 def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of a ``.safetensors`` file as numpy (8-byte little-endian header length, JSON header, raw
-    little-endian buffer; F32/F16/BF16/F64 and integer dtypes)."""
-    data = pathlib.Path(path).read_bytes()
+    little-endian buffer; F32/F16/BF16/F64 and integer dtypes), parsed strictly as the format requires: every entry
+    well-typed, its byte range the size of its dtype and shape, the ranges contiguous from 0 without overlaps or
+    holes, and no bytes after the last tensor -- a header that lies (two tensors sharing bytes, hidden trailing data)
+    is refused, never read.
+
+    Raises:
+        PretrainedError: not a safetensors file, or a header that does not describe its data exactly.
+    """
+    data = input_files.read_file(path, max_bytes=MAX_WEIGHT_BYTES, what="Weight file")
     if len(data) < 8:
         raise PretrainedError(f"{path} is not a safetensors file (shorter than its 8-byte header length).")
     (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, _MAX_HEADER_BYTES):
+        raise PretrainedError(f"{path} is not a safetensors file: its header length {n} is beyond the file's "
+                              f"{len(data)} bytes.")
     try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(data[8:8 + n], object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
         raise PretrainedError(f"{path} is not a safetensors file: its header is not JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise PretrainedError(f"{path} is not a safetensors file: its header is {type(header).__name__}, not a map.")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PretrainedError(f"{path}: its __metadata__ must map names to strings.")
     buffer = memoryview(data)[8 + n:]
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise PretrainedError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which this reader does not "
-                                  f"support ({', '.join(SAFETENSORS_DTYPES)}).")
-        start, end = info["data_offsets"]
-        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
-        tensors[key] = np.frombuffer(buffer[start:end], dtype=dtype).reshape(info["shape"])
-    return tensors
+    entries = sorted(((*_checked_entry(path, key, info, len(buffer)), key) for key, info in header.items()),
+                     key=lambda e: (e[2], e[3]))
+    position = 0
+    for _, _, start, end, key in entries:
+        if start != position:
+            what = "overlaps the tensor before it" if start < position else f"leaves bytes {position}-{start} unused"
+            raise PretrainedError(f"{path}: tensor {key!r} (bytes {start}-{end}) {what}; a safetensors file's "
+                                  "tensors are contiguous and never share bytes. The file is damaged or crafted.")
+        position = end
+    if position != len(buffer):
+        raise PretrainedError(f"{path}: {len(buffer) - position} bytes follow the last tensor; a safetensors file "
+                              "ends with its data. The file is damaged or crafted.")
+    return {key: np.frombuffer(buffer[start:end], dtype=dtype).reshape(shape)
+            for dtype, shape, start, end, key in entries}
 
 
 def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
@@ -98,19 +159,45 @@ def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray
     pathlib.Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
-def read_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """The tensors of a ``.safetensors`` or ``.npz`` file (``allow_pickle=False``), or of ``DIR/encoder.npz``."""
+def checkpoint_file(path: str | pathlib.Path) -> pathlib.Path:
+    """The weight file ``path`` names: itself, or ``DIR/encoder.npz`` for a folder."""
     p = pathlib.Path(path).expanduser()
-    if p.is_dir():
-        p = p / "encoder.npz"
-    if not p.exists():
-        raise FileNotFoundError(f"Pretrained weights {p} do not exist. Download them first (see the README's "
-                                "'Pretrained encoders' section for where), or pass the right path.")
+    return p / "encoder.npz" if p.is_dir() else p
+
+
+def read_checkpoint(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """The tensors of a ``.safetensors`` or ``.npz`` file (``allow_pickle=False``), or of ``DIR/encoder.npz``.
+
+    Raises:
+        PretrainedError: the file is missing, not a regular file, larger than `MAX_WEIGHT_BYTES`, of another
+            format, holds pickled objects, or is damaged; the message says which and what to do.
+    """
+    p = checkpoint_file(path)
+    try:
+        input_files.check_regular_file(p, what="Pretrained weight file")
+        if p.stat().st_size > MAX_WEIGHT_BYTES:
+            raise input_files.FileTooLargeError(f"Pretrained weight file {p} holds {p.stat().st_size / 1e9:.1f} GB, "
+                                                f"over the {MAX_WEIGHT_BYTES / 1e9:.1f} GB this reader accepts.")
+    except FileNotFoundError:
+        raise PretrainedError(f"Pretrained weights {p} do not exist. Download them first (see the README's "
+                              "'Pretrained weights' section for where), or pass the right path.") from None
+    except (input_files.NotARegularFileError, input_files.FileTooLargeError, OSError) as e:
+        raise PretrainedError(str(e)) from None
     if p.suffix == ".safetensors":
         return read_safetensors(p)
     if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        try:
+            with np.load(p, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except ValueError as e:
+            if "pickle" in str(e):
+                raise PretrainedError(f"{p} holds pickled Python objects, which are never loaded (unpickling runs "
+                                      "code from the file). Use the published .npz of plain arrays, or convert the "
+                                      "weights to .safetensors.") from None
+            raise PretrainedError(f"{p} is not a readable .npz of arrays ({e}).") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise PretrainedError(f"{p} is not a readable .npz of arrays ({type(e).__name__}: {e}); download it "
+                                  "again.") from None
     raise PretrainedError(f"{p}: expected a .safetensors or .npz file (or a directory holding encoder.npz).")
 
 
@@ -166,9 +253,12 @@ _MIT_RENAMES = [
 
 
 def convert_hf_mit(key: str, w: np.ndarray) -> Converted:
-    """HuggingFace ``nvidia/mit-bN`` keys (``segformer.encoder.block.0.1.mlp.dense1.weight``) -> `MixTransformer`."""
-    if key.startswith("classifier."):
-        return None  # the ImageNet classifier
+    """HuggingFace ``nvidia/mit-bN`` keys (``segformer.encoder.block.0.1.mlp.dense1.weight``) -> `MixTransformer`.
+    Checkpoints of ``SegformerForImageClassification`` carry a ``classifier.*`` head, those of
+    ``SegformerForSemanticSegmentation`` (the hub's fine-tuned ``segformer-bN-finetuned-*``) a ``decode_head.*``
+    (``linear_c``, ``linear_fuse``, ``batch_norm``, ``classifier``): only the encoder is taken."""
+    if key.startswith(("classifier.", "decode_head.")):
+        return None  # the ImageNet classifier; the segmentation head of another task
     name = key.removeprefix("segformer.").removeprefix("encoder.")
     module, _, leaf = name.rpartition(".")
     for pattern, replacement in _MIT_RENAMES:
@@ -178,12 +268,24 @@ def convert_hf_mit(key: str, w: np.ndarray) -> Converted:
     raise KeyError(key)
 
 
+# GroupNorm modules of the R50 stem and blocks (gn_root, gn1..gn3, gn_proj), as vision_transformer's
+# `checkpoint._fix_groupnorm` names them.
+_GROUPNORM = re.compile(r"gn(\d+|_root|_proj)$")
+
+
 def convert_vit_npz(key: str, w: np.ndarray) -> Converted:
     """google-research/vision_transformer ``.npz`` names -> `anemia_jax.models.transunet.TransUNetEncoder` (the
-    same names; the class token and the classifier are not used by TransUNet)."""
+    same names; the class token and the classifier are not used by TransUNet). The published R50+ViT-B_16 file stores
+    its GroupNorm scales and biases as ``[1, 1, 1, C]`` (the pre-Linen Flax layout, which vision_transformer's
+    ``checkpoint._fix_groupnorm`` and TransUNet's loader both flatten); they are taken as ``[C]``, like those stored
+    that way already."""
     if key == "cls" or key.split("/")[0] in ("head", "pre_logits"):
         return None
-    return ("params", ENCODER_SCOPE, *key.split("/")), w
+    parts = key.split("/")
+    if (len(parts) > 1 and _GROUPNORM.match(parts[-2]) and parts[-1] in ("scale", "bias") and w.ndim == 4
+            and w.shape[:3] == (1, 1, 1)):
+        w = w.reshape(-1)
+    return ("params", ENCODER_SCOPE, *parts), w
 
 
 def convert_converted(key: str, w: np.ndarray) -> Converted:

@@ -3,7 +3,8 @@
 Everything here writes only on the main process (`Reporter(is_main=...)`, normally ``jax.process_index() == 0``),
 so multi-host runs produce one set of files. Files under the workdir:
 
-* ``config.json``: the resolved config.
+* ``config.json``: the resolved config; when a rerun brings another config, the one it replaces is kept first as
+  ``config_history/config_<n>.json`` (n = 1, 2, ... in order), so that no run's settings are ever lost.
 * ``metrics.jsonl``: one JSON object per line, ``{"step": ..., "split": "train"|"val"|..., <name>: <value>}``;
   non-finite numbers are written as strings ("NaN", "Infinity") so every line is strict JSON.
 * ``panels/step_<step>.png``: one row per validation example: image | ground truth | prediction, each mask
@@ -211,10 +212,29 @@ class Reporter:
         atomic.write_json(path, value)  # readers never see a half-written file
         return path
 
-    def write_config(self, config_dict: Mapping[str, Any]) -> None:
-        """Writes ``config.json`` (the resolved config as a plain dict)."""
-        if self.is_main:
-            self._write_json("config.json", config_dict)
+    def write_config(self, config_dict: Mapping[str, Any]) -> epath.Path | None:
+        """Writes ``config.json`` (the resolved config as a plain dict). An existing ``config.json`` that differs is
+        first copied to ``config_history/config_<n>.json`` (the next free n); returns that copy's path, else None."""
+        if not self.is_main:
+            return None
+        kept = None
+        old = self.workdir / "config.json"
+        if old.exists():
+            text = old.read_text()
+            try:
+                same = json.loads(text) == json.loads(json.dumps(conversions.jsonable(dict(config_dict))))
+            except ValueError:  # an unreadable config.json is kept too
+                same = False
+            if not same:
+                history = self.workdir / "config_history"
+                n = 1
+                while (history / f"config_{n}.json").exists():
+                    n += 1
+                kept = history / f"config_{n}.json"
+                atomic.ensure_dir(history)
+                atomic.write_text(kept, text)
+        self._write_json("config.json", config_dict)
+        return kept
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Writes ``summary.json``."""

@@ -84,7 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         or 'preempted' after a SIGTERM (a checkpoint was saved; rerun to resume).
 
     Raises:
-        config_lib.ConfigError: invalid config. errors.DataError (loading.DataNotFoundError...): missing or
+        config_lib.ConfigError: invalid config, a batch larger than the training set, or more than the device's
+        memory holds. errors.DataError (loading.DataNotFoundError...): missing or
         unusable data. errors.WorkdirBusyError: another trainer holds the workdir. errors.CheckpointError: no
         usable checkpoint, or checkpoints of another model. errors.OutputError: the workdir cannot be written.
         NonFiniteError: the loss or a gradient became non-finite.
@@ -93,6 +94,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
     try:
         return _train_and_evaluate(config, workdir, lock)
+    except RuntimeError as e:  # XLA's errors (jax.errors.JaxRuntimeError) are RuntimeErrors
+        memory = _out_of_memory(e, config)
+        if memory is None:
+            raise
+        raise memory from e
     except (OSError, ValueError) as e:
         # Orbax and TensorStore report a full or read-only disk from their threads, naming no path a user knows
         # (TensorStore as a ValueError 'RESOURCE_EXHAUSTED ... No space left on device').
@@ -138,6 +144,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, lock: workdi
     if jax.process_count() == 1 and workdir.exists():  # (several processes might disagree on "exists")
         _take(lock)
     data = loading.load_data(config, mesh)
+    _check_batch(config, data.train.num_examples)
     _take(lock)
     plan = _Durations.of(config, data.train.steps_per_epoch(config.batch_size))
     reporter.info("%s; %s", data.description, plan.describe(config.batch_size))
@@ -237,6 +244,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, lock: workdi
 # ------------------------------------------------------------------------------------------------- helpers
 
 
+def _check_batch(config: ml_collections.ConfigDict, num_train: int) -> None:
+    """A global batch larger than the training set repeats examples within a batch and costs memory for nothing
+    (batch_size=100000 with 25 examples compiled for a minute, then ran out of memory): refused before compiling."""
+    if config.batch_size > num_train:
+        raise config_lib.ConfigError(
+            f"batch_size={config.batch_size} is larger than the {num_train} training examples of "
+            f"{config.dataset.name}; a batch cannot hold more examples than there are. Use --config.batch_size=N "
+            f"with N <= {num_train} and a multiple of the {jax.device_count()} devices.")
+
+
+def _out_of_memory(error: BaseException, config: ml_collections.ConfigDict) -> config_lib.ConfigError | None:
+    """The message for a device that ran out of memory (XLA's RESOURCE_EXHAUSTED), else None: the config asks for
+    more than the machine holds."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text or "No space left on device" in text:
+        return None
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    return config_lib.ConfigError(
+        f"The device ran out of memory ({first}) at batch_size={config.batch_size}, image_size="
+        f"{tuple(config.image_size)}, model {config.model.name}. Lower --config.batch_size or the image size (or use "
+        "a device with more memory); a run with checkpoints resumes from its last complete one.")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Durations:
     """The run's length and intervals in steps (`config_lib.resolve_steps`: epochs or steps, steps win)."""
@@ -263,7 +293,8 @@ class _Durations:
 def _resume_or_init(config, model, tx, mesh, ckpt: checkpointing.CheckpointManager, reporter: reporting.Reporter,
                     data_source) -> tuple[steps.TrainState, dict[str, Any], int | None]:
     """``(state, checkpoint meta, restored step or None)``: the newest intact checkpoint restored (damaged ones set
-    aside), else a fresh state; ``metrics.jsonl`` lines past it dropped; ``config.json`` written."""
+    aside), else a fresh state; ``metrics.jsonl`` lines past it dropped; ``config.json`` written (a differing one
+    kept first in ``config_history/``, `reporting.Reporter.write_config`, with a warning listing the changes)."""
     # config.json records the data actually used: the prepared directory and the source it was built from.
     config_dict = {**config.to_dict(), "data_source": data_source}
     # Restoring into shapes alone skips compiling the initialisation.
@@ -281,13 +312,18 @@ def _resume_or_init(config, model, tx, mesh, ckpt: checkpointing.CheckpointManag
         _, state, meta = resumed
         reporter.info("Resumed from checkpoint step %d (%d later metrics lines dropped: those steps rerun).",
                       resumed_from, dropped)
-        old_config = reporter.workdir / "config.json"
-        if reporter.is_main and old_config.exists():
+    old_config = reporter.workdir / "config.json"
+    changes = []
+    if reporter.is_main and old_config.exists():
+        try:
             changes = nested_diff(json.loads(old_config.read_text()), jsonable(config_dict))
-            if changes:
-                logging.warning("The config differs from the one this workdir was started with:\n  %s",
-                                "\n  ".join(changes))
-    reporter.write_config(config_dict)
+        except ValueError:
+            changes = ["(the old config.json is not readable JSON)"]
+    kept = reporter.write_config(config_dict)
+    if changes:
+        logging.warning("The config differs from the one this workdir was %s with:\n  %s\nThe earlier config is "
+                        "kept in %s; config.json now records this run's.", "started" if resumed is None else
+                        "last run", "\n  ".join(changes), kept)
     reporter.write_hparams(config_dict)
     return state, meta, resumed_from
 

@@ -1,7 +1,11 @@
 """Host-side image handling shared by the input pipeline, prediction, panels and the app (PIL + NumPy).
 
 * `load_photo` / `decode_photo`: a photo file or its bytes -> upright uint8 RGB ``[H, W, 3]`` (EXIF orientation
-  applied, alpha dropped, greyscale expanded, 16-bit images scaled to 8 bits rather than clipped).
+  applied, alpha dropped, greyscale expanded, 16-bit images scaled to 8 bits rather than clipped), with optional
+  caps on the file's bytes (regular files only, `input_files`) and on the pixels, the latter checked from the header
+  before anything is decoded (`TooManyPixelsError`: a decompression bomb is refused unread).
+* `open_image`: encoded bytes -> a PIL image whose "unreadable" error says what is wrong rather than naming an
+  in-memory buffer (``<_io.BytesIO object at 0x...>``); callers name the file.
 * `resize_image`: photo resizing as training does it (Lanczos, antialiased when shrinking; the aspect ratio is not
   kept), so that prediction sees inputs of the same character as training.
 * `decode_mask`: an encoded {0, 1} mask -> uint8 {0, 1} at a size, by area coverage (stays binary).
@@ -23,10 +27,10 @@ import PIL.Image
 import PIL.ImageOps
 from scipy import ndimage
 
-from anemia_jax.utils import paths
+from anemia_jax.utils import input_files
 
-__all__ = ["COLORS", "decode_mask", "decode_photo", "load_photo", "overlay", "resize_image",
-           "resize_probabilities", "to_rgb8"]
+__all__ = ["COLORS", "TooManyPixelsError", "decode_mask", "decode_photo", "load_photo", "open_image", "overlay",
+           "resize_image", "resize_probabilities", "to_rgb8"]
 
 # Overlay colours (RGB), one per target channel, in order; no red, which would vanish on conjunctiva.
 COLORS = ((255, 230, 0), (0, 190, 255), (255, 0, 255), (0, 255, 120), (255, 140, 0))
@@ -49,21 +53,52 @@ def to_rgb8(image: PIL.Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode_photo(data: bytes) -> np.ndarray:
+class TooManyPixelsError(ValueError):
+    """A photo whose header announces more pixels than the cap of what reads it (checked before decoding)."""
+
+
+def open_image(data: bytes) -> PIL.Image.Image:
+    """``PIL.Image.open`` of encoded bytes (lazy: call ``load()``). Unknown formats raise
+    ``PIL.UnidentifiedImageError`` with a message about the bytes, not about the in-memory buffer holding them."""
+    try:
+        return PIL.Image.open(io.BytesIO(data))
+    except PIL.UnidentifiedImageError:
+        what = "the file is empty" if not data else f"its first bytes {bytes(data[:8])!r} are no known image format"
+        raise PIL.UnidentifiedImageError(f"not a readable image ({what}; JPEG, PNG, BMP, TIFF, WebP or GIF expected)"
+                                         ) from None
+
+
+def decode_photo(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
     """Encoded photo bytes -> upright uint8 RGB ``[H, W, 3]`` (see `to_rgb8`).
 
+    Args:
+        data: the encoded photo.
+        max_pixels: the largest width x height accepted, read from the header before decoding (None: PIL's own
+            decompression-bomb limit only).
+
     Raises:
-        OSError / ValueError / SyntaxError / PIL.Image.DecompressionBombError: not a readable image.
+        TooManyPixelsError: the header announces more than ``max_pixels`` pixels.
+        OSError / ValueError / SyntaxError / EOFError / PIL.Image.DecompressionBombError: not a readable image.
     """
-    with PIL.Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im:
+        width, height = im.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise TooManyPixelsError(f"it is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); the "
+                                     f"limit is {max_pixels / 1e6:g} megapixels")
         im.load()
         return to_rgb8(PIL.ImageOps.exif_transpose(im))
 
 
-def load_photo(path: str | os.PathLike) -> np.ndarray:
-    """A photo file (local or a URL) -> upright uint8 RGB ``[H, W, 3]`` (`decode_photo`)."""
-    with paths.as_path(path).open("rb") as f:
-        return decode_photo(f.read())
+def load_photo(path: str | os.PathLike, *, max_bytes: int | None = None, max_pixels: int | None = None
+               ) -> np.ndarray:
+    """A photo file (local or a URL) -> upright uint8 RGB ``[H, W, 3]`` (`decode_photo`). Only a regular file is
+    read, and at most ``max_bytes`` of it (`input_files.read_file`: a FIFO or a device is refused, never waited on).
+
+    Raises:
+        FileNotFoundError, input_files.NotARegularFileError, input_files.FileTooLargeError: as `read_file`.
+        TooManyPixelsError and the decoding errors of `decode_photo`.
+    """
+    return decode_photo(input_files.read_file(path, max_bytes=max_bytes, what="Photo"), max_pixels=max_pixels)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -78,7 +113,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
     """Encoded {0, 1} mask -> uint8 ``[H, W]`` in {0, 1} at ``size``: area-resized coverage thresholded at one
     half (any non-zero pixel counts as inside)."""
-    with PIL.Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im:
         binary = np.asarray(im.convert("L")) > 0
     if binary.shape == tuple(size):
         return binary.astype(np.uint8)

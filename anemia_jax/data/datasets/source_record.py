@@ -6,8 +6,9 @@ record, beside the prepared files, the source they read and the options that sha
 (``source_record.json``, written inside TFDS's temporary directory, so it appears atomically with the dataset):
 
 * the source's **fingerprint** (`fingerprint`): for a folder, every file's relative path, size and modification
-  time; for a zip, every member's name, size and CRC-32 (read from the zip's central directory: a content
-  checksum that costs no decompression); hashed with SHA-256;
+  time (a dangling symlink or a symlink loop, which the builders skip as unreadable, by the link's own); for a zip,
+  every member's name, size and CRC-32 (read from the zip's central directory: a content checksum that costs no
+  decompression); hashed with SHA-256;
 * the builder **options** that change the prepared examples (e.g. ``mask_threshold``, ``max_file_mb``).
 
 `check` compares that record with what a run asks for before the prepared data are reused
@@ -58,7 +59,7 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
             dirs.sort()
             for name in sorted(names):
                 full = pathlib.Path(root, name)
-                stat = full.stat()
+                stat = _stat(full)
                 rel = full.relative_to(path).as_posix()
                 digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
                 files, total = files + 1, total + stat.st_size
@@ -76,6 +77,14 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     else:
         raise FileNotFoundError(f"{path} does not exist.")
     return {"path": str(path), "kind": kind, "files": files, "bytes": total, "sha256": digest.hexdigest()}
+
+
+def _stat(path: pathlib.Path) -> os.stat_result:
+    """The file's stat, or the link's own where the link leads nowhere (dangling, or a loop)."""
+    try:
+        return path.stat()
+    except OSError:
+        return path.lstat()
 
 
 def describe(record: dict[str, Any] | None) -> str:

@@ -33,7 +33,7 @@ import re
 import zipfile
 from typing import Iterable, Iterator
 
-from anemia_jax.utils import errors
+from anemia_jax.utils import errors, input_files
 
 MASK_KINDS = ("palpebral", "forniceal", "forniceal_palpebral")
 _PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -94,6 +94,7 @@ class Archive:
 
         Raises:
             FileTooLargeError: the file is over ``max_file_bytes`` (nothing of it is read).
+            input_files.NotARegularFileError: in a folder, the path is a FIFO, a device or a symlink loop.
         """
         size = self.size(rel)
         cap = self.max_file_bytes
@@ -103,7 +104,8 @@ class Archive:
         if self._zip is not None:
             with self._zip.open(rel) as f:
                 return f.read(size)  # the declared size bounds the read, whatever the member's data hold
-        return (self.path / rel).read_bytes()
+        # Regular files only, capped: a FIFO in the folder is refused, never waited on.
+        return input_files.read_file(self.path / rel, max_bytes=cap, what="File")
 
     def describe(self, rel: str) -> str:
         """A path a user can find: ``folder/rel`` or ``archive.zip:rel``."""

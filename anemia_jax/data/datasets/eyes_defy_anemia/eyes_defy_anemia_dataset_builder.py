@@ -38,6 +38,7 @@ from anemia_jax.data.datasets.eyes_defy_anemia import source as source_lib
 from anemia_jax.data.datasets.eyes_defy_anemia import summary as summary_lib
 from anemia_jax.data.datasets.eyes_defy_anemia.archive import MASK_KINDS
 from anemia_jax.data.datasets.spec import DatasetSpec, register_dataset
+from anemia_jax.utils import input_files
 
 SHEET_NAME = "Foglio1"
 
@@ -58,7 +59,8 @@ class EyesDefyAnemiaConfig(tfds.core.BuilderConfig):
 def _read(arc: archive_lib.Archive, rel: str) -> bytes:
     try:
         return arc.read(rel)
-    except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError, input_files.NotARegularFileError,
+            input_files.FileTooLargeError) as e:
         raise masks_lib.UnreadableImageError(f"could not be read from the archive ({type(e).__name__}: {e})") from e
 
 

@@ -38,6 +38,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from anemia_jax.utils import image_io
+
 # A background pixel has every channel >= 255 - WHITE_TOLERANCE (resampled cut-outs blend the edge with white).
 WHITE_TOLERANCE = 8
 # Pearson correlation an aligned cut-out must reach (aligned: ~0.9-1.0; misplaced: ~0).
@@ -129,7 +131,7 @@ def strip_png_chunks(data: bytes, drop: tuple[bytes, ...] = (b"iCCP",)) -> bytes
 
 
 def _load(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
+    img = image_io.open_image(data)  # its errors describe the bytes, not the in-memory buffer
     img.load()
     return img
 

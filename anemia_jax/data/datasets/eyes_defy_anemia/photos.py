@@ -30,7 +30,7 @@ def load_photo(data: bytes, *, min_long_side: int | None = None) -> Image.Image:
       UnreadableImageError: the bytes are not a decodable image (truncated, corrupt, not an image).
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        img = image_io.open_image(data)  # its errors describe the bytes, not the in-memory buffer
         if min_long_side is not None and img.format == "JPEG":
             w, h = img.size
             scale = min_long_side / max(w, h)

@@ -16,7 +16,9 @@ all-zero, has_mask=False), ``patient_id`` = the file stem, ``country`` = the con
 
 Nothing is dropped silently: unreadable files, masks that do not match their image, ids of a split file that
 are not in the folder and images in no split are reported one by one as warnings, and each split ends with a
-summary, also kept in ``builder.build_summary[split]``.
+summary, also kept in ``builder.build_summary[split]``. Only regular files are read (`input_files`): a FIFO, a device,
+a dangling symlink or a symlink loop among the images or masks is an unreadable file, and as a split file a message;
+none is ever waited on.
 
 The source is ``source_dir=`` (a builder keyword), else ``<manual_dir>/<config.manual_subdir>`` or ``<manual_dir>``
 itself (TFDS's manual_dir, ``<data_dir>/downloads/manual`` by default). The prepared data record the source's
@@ -45,12 +47,13 @@ from PIL import Image, ImageOps
 from anemia_jax.data.datasets import features as features_lib
 from anemia_jax.data.datasets import source_record
 from anemia_jax.data.datasets.spec import DatasetSpec, register_dataset
-from anemia_jax.utils import errors, image_io
+from anemia_jax.utils import errors, image_io, input_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
-# Errors Pillow raises on truncated, corrupt or unsupported files.
-_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Errors Pillow raises on truncated, corrupt or unsupported files (and `input_files`' ValueErrors for a FIFO).
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_MAX_SPLIT_FILE_BYTES = 16 << 20  # a split file lists ids: far below this
 _MAX_LISTED = 10  # names listed in one warning; the rest are only counted
 
 
@@ -146,8 +149,12 @@ class _Folder:
 
 
 def _read_ids(path: epath.Path) -> list[str]:
+    try:
+        text = input_files.read_file(path, max_bytes=_MAX_SPLIT_FILE_BYTES, what="Split file").decode("utf-8")
+    except (input_files.NotARegularFileError, input_files.FileTooLargeError, UnicodeDecodeError) as e:
+        raise errors.UnusableSourceError(f"{e} A split file lists one image id per line.") from None
     ids = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             stem, dot, ext = line.rpartition(".")
@@ -173,7 +180,7 @@ def _index_folder(root: epath.Path, suffix: str, extensions: tuple[str, ...], wh
 
 def _open(path: epath.Path) -> tuple[Image.Image, bool]:
     """The decoded image upright (EXIF orientation applied), and whether that rotated or flipped it."""
-    image = Image.open(io.BytesIO(path.read_bytes()))
+    image = image_io.open_image(input_files.read_file(path, what="File"))  # a FIFO is refused, never waited on
     image.load()  # decode now, so that a truncated file fails here and not later
     rotated = image.getexif().get(0x0112, 1) not in (0, 1)
     return (ImageOps.exif_transpose(image) if rotated else image), rotated
@@ -305,9 +312,9 @@ class Builder(source_record.RecordsSource, tfds.core.GeneratorBasedBuilder):
                 return candidate
         default_manual = epath.Path(self.data_dir_root) / "downloads" / "manual"
         raise FileNotFoundError(
-            f"No source folder for image_mask_folder/{config.name}. Pass source_dir=<folder> to the builder, or "
-            f"put the folder at <manual_dir>/{subdir}/ (manual_dir is {default_manual} unless set with "
-            f"download_config=tfds.download.DownloadConfig(manual_dir=...)); looked in "
+            f"No source folder for image_mask_folder/{config.name}. Give it as source_dir=<folder> (from the command "
+            f"line: --config.dataset.builder_kwargs.source_dir=<folder>), or put the folder at <manual_dir>/{subdir}/ "
+            f"(manual_dir is {default_manual} unless --config.dataset.manual_dir=<folder> says otherwise); looked in "
             f"{[str(c) for c in candidates] or 'nothing (manual_dir missing or empty)'}. It must be {layout}."
             + (f" {_KVASIR_HELP}" if config.name.startswith("kvasir_seg") else "")
         )
@@ -427,7 +434,7 @@ class Builder(source_record.RecordsSource, tfds.core.GeneratorBasedBuilder):
         size = _target_size(*original.size, config.long_side)
         is_jpeg = image_path.suffix.lower() in _JPEG_EXTENSIONS
         if is_jpeg and original.mode == "RGB" and size == original.size and not rotated:
-            image_bytes = image_path.read_bytes()  # already what we would store: avoid a second JPEG loss
+            image_bytes = input_files.read_file(image_path)  # already what we store: avoid a second JPEG loss
         else:
             image = Image.fromarray(image_io.to_rgb8(original))  # 16-bit photos scaled, not clipped
             if size != image.size:
