@@ -123,6 +123,14 @@ def test_unscreenable_photos_say_why():
     (lambda d: d["feature_spec"].update(constancy="retinex"), "feature_spec is invalid .*'retinex' must be one of"),
     (lambda d: d["prediction_interval"]["residual_fold"].append(0), "abs_residuals must have"),
     (lambda d: d.update(format="something else"), "not a screening model artifact"),
+    # A threshold outside the physiological range, or an unknown-sex threshold below a sex's, would misreport.
+    (lambda d: d["who_thresholds_g_dl"].update(F=0.0), r"who_thresholds_g_dl.F must lie in \[7, 18\] g/dL"),
+    (lambda d: d["who_thresholds_g_dl"].update(M=-13.0), r"who_thresholds_g_dl.M must lie in \[7, 18\] g/dL"),
+    (lambda d: d["who_thresholds_g_dl"].update(unknown=12.0), "unknown must be at least"),
+    (lambda d: d.update(extrapolation_z=-1.0), "extrapolation_z must be positive"),
+    (lambda d: d.update(extrapolation_z=0), "extrapolation_z must be positive"),
+    (lambda d: d["classifier"].update(target_sensitivity=0.0), r"target_sensitivity must lie in \(0, 1\]"),
+    (lambda d: d["regression"].update(alpha=-1.0), "alpha must be >= 0"),
 ])
 def test_load_validates_schema(tmp_path, edit, message):
     data = _fit(n=120).to_json()

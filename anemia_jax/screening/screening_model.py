@@ -63,6 +63,9 @@ FORMAT = "anemia_jax.screening_model"
 # 2: the feature spec (`features.FeatureSpec`) replaced the untyped 'colour' settings; version 1 files still load.
 SCHEMA_VERSION = 2
 WHO_THRESHOLDS_G_DL = {"F": 12.0, "M": 13.0, "unknown": 13.0}
+# What a loaded file's WHO thresholds may be: the WHO's anemia cut-offs lie between 11 (children, pregnancy) and 13
+# g/dL (men); anything outside [7, 18] is a damaged or mistyped file, not a population.
+WHO_THRESHOLD_RANGE_G_DL = (7.0, 18.0)
 DEFAULT_EXTRAPOLATION_Z = 5.0
 _SEX = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M",
         "": "unknown", "u": "unknown", "unknown": "unknown", "?": "unknown", "na": "unknown", "n/a": "unknown"}
@@ -318,17 +321,34 @@ def _from_json(data: Any, source: str) -> ScreeningModel:
         raise r.fail("prediction_interval", "needs fold models, fold indices into them and residuals >= 0")
     who = r.get(data, "who_thresholds_g_dl", dict)
     who = {k: r.get(who, k, float, "who_thresholds_g_dl.") for k in ("F", "M", "unknown")}
+    low, high = WHO_THRESHOLD_RANGE_G_DL
+    for k, value in who.items():
+        if not low <= value <= high:
+            raise r.fail(f"who_thresholds_g_dl.{k}", f"must lie in [{low:g}, {high:g}] g/dL (the WHO's cut-offs are "
+                                                    f"11-13); got {value:g}")
+    if who["unknown"] < max(who["F"], who["M"]):
+        raise r.fail("who_thresholds_g_dl.unknown", "must be at least the F and M thresholds (a missing sex must "
+                                                    f"never hide anemia); got {who}")
     threshold = r.get(cls, "threshold", float, "classifier.")
     if not 0.0 <= threshold <= 1.0:
         raise r.fail("classifier.threshold", "must be a probability in [0, 1]")
+    target_sensitivity = r.get(cls, "target_sensitivity", float, "classifier.")
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise r.fail("classifier.target_sensitivity", "must lie in (0, 1]")
+    extrapolation_z = r.get(data, "extrapolation_z", float)
+    if extrapolation_z <= 0.0:
+        raise r.fail("extrapolation_z", f"must be positive (a distance in training SDs); got {extrapolation_z:g}")
+    alpha, l2 = r.get(reg, "alpha", float, "regression."), r.get(cls, "l2", float, "classifier.")
+    if alpha < 0.0 or l2 < 0.0:
+        raise r.fail("regression.alpha" if alpha < 0.0 else "classifier.l2", "must be >= 0 (a penalty)")
     return ScreeningModel(
         feature_names=tuple(names), feature_spec=spec, regression=r.linear(reg, f, "regression."),
-        alpha=r.get(reg, "alpha", float, "regression."),
+        alpha=alpha,
         fold_models=tuple(r.linear(m, f, f"prediction_interval.fold_models[{i}].") for i, m in enumerate(folds)),
         residual_fold=residual_fold, abs_residuals=abs_residuals, coverage=coverage,
-        classifier=r.linear(cls, f, "classifier.", logistic=True), l2=r.get(cls, "l2", float, "classifier."),
-        threshold=threshold, target_sensitivity=r.get(cls, "target_sensitivity", float, "classifier."),
-        who_thresholds=who, extrapolation_z=r.get(data, "extrapolation_z", float),
+        classifier=r.linear(cls, f, "classifier.", logistic=True), l2=l2,
+        threshold=threshold, target_sensitivity=target_sensitivity,
+        who_thresholds=who, extrapolation_z=extrapolation_z,
         training=r.get(data, "training", dict), metrics=r.get(data, "metrics", dict))
 
 
