@@ -22,7 +22,8 @@ exact and portable; the runs' bfloat16 is a training speed choice, and ONNX Runt
   because jax2onnx pins an Orbax older than this package's. Without either, the bundle stays and the command prints the
   conversion command to run.
 
-A model card, ``<FILE stem>.card.json`` (`anemia_jax.inference.model_card`), is written beside FILE: input size and
+A model card, ``FILE.card.json`` (`anemia_jax.inference.model_card`; the artifact's full name, e.g.
+``model.onnx.card.json``, so that exports of one stem keep one card each), is written beside FILE: input size and
 dtype, normalisation, targets and their threshold, the runs, checkpoints and training protocol, validation metrics.
 
 Exit status: 0 written; 1 the ONNX conversion failed or could not run here (the bundle is kept); 2 bad arguments or
@@ -90,7 +91,7 @@ def _command() -> cli.Command:
     fv = cmd.flags
     flags.DEFINE_enum("format", None, FORMATS, "stablehlo (jax.export, serialized) or onnx.", flag_values=fv)
     flags.mark_flag_as_required("format", flag_values=fv)
-    flags.DEFINE_string("out", None, "The file to write (its model card goes beside it as <stem>.card.json).",
+    flags.DEFINE_string("out", None, "The file to write (its model card goes beside it as FILE.card.json).",
                         flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "Computation dtype of the exported model "

@@ -67,7 +67,7 @@ def test_export_command_writes_stablehlo_and_card(workdir, tmp_path):
                                np.asarray(jax.jit(fn)(variables, images)), atol=TOLERANCE)
 
     card = json.loads(model_card.card_path(out).read_text())
-    assert model_card.card_path(out).name == "tiny.card.json"
+    assert model_card.card_path(out).name == "tiny.stablehlo.card.json"
     assert card["input"]["shape"] == ["N", 32, 32, 3] and card["input"]["dtype"] == "uint8"
     assert card["normalization"]["mean"] == list(normalization.IMAGE_MEAN)
     assert card["normalization"]["std"] == list(normalization.IMAGE_STD)
@@ -111,6 +111,26 @@ def test_onnx_bundle_rebuilds_the_runs_function(workdir, tmp_path, monkeypatch):
     card = json.loads(model_card.card_path(out).read_text())
     assert card["artifact"]["format"] == "onnx" and card["artifact"]["conversion_check"]["max_abs_diff"] <= TOLERANCE
     print(f"PARITY onnx command (UNet++ tiny run): {card['artifact']['conversion_check']}")
+
+
+def test_two_exports_of_one_stem_keep_two_cards(workdir, tmp_path, monkeypatch):
+    """model.stablehlo then model.onnx: each artifact keeps its own card, named after its full file name."""
+    stablehlo, onnx = tmp_path / "model.stablehlo", tmp_path / "model.onnx"
+    assert export.main(["export", f"--workdir={workdir}", "--format=stablehlo", f"--out={stablehlo}",
+                        "--platforms=cpu"]) == 0
+
+    def convert(bundle, out, python, opset):  # what export_onnx.convert does to the card, without jax2onnx
+        out.write_bytes(b"onnx model")
+        model_card.write(export_onnx.read_bundle(bundle)[0]["card"], out, format="onnx")
+        return 0
+
+    monkeypatch.setattr(export, "_convert_onnx", convert)
+    assert export.main(["export", f"--workdir={workdir}", "--format=onnx", f"--out={onnx}"]) == 0
+    cards = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.card.json")}
+    assert set(cards) == {"model.stablehlo.card.json", "model.onnx.card.json"}
+    assert cards["model.stablehlo.card.json"]["artifact"]["format"] == "stablehlo"
+    assert cards["model.stablehlo.card.json"]["artifact"]["file"] == "model.stablehlo"
+    assert cards["model.onnx.card.json"]["artifact"]["format"] == "onnx"
 
 
 @pytest.mark.parametrize("args, message", [

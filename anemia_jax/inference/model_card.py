@@ -8,7 +8,8 @@ exported checkpoint (from ``summary.json``, when the trainer recorded them for t
 state comes from `anemia_jax.utils.provenance` when the package runs from a source checkout; the trainer does not record
 the commit a run was trained at, and the card says so rather than guessing.
 
-`write` saves it as ``<artifact stem>.card.json`` beside the artifact (`card_path`), with the artifact's size and
+`write` saves it as ``<artifact file name>.card.json`` beside the artifact (`card_path`: ``model.onnx.card.json``,
+``model.stablehlo.card.json``, so that two exports of one stem keep one card each), with the artifact's size and
 SHA-256. This module imports only the standard library at import time, so the ONNX conversion environment
 (`anemia_jax.inference.export_onnx`, which has no Orbax, TFDS or ml_collections) uses it too.
 """
@@ -141,9 +142,10 @@ def build(runs: Sequence[Any], *, threshold: float, compute_dtype: str, prune_le
 
 
 def card_path(artifact: str | pathlib.Path) -> pathlib.Path:
-    """Where the card of ``artifact`` lives: ``<folder>/<artifact stem>.card.json``."""
+    """Where the card of ``artifact`` lives: ``<folder>/<artifact file name>.card.json`` (the full name, suffix
+    included: ``model.onnx`` and ``model.stablehlo`` side by side each keep their own card)."""
     artifact = pathlib.Path(artifact)
-    return artifact.with_name(f"{artifact.stem}.card.json")
+    return artifact.with_name(f"{artifact.name}.card.json")
 
 
 def artifact_entry(artifact: str | pathlib.Path, **info: Any) -> dict[str, Any]:
