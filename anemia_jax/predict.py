@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
     from anemia_jax.runs import restore
-    from anemia_jax.screening import screening_model
+    from anemia_jax.screening import screening_model, wording
     from anemia_jax.utils import parallel
 
     try:
@@ -115,8 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)
         assessor = photo_report.PhotoAssessor(seg.targets, thresholds, model)
         record = {"screening_model": None if model is None else {
-            "path": str(cmd.screening), "features_from": model.training.get("features_from"),
-            "constancy": model.constancy, "coverage": model.coverage, "anemia_threshold": model.threshold}}
+            "path": str(cmd.screening), "provenance": wording.provenance(model.training), "notice": wording.NOTICE,
+            "features_from": model.training.get("features_from"), "constancy": model.constancy,
+            "coverage": model.coverage, "anemia_threshold": model.threshold,
+            "colour_domain": model.domain is not None}}
         report = photo_folder.predict_photos(seg, inputs, cmd.out, assessor=assessor, sex=cmd.sex, sex_csv=cmd.sex_csv,
                                              record=record)
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest

@@ -1,6 +1,7 @@
 """Tests of anemia_jax.screening.screening_model: fitting, CV+ intervals, WHO calls with and without sex, the JSON
 artifact."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -102,8 +103,14 @@ def test_unscreenable_photos_say_why():
     values[1] = np.nan  # mask present but no colour reference
     values[2, 0] = 40.0  # far outside the training colours
     pred = model.predict(colour.ColourFeatures(values, NAMES, np.array([0, 50, 50, 50]), "grey_world"))
-    assert pred.reason[0].startswith("no usable mask") and pred.reason[1].startswith("no colour reference")
-    assert "outside the training range" in pred.reason[2] and "lab_a" in pred.reason[2] and pred.reason[3] == ""
+    assert list(pred.flag) == ["no_mask", "no_reference", "unusual_colour", ""]
+    assert pred.reason[0].startswith("no conjunctiva") and "light could not be checked" in pred.reason[1]
+    assert "grey_world" in pred.detail[1] and "retake under the device's light" in pred.reason[2]
+    assert "colour distance" in pred.detail[2] and pred.reason[3] == pred.detail[3] == ""
+    # Without the colour domain (a schema 1 or 2 file) the per-feature range still catches it.
+    old_file = dataclasses.replace(model, domain=None)
+    no_domain = old_file.predict(colour.ColourFeatures(values, NAMES, np.array([0, 50, 50, 50]), "grey_world"))
+    assert no_domain.flag[2] == "unusual_colour" and "lab_a is" in no_domain.detail[2]
     np.testing.assert_array_equal(pred.anemic[:2], [-1, -1])
     assert np.isnan(pred.hgb[:2]).all() and np.isfinite(pred.hgb[2:]).all() and list(pred.hgb_vs_who[:2]) == ["", ""]
     with pytest.raises(ValueError, match="constancy 'none'"):

@@ -6,7 +6,8 @@ probability, per pixel).
 Per-photo measures (`measure`), on the quality target (default: the run's first target; the screening target when a
 screening model is used):
 
-* ``area_fraction``: the predicted mask's share of the image (at the model's resolution).
+* ``area_fraction``: the predicted mask's share of the photo, at the photo's own size (the scale of every area a
+  health worker sees: the page's areas and ``predict``'s ``fraction/<target>`` columns).
 * ``mean_uncertainty``: the mean entropy (bits, 0..1) over the pixels that any member calls the target (the
   predicted mask for a single run; for an ensemble the union of the members' masks, so that pixels only some
   members include count too). A confident mask scores near 0; an unsure one, or one the members disagree on, near
@@ -38,7 +39,7 @@ import numpy as np
 
 from anemia_jax.utils import conversions, paths
 
-__all__ = ["CALIBRATION_DEFAULTS", "CLIPPED_VALUE", "DEFAULTS", "FORMAT", "THRESHOLDS_FILE", "QualityMeasures",
+__all__ = ["CALIBRATION_DEFAULTS", "CLIPPED_VALUE", "CODES", "DEFAULTS", "FORMAT", "THRESHOLDS_FILE", "QualityMeasures",
            "QualityThresholds", "Verdict", "choose_thresholds", "load_thresholds", "measure", "save_thresholds",
            "target_channel", "thresholds_for_runs", "thresholds_from_record", "verdict"]
 
@@ -51,6 +52,9 @@ _LUMA = np.array([0.2126, 0.7152, 0.0722])
 # good_dice, and each chosen threshold keeps the share keep_good of the good photos (so about 1 - keep_good of the
 # good photos are sent to retake per rule).
 CALIBRATION_DEFAULTS = {"good_dice": 0.6, "keep_good": 0.975}
+# Every retake reason, in the order a photo's reasons are listed.
+CODES = ("too_dark", "too_bright", "no_conjunctiva", "region_too_small", "uncertain", "overexposed", "unusual_colour",
+         "no_colour")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +102,10 @@ class Verdict:
     Attributes:
         usable: False when any reason applies (the photo should be retaken).
         reasons: one sentence per problem, for the health worker (what is wrong, what to do).
-        codes: the same problems as short identifiers, in the same order: 'too_dark', 'no_conjunctiva',
-            'region_too_small', 'uncertain', 'overexposed', or 'colour_out_of_range' (added by the screening step).
+        codes: the same problems as short identifiers, in the same order (`CODES`' order): 'too_dark',
+            'too_bright', 'no_conjunctiva', 'region_too_small', 'uncertain', 'overexposed', and those the
+            screening step adds (`photo_report`): 'unusual_colour' (colour or light unlike the screening model's
+            training photos), 'no_colour' (no colour could be read).
     """
 
     usable: bool
@@ -112,8 +118,13 @@ class Verdict:
         return "usable" if self.usable else "retake"
 
     def with_reason(self, code: str, reason: str) -> Verdict:
-        """This verdict with one more problem (then not usable)."""
-        return Verdict(False, (*self.reasons, reason), (*self.codes, code))
+        """This verdict with one more problem (then not usable), in `CODES`' order (exposure first: a dark photo
+        also segments badly, and 'too dark' is what to fix); a code it already has is not repeated."""
+        if code in self.codes:
+            return self
+        items = sorted([*zip(self.codes, self.reasons), (code, reason)],
+                       key=lambda item: CODES.index(item[0]) if item[0] in CODES else len(CODES))
+        return Verdict(False, tuple(r for _, r in items), tuple(c for c, _ in items))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,35 +140,33 @@ class QualityMeasures:
 def measure(photo: np.ndarray, seg, channel: int) -> QualityMeasures:
     """`QualityMeasures` of one photo (uint8 ``[H, W, 3]``) and its `segmenter.PhotoSegmentation` ``seg``, for
     target channel ``channel``."""
-    mask_model = seg.probs_model[..., channel] > seg.threshold
-    area = int(mask_model.sum())
     region = np.any(seg.members_model[..., channel] > seg.threshold, axis=0)
     unc = float(seg.uncertainty_model[..., channel][region].mean()) if region.any() else math.nan
     luma = np.asarray(photo, np.float32) @ _LUMA.astype(np.float32) / 255.0
     mask = seg.masks[..., channel]
     clipped = (np.asarray(photo)[mask].min(axis=-1) >= CLIPPED_VALUE).mean() if mask.any() else 0.0
-    return QualityMeasures(area_fraction=area / mask_model.size, mean_uncertainty=unc,
+    return QualityMeasures(area_fraction=float(mask.mean()), mean_uncertainty=unc,
                            brightness=float(luma.mean()), clipped_fraction=float(clipped))
 
 
 def verdict(m: QualityMeasures, t: QualityThresholds) -> Verdict:
-    """The `Verdict` of measures ``m`` under thresholds ``t`` (every problem that applies, in a fixed order)."""
+    """The `Verdict` of measures ``m`` under thresholds ``t`` (every problem that applies, in `CODES`' order), in
+    plain words for a health worker: the measures and thresholds themselves are in ``predict``'s CSV."""
     v = Verdict(True)
     if m.brightness < t.min_brightness:
-        v = v.with_reason("too_dark", f"photo too dark (brightness {m.brightness:.2f} < {t.min_brightness:.2f}): "
-                                      "retake with more light")
+        v = v.with_reason("too_dark", "photo too dark: retake with more light")
     if m.area_fraction == 0:
         v = v.with_reason("no_conjunctiva", "no conjunctiva found: retake with the lower eyelid pulled down and its "
                                             "inner surface in view")
     elif m.area_fraction < t.min_area_fraction:
-        v = v.with_reason("region_too_small", f"conjunctiva region too small ({m.area_fraction:.1%} of the photo < "
-                                              f"{t.min_area_fraction:.1%}): retake closer")
+        v = v.with_reason("region_too_small", f"inner eyelid too small in the photo ({m.area_fraction:.1%} of it): "
+                                              "retake closer")
     if math.isfinite(m.mean_uncertainty) and m.mean_uncertainty > t.max_uncertainty:
-        v = v.with_reason("uncertain", f"segmentation too uncertain (mean {m.mean_uncertainty:.2f} > "
-                                       f"{t.max_uncertainty:.2f} bits): retake sharper, steadier and evenly lit")
+        v = v.with_reason("uncertain", "the inner eyelid's outline is unclear: retake sharper, steadier and evenly "
+                                       "lit")
     if m.clipped_fraction > t.max_clipped_fraction:
-        v = v.with_reason("overexposed", f"overexposed: {m.clipped_fraction:.0%} of the conjunctiva is washed out "
-                                         f"(> {t.max_clipped_fraction:.0%}): retake without flash glare")
+        v = v.with_reason("overexposed", f"overexposed: {m.clipped_fraction:.0%} of the inner eyelid is washed out "
+                                         "to white: retake without flash glare")
     return v
 
 
