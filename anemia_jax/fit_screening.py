@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"features): out-of-fold Hgb MAE {hgb['mae']:.2f} g/dL, anemia ROC AUC "
           f"{anemia['auc'] if anemia['auc'] is not None else float('nan'):.3f}, threshold p >= "
           f"{model.threshold:.3f}.\nWrote {path}")
+    for warning in (*hgb.get("warnings", []), *anemia.get("warnings", [])):
+        print(f"Warning: {warning}.")
     return cli.EXIT_OK
 
 
