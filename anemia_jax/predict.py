@@ -2,14 +2,17 @@
 
     python -m anemia_jax.predict --workdir=runs/unetpp [--workdir=RUN2 ...] photo.jpg more_photos/ --out=masks/
         [--checkpoint=best|latest|<step>] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--threshold=0.5]
-        [--prune_level=k] [--batch_size=8] [--quality=quality.json] [--screening=screening_model.json
+        [--prune_level=k] [--batch_size=8] [--quality=quality.json] [--temperature=temperature.json|none]
+        [--screening=screening_model.json
         [--sex=F|M | --sex_csv=sex.csv]] [--config.<key>=<value> ...]
 
 Each photo (any size or aspect ratio; folders contribute their image files, non-recursively, sorted) is decoded with
 PIL and turned upright by its EXIF orientation (phone photos are often stored sideways with an orientation tag), then
 segmented by `anemia_jax.inference.segmenter.Segmenter`: resized to the training resolution as training photos were,
-predicted (optionally with test-time augmentation, a pruned UNet++, or averaged over several runs), and its
-probabilities resized back to the photo's own size and thresholded (``p > threshold``).
+predicted (optionally with test-time augmentation, a pruned UNet++, or averaged over several runs; calibrated by
+the temperatures of ``--temperature``, default the ``temperature.json`` that ``calibrate_quality`` writes beside
+the runs: `anemia_jax.inference.temperature`), and its probabilities resized back to the photo's own size and
+thresholded (``p > threshold``).
 
 Each photo also gets a quality verdict, usable or retake with its reasons (`anemia_jax.screening.quality`: no
 conjunctiva found, region too small, segmentation too uncertain, photo too dark, overexposed), with the thresholds of
@@ -66,7 +69,7 @@ __all__ = ["main"]
 
 def _command() -> cli.Command:
     cmd = cli.Command("python -m anemia_jax.predict", __doc__)
-    cmd.run_flags(verb="predict with")
+    cmd.run_flags(verb="predict with", temperature=True)
     fv = cmd.flags
     flags.DEFINE_string("out", None, "Output folder for masks, overlays and predictions.csv.", flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
+    from anemia_jax.inference import probabilities, segmenter, temperature  # noqa: PLC0415
     from anemia_jax.runs import restore
     from anemia_jax.screening import screening_model, wording
     from anemia_jax.utils import parallel
@@ -109,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # This process's devices only: every process of a multi-host job would otherwise need the same photos.
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint,
                                      mesh=parallel.make_mesh(jax.local_devices()), configs=cmd.run_configs())
+        scale, scale_source = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
         seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
-                                  prune_level=cmd.prune_level, batch_size=cmd.batch_size)
+                                  prune_level=cmd.prune_level, batch_size=cmd.batch_size, temperature=scale)
         model = screening_model.load(cmd.screening) if cmd.screening else None
         thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)
         assessor = photo_report.PhotoAssessor(seg.targets, thresholds, model)
@@ -118,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "path": str(cmd.screening), "provenance": wording.provenance(model.training), "notice": wording.NOTICE,
             "features_from": model.training.get("features_from"), "constancy": model.constancy,
             "coverage": model.coverage, "anemia_threshold": model.threshold,
-            "colour_domain": model.domain is not None}}
+            "colour_domain": model.domain is not None},
+            "temperature": {"values": scale, "source": scale_source}}
         report = photo_folder.predict_photos(seg, inputs, cmd.out, assessor=assessor, sex=cmd.sex, sex_csv=cmd.sex_csv,
                                              record=record)
     except Exception as e:  # noqa: BLE001 -- known failures become a message; `fail` re-raises the rest

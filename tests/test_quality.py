@@ -131,6 +131,32 @@ def test_choose_thresholds_keeps_the_stated_share_of_good_photos():
         quality.choose_thresholds(area, unc, dice * 0, good_dice=0.6, keep_good=0.95)
 
 
+def test_the_retake_rule_does_not_fall_more_on_anemic_subjects():
+    """A phantom calibration set of 300 subjects whose paler (lower-Hb) conjunctivas segment less surely, as the
+    issue measured: the plain rule sends anemic subjects' photos to retake more often; the fair rule relaxes the
+    thresholds until it does not, and reports both."""
+    meta = [phantom.sample_metadata(0, i) for i in range(300)]
+    hgb = np.array([m["hgb"] for m in meta])
+    anemic = np.array([m["anemic"] for m in meta])
+    rng = np.random.default_rng(1)
+    unc = np.clip(0.45 - 0.04 * (hgb - 12.5) + rng.normal(0, 0.06, 300), 0.05, 1.0)
+    dice = np.clip(0.9 - 0.3 * unc + rng.normal(0, 0.05, 300), 0, 1)
+    area = rng.uniform(0.05, 0.2, 300)
+    plain = quality.choose_thresholds(area, unc, dice, good_dice=0.6, keep_good=0.975, anemic=anemic, hgb=hgb,
+                                      fairness_margin=None)
+    fair = quality.choose_thresholds(area, unc, dice, good_dice=0.6, keep_good=0.975, anemic=anemic, hgb=hgb)
+    report = fair["report"]["fairness"]
+    before, after = report["before"], report["after"]
+    assert before["anemic"] > before["not_anemic"]  # the problem, reproduced
+    assert report["met"] and after["anemic"] <= after["not_anemic"]
+    assert fair["max_uncertainty"] > plain["max_uncertainty"] and report["keep_good_used"] > 0.975
+    assert report["thresholds_before"] == [plain["min_area_fraction"], plain["max_uncertainty"]]
+    bands = before["by_hgb"]
+    assert list(bands) == ["< 8", "8-10", "10-12", "12-14", ">= 14"] and sum(b["n"] for b in bands.values()) == 300
+    assert bands["< 8"]["retake"] > bands[">= 14"]["retake"]
+    assert "fairness" not in plain["report"]
+
+
 def test_thresholds_file_round_trip_and_discovery(tmp_path, caplog):
     fold = tmp_path / "cv" / "fold_0"
     fold.mkdir(parents=True)
