@@ -91,6 +91,9 @@ def run(args) -> tuple[str, dict[str, Any]]:
                               "shift_min": float(np.min(shift)) if kept.any() else None,
                               "shift_max": float(np.max(shift)) if kept.any() else None,
                               "calls_changed": int(np.sum((cast.anemic != base.anemic) & kept))}
+    base, dimmed = estimates(after, photos[:10], s_new[:10]), estimates(after, dim, s_dim)
+    kept = np.array([r.verdict.usable for r in dim_reports])
+    dim_shift = (dimmed.hgb - base.hgb)[kept]
     answers = collections.Counter(r.screening["answer"] for r in new_fair)
     usable = [r for r in new_fair if r.verdict.usable]
     straddle = sum(r.screening["hgb_vs_who"] == "straddles" for r in usable)
@@ -101,6 +104,7 @@ def run(args) -> tuple[str, dict[str, Any]]:
         "runs": [str(w) for w in args.workdir], "temperature": scale, "temperature_source": scale_source,
         "count": n, "seed": args.seed, "warm_cast": warm_result,
         "dimmed_x0.45": collections.Counter(r.verdict.codes[0] if r.verdict.codes else "usable" for r in dim_reports),
+        "dimmed_x0.45_usable_shift": [float(v) for v in dim_shift],
         "bad_photos": {k: {"verdict": r.verdict.label, "reasons": list(r.verdict.reasons),
                            "hb_shown": r.screening["hgb"] == r.screening["hgb"]} for k, r in zip(bad, bad_reports)},
         "retake_by_anemia": {"thresholds without the fairness constraint": _shares(new_plain, anemic),
@@ -117,9 +121,10 @@ def run(args) -> tuple[str, dict[str, Any]]:
         lines.append(f"| {label} | {w['flagged']} | {rng} | {w['calls_changed']} |")
     lines += ["", "| photos | verdict and first reason | Hb shown |", "|---|---|---|"]
     for k, r in data["bad_photos"].items():
-        lines.append(f"| {k} | {r['verdict']}: {r['reasons'][0] if r['reasons'] else ''} | "
-                     f"{'yes' if r['hb_shown'] else 'no'} |")
-    lines.append(f"| 10 dimmed x0.45 | first reasons: {dict(data['dimmed_x0.45'])} | no |")
+        lines.append(f"| {k} | {r['verdict']}: {'; '.join(r['reasons'])} | {'yes' if r['hb_shown'] else 'no'} |")
+    shifts = ", ".join(f"{v:+.2f}" for v in dim_shift)
+    lines.append(f"| 10 dimmed x0.45 | first reasons: {dict(data['dimmed_x0.45'])} | only the usable ones' "
+                 f"({'Hb shift ' + shifts + ' g/dL' if len(dim_shift) else 'none'}) |")
     lines += ["", "| thresholds | anemic sent to retake | not anemic sent to retake |", "|---|---:|---:|"]
     for label, s in data["retake_by_anemia"].items():
         lines.append(f"| {label} | {s['anemic']['retake']}/{s['anemic']['n']} ({s['anemic']['share']:.1%}) | "
