@@ -187,7 +187,7 @@ function screeningBox(r) {
   const a = el("p", s.answer_text, "answer " + s.answer);
   a.dataset.answer = s.answer;
   box.appendChild(a);
-  box.appendChild(el("p", s.answer_why, "why"));
+  if (s.answer !== "retake") box.appendChild(el("p", s.answer_why, "why"));  // a retake's reasons are listed above
   if (s.hgb === null) {
     box.appendChild(el("p", "No Hb estimate for a photo to retake.", "hgb"));
   } else {

@@ -162,8 +162,8 @@ def verdict(m: QualityMeasures, t: QualityThresholds) -> Verdict:
         v = v.with_reason("no_conjunctiva", "no conjunctiva found: retake with the lower eyelid pulled down and its "
                                             "inner surface in view")
     elif m.area_fraction < t.min_area_fraction:
-        v = v.with_reason("region_too_small", f"inner eyelid too small in the photo ({m.area_fraction:.1%} of it): "
-                                              "retake closer")
+        share = f"{m.area_fraction:.1%}" if m.area_fraction >= 0.001 else "under 0.1%"
+        v = v.with_reason("region_too_small", f"inner eyelid too small in the photo ({share} of it): retake closer")
     if math.isfinite(m.mean_uncertainty) and m.mean_uncertainty > t.max_uncertainty:
         v = v.with_reason("uncertain", "the inner eyelid's outline is unclear: retake sharper, steadier and evenly "
                                        "lit")
