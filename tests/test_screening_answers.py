@@ -192,3 +192,22 @@ def test_answers_of_assessed_photos_are_consistent_and_sex_moves_only_the_thresh
         if w.verdict.usable:
             assert (w.screening["who_threshold"], m.screening["who_threshold"]) == (12.0, 13.0)
             assert w.screening["p_anemia"] == m.screening["p_anemia"]  # the classifier does not use sex
+
+
+def test_the_colour_checks_do_not_flag_anemic_subjects_more():
+    """Training photos whose most unusual colours are anemic subjects' (pale conjunctivas):
+    the plain limits flag anemic subjects more; the fitted domain relaxes them until it does not."""
+    from anemia_jax.screening import colour, colour_domain
+
+    rng = np.random.default_rng(0)
+    n = 200
+    values = rng.normal(size=(n, 3))
+    values[:10] = 5.0 * rng.choice([-1.0, 1.0], (10, 3))  # ten photos of unusual colour...
+    brightness = rng.uniform(0.3, 0.6, n)
+    anemic = np.r_[np.ones(10, int), rng.integers(0, 2, n - 10)]  # ...all of anemic subjects
+    feats = colour.ColourFeatures(values, ("a", "b", "c"), np.full(n, 100), "none", brightness,
+                                  rng.normal(0, 0.1, (n, 2)))
+    domain = colour_domain.fit(feats, cross_validation.grouped_folds(np.arange(n), 5), anemic)
+    before, after = (domain.report[k]["any"] for k in ("flagged_out_of_fold_before_fairness", "flagged_out_of_fold"))
+    assert before["anemic"] > before["not_anemic"]
+    assert after["anemic"] <= after["not_anemic"] and domain.report["level"]["quantile"] > colour_domain.LIMIT_QUANTILE

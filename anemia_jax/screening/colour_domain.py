@@ -19,9 +19,11 @@ Limits: the 99th percentile (order statistic 'higher') of the training photos' O
 k's photos measured against the mean and covariance of the other folds, so each limit is what a new photo like the
 training ones exceeds about 1% of the time), for the features at least the chi-square 99.9% point of their number
 (with few training photos the out-of-fold percentile of a dozen correlated features is too low: on 80 phantom photos
-it flagged 6 of 100 new ones); `fit` reports, out of fold, the share of training photos each check and
-all together flag, for anemic and non-anemic subjects apart (a check that flags pale conjunctivas more often would
-hide the patients the screen is for). It is a check of the model's domain, not a correction: correcting a cast is the
+it flagged 6 of 100 new ones). Fairness: a check that flags pale conjunctivas more often would hide the patients the
+screen is for, so when the training photos' out-of-fold flags fall more on anemic subjects than on the others, all
+the limits are relaxed together (`FAIR_LEVELS`: the 99.5th, 99.9th, 100th percentiles, brightness tails to match)
+until they do not; `fit` reports, out of fold, the share of training photos each check and all together flag, for
+anemic and non-anemic subjects apart, before and after. It is a check of the model's domain, not a correction: correcting a cast is the
 colour constancy's job (`colour.CONSTANCY_METHODS`); this says when a photo lies beyond what either has seen.
 
 Reference: Ledoit O., Wolf M. A well-conditioned estimator for large-dimensional covariance matrices. J. Multivariate
@@ -40,9 +42,11 @@ import scipy.stats
 
 from anemia_jax.screening import colour
 
-__all__ = ["FLAGS", "LIMIT_QUANTILE", "ColourDomain", "Gaussian", "fit", "from_json"]
+__all__ = ["FAIR_LEVELS", "FLAGS", "LIMIT_QUANTILE", "ColourDomain", "Gaussian", "fit", "from_json"]
 
 LIMIT_QUANTILE = 0.99
+# (distance quantile, brightness tail) levels tried in turn until the flags do not fall more on anemic subjects.
+FAIR_LEVELS = ((LIMIT_QUANTILE, 0.005), (0.995, 0.0025), (0.999, 0.001), (1.0, 0.0))
 # The features' limit is never below this chi-square quantile (D features): with few training photos the
 # out-of-fold quantile of a dozen correlated features under-estimates how far new photos like them can lie.
 FEATURE_FLOOR_QUANTILE = 0.999
@@ -91,9 +95,9 @@ def _gaussian(x: np.ndarray, shrink: bool, limit: float = math.inf) -> Gaussian:
     return Gaussian(mean, scale, _shrunk_precision((x - mean) / scale, shrink), limit)
 
 
-def _fit_check(x: np.ndarray, folds, shrink: bool, floor: float = 0.0) -> tuple[Gaussian, np.ndarray]:
-    """The check on rows x [N, D] (NaN rows left out) and the out-of-fold squared distances [N] (NaN where none);
-    its limit is at least ``floor``."""
+def _fit_check(x: np.ndarray, folds, shrink: bool) -> tuple[Gaussian, np.ndarray]:
+    """The check on rows x [N, D] (NaN rows left out; its limit set later) and the out-of-fold squared distances [N]
+    (NaN where none)."""
     finite = np.all(np.isfinite(x), axis=1)
     oof = np.full(len(x), np.nan)
     for train, test in folds:
@@ -101,9 +105,12 @@ def _fit_check(x: np.ndarray, folds, shrink: bool, floor: float = 0.0) -> tuple[
         test = np.asarray(test)[finite[np.asarray(test)]]
         if len(train) > x.shape[1] and len(test):
             oof[test] = _gaussian(x[train], shrink).distance2(x[test])
+    return _gaussian(x[finite], shrink), oof
+
+
+def _limit(oof: np.ndarray, quantile: float, floor: float = 0.0) -> float:
     measured = oof[np.isfinite(oof)]
-    limit = max(float(np.quantile(measured, LIMIT_QUANTILE, method="higher")), floor) if measured.size else math.inf
-    return _gaussian(x[finite], shrink, limit), oof
+    return max(float(np.quantile(measured, quantile, method="higher")), floor) if measured.size else math.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,36 +161,60 @@ class ColourDomain:
                 "limit_rule": f"{LIMIT_QUANTILE:g} quantile of the training photos' out-of-fold squared Mahalanobis "
                               f"distances (features: at least the chi-square {FEATURE_FLOOR_QUANTILE:g} quantile); "
                               f"brightness between its {BRIGHTNESS_QUANTILES[0]:g} and "
-                              f"{BRIGHTNESS_QUANTILES[1]:g} quantiles over the training photos",
+                              f"{BRIGHTNESS_QUANTILES[1]:g} quantiles over the training photos; relaxed together "
+                              f"through the levels {list(FAIR_LEVELS)} until the out-of-fold flags do not fall "
+                              "more on anemic subjects (report.level: the one used)",
                 "report": self.report}
 
 
 def fit(features: colour.ColourFeatures, folds, anemic: np.ndarray | None = None) -> ColourDomain:
     """The `ColourDomain` of training photos' ``features`` (their brightness and light where measured) with
-    out-of-fold limits over ``folds`` (module docstring); ``anemic`` [N] (1/0/-1) splits the report."""
+    out-of-fold limits over ``folds`` (module docstring). With ``anemic`` [N] (1/0/-1) the limits are fair: when the
+    training photos' out-of-fold flags fall more on anemic subjects than on the others, every limit is relaxed
+    together (`FAIR_LEVELS`) until they do not; the report gives the shares before and after."""
     values = np.asarray(features.values, np.float64)
     n = len(values)
-    feat, d_feat = _fit_check(values, folds, shrink=True,
-                              floor=float(scipy.stats.chi2.ppf(FEATURE_FLOOR_QUANTILE, values.shape[1])))
-    flagged = {"features": d_feat > feat.limit}
-    light = brightness = None
+    floor = float(scipy.stats.chi2.ppf(FEATURE_FLOOR_QUANTILE, values.shape[1]))
+    feat, d_feat = _fit_check(values, folds, shrink=True)
+    light = d_light = b = None
     if features.light is not None and np.isfinite(features.light).all(axis=1).sum() > 3:
         light, d_light = _fit_check(np.asarray(features.light, np.float64), folds, shrink=False)
-        flagged["light"] = (d_light > light.limit) | ~np.isfinite(d_light)
     if features.brightness is not None:
         b = np.asarray(features.brightness, np.float64)
-        brightness = tuple(float(q) for q in np.quantile(b[np.isfinite(b)], BRIGHTNESS_QUANTILES))
-        flagged["brightness"] = (b < brightness[0]) | (b > brightness[1])
-    flagged["any"] = np.any(np.stack(list(flagged.values())), axis=0)
     labels = np.full(n, -1) if anemic is None else np.asarray(anemic)
 
     def share(flags: np.ndarray, where: np.ndarray) -> float | None:
         return float(flags[where].mean()) if where.any() else None
 
-    report = {"flagged_out_of_fold": {
-        check: {"all": share(f, np.ones(n, bool)), "anemic": share(f, labels == 1),
-                "not_anemic": share(f, labels == 0)} for check, f in flagged.items()}}
-    return ColourDomain(feat, light, brightness, report)
+    def level(quantile: float, tail: float) -> tuple[dict[str, np.ndarray], tuple]:
+        limits = (_limit(d_feat, quantile, floor), None if light is None else _limit(d_light, quantile),
+                  None if b is None else tuple(float(q) for q in np.quantile(b[np.isfinite(b)], (tail, 1 - tail))))
+        flagged = {"features": d_feat > limits[0]}
+        if light is not None:
+            flagged["light"] = (d_light > limits[1]) | ~np.isfinite(d_light)
+        if b is not None:
+            flagged["brightness"] = (b < limits[2][0]) | (b > limits[2][1])
+        flagged["any"] = np.any(np.stack(list(flagged.values())), axis=0)
+        return flagged, limits
+
+    def shares(flagged):
+        return {check: {"all": share(f, np.ones(n, bool)), "anemic": share(f, labels == 1),
+                        "not_anemic": share(f, labels == 0)} for check, f in flagged.items()}
+
+    def unfair(s):
+        a, o = s["any"]["anemic"], s["any"]["not_anemic"]
+        return a is not None and o is not None and a > o
+
+    first = shares(level(*FAIR_LEVELS[0])[0])
+    for quantile, tail in FAIR_LEVELS:
+        flagged, limits = level(quantile, tail)
+        if not unfair(shares(flagged)):
+            break
+    report = {"flagged_out_of_fold": shares(flagged), "flagged_out_of_fold_before_fairness": first,
+              "level": {"quantile": quantile, "brightness_tail": tail}}
+    feat = dataclasses.replace(feat, limit=limits[0])
+    light = None if light is None else dataclasses.replace(light, limit=limits[1])
+    return ColourDomain(feat, light, limits[2], report)
 
 
 def _gaussian_json(data: Mapping[str, Any], size: int, read) -> Gaussian:
