@@ -58,11 +58,11 @@ python -m experiments.phantom_photos --out=/tmp/photos --count=8
 nice -n 19 python -m anemia_jax.predict $FOLDS --checkpoint=latest /tmp/photos --out=/tmp/screened \
     --screening=$R/screening_unet_model.json
 mkdir -p $R/screen_demo
-cp /tmp/screened/predictions.csv /tmp/screened/predictions.json /tmp/screened/phantom_s2_*_overlay.png \
+cp /tmp/screened/predictions.csv /tmp/screened/predictions.json /tmp/screened/phantom_s2_[014]_overlay.png \
     /tmp/screened/phantom_s2_4_uncertainty.png /tmp/photos/truth.csv $R/screen_demo/
 
 # 7. The README's screenshot: a usable photo and a photo to retake (the first new photo dimmed to x0.45).
 python -c "import numpy as np, PIL.Image; im = np.asarray(PIL.Image.open('/tmp/photos/phantom_s2_0.jpg')); \
-PIL.Image.fromarray((im * 0.45).round().astype(np.uint8)).save('/tmp/photos_dim.jpg', quality=92)"
-nice -n 19 python -m experiments.page_screenshot --out=docs/screening_page.png /tmp/photos_dim.jpg \
+PIL.Image.fromarray((im * 0.45).round().astype(np.uint8)).save('/tmp/phantom_s2_0_dimmed.jpg', quality=92)"
+nice -n 19 python -m experiments.page_screenshot --out=docs/screening_page.png /tmp/phantom_s2_0_dimmed.jpg \
     /tmp/photos/phantom_s2_4.jpg -- $FOLDS --checkpoint=latest --screening=$R/screening_unet_model.json
