@@ -17,7 +17,7 @@ Conventions: one row per photo; ``groups`` [N] are patient ids (a patient may ha
   by DeLong et al. 1988 (its variance from the structural components, the interval clipped to [0, 1]). These
   treat photos as independent (one photo per patient); the bootstrap keeps a patient's photos together. A
   simulation (tests/test_clinical_stats.py; experiments/interval_coverage.py) measured the percentile bootstrap's
-  95% interval of a limit covering only 83% at n = 10 and 87% at n = 20, where the exact interval covers 95%.
+  95% interval of a limit covering only 79% at n = 10 and 86% at n = 20, where the exact one covers 95%.
 * Warnings (``warnings`` of `Agreement` and `Detection`): every result says when n, the number of patients or a
   class count is too small for its intervals to mean much (`MIN_N`, `MIN_CLASS`) or an interval is degenerate
   (zero width, or the point estimate on its edge).
