@@ -18,19 +18,22 @@ Each photo also gets a quality verdict, usable or retake with its reasons (`anem
 conjunctiva found, region too small, segmentation too uncertain, photo too dark, overexposed), with the thresholds of
 ``--quality`` (default: ``quality.json`` in the first run's folder or its parent, as ``python -m
 anemia_jax.calibrate_quality`` writes it; else the defaults, `anemia_jax.screening.quality.DEFAULTS`). With ``--screening`` (a screening model,
-`anemia_jax.screening.screening_model`) each photo also gets the estimated Hgb with its prediction interval, the
-probability of anemia and the call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex: 13), from colour features computed
-as the model's were (`anemia_jax.screening.photo_report`). Sex: ``--sex=F|M`` for every photo, or ``--sex_csv`` (or,
+`anemia_jax.screening.screening_model`) each photo also gets one answer (retake, likely anemic, likely not anemic, or
+unclear: confirm with a blood test), the estimated Hgb with its prediction interval, the probability of anemia and the
+call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex: 13), from colour features computed as the model's were
+(`anemia_jax.screening.photo_report`), and the model's origin (PHANTOM for one fitted on synthetic photos) with the
+research-use notice on every output. Sex: ``--sex=F|M`` for every photo, or ``--sex_csv`` (or,
 without it, a ``sex.csv`` in the photo's folder) with columns ``file,sex`` (``file`` a name or a path relative to the
 CSV; ``sex`` F/M/female/male, empty for unknown).
 
 Outputs in ``--out``: ``<stem>_<target>.png`` (8-bit, 0 background / 255 mask, photo size), ``<stem>_overlay.png``
-(the photo with each mask tinted and outlined, the verdict and any Hgb estimate written across its top),
+(the photo with each mask tinted and outlined, the verdict, the answer and any Hgb estimate written across its top,
+the model's origin and the notice across its bottom),
 ``<stem>_uncertainty.png`` (8-bit grey: the per-pixel entropy of the mean probability, 0 certain .. 255 = 1 bit;
 the largest over the targets), ``predictions.csv`` (file, size, mask fraction per target, the verdict and its
 measures, and the screening columns) and ``predictions.json`` (the runs, checkpoints, the quality thresholds and
-where they came from, the screening model, and the usable/retake counts). Photos with the verdict 'retake' keep
-their estimates in the CSV but must not be acted on; their overlay shows none.
+where they came from, the temperature, the screening model and its origin, and the counts of verdicts and answers).
+A photo with the verdict 'retake' has no estimate anywhere: its screening cells are empty and the note says why.
 
 Stems that repeat across folders get ``_2``, ``_3``... appended. A file that cannot be read as an image is reported
 with a warning and skipped. Photos, folders and ``--out`` may be local or on shared/cloud storage (``gs://...``).
