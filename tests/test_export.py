@@ -145,8 +145,10 @@ def test_two_exports_of_one_stem_keep_two_cards(workdir, tmp_path, monkeypatch):
         assert card["inference"]["temperature"]["values"] == {"palpebral": 1.5, "forniceal_palpebral": 0.5}
         assert card["training_data"]["kind"] == "phantom" and "research use only" in card["training_data"][
             "intended_use"]
-    manifest, _ = export_onnx.read_bundle(tmp_path / "model.bundle.npz")
+    manifest, bundled = export_onnx.read_bundle(tmp_path / "model.bundle.npz")
     assert manifest["members"][0]["temperature"] == [1.5, 0.5]
+    np.testing.assert_allclose(np.asarray(jax.jit(export_onnx.bundle_function(manifest, bundled))(images)),
+                               np.asarray(jax.jit(fn)(variables, images)), atol=1e-5)  # what ONNX converts
 
 
 @pytest.mark.parametrize("args, message", [
