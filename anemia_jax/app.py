@@ -2,8 +2,9 @@
 uncertainty, the usable / retake verdict and the Hb estimate; download a CSV of the batch.
 
     python -m anemia_jax.app --workdir=RUN [--workdir=RUN2 ...] [--screening=screening_model.json]
-        [--quality=quality.json] [--host=127.0.0.1] [--port=8000] [--checkpoint=best|latest|<step>] [--tta ...]
-        [--threshold=0.5] [--max_upload_mb=30] [--max_megapixels=50] [--allowed_host=NAME ...]
+        [--quality=quality.json] [--temperature=temperature.json|none] [--host=127.0.0.1] [--port=8000]
+        [--checkpoint=best|latest|<step>] [--tta ...] [--threshold=0.5] [--max_upload_mb=30] [--max_megapixels=50]
+        [--allowed_host=NAME ...]
         [--config.<key>=<value> ...]
 
 ``--runs`` is accepted for ``--workdir``. Then open http://127.0.0.1:8000 in a browser on the same machine (on a phone
@@ -48,7 +49,7 @@ __all__ = ["build_service", "main"]
 
 def _command() -> cli.Command:
     cmd = cli.Command("python -m anemia_jax.app", __doc__)
-    cmd.run_flags(verb="screen with")
+    cmd.run_flags(verb="screen with", temperature=True)
     fv = cmd.flags
     flags.DEFINE_alias("runs", "workdir", flag_values=fv)
     flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening.screening_model): Hb "
@@ -70,20 +71,22 @@ def build_service(cmd: cli.Command) -> ScreeningService:
     """The service of a parsed command line: runs restored on one local device, and the photo assessment."""
     import jax  # noqa: PLC0415
 
-    from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
+    from anemia_jax.inference import probabilities, segmenter, temperature  # noqa: PLC0415
     from anemia_jax.runs import restore
     from anemia_jax.utils import parallel
 
     transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
     restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=cmd.run_configs(),
                                  mesh=parallel.make_mesh(jax.local_devices()[:1]))  # one photo per request
+    scale, _ = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
     seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
-                              prune_level=cmd.prune_level, batch_size=1)
+                              prune_level=cmd.prune_level, batch_size=1, temperature=scale)
     assessor = _assessor(cmd, restored, seg.targets)
     what = f"{len(restored)} run(s) ({restored[0].config.model.name}, targets {', '.join(seg.targets)})"
     extra = " with the Hb screening model" if assessor is not None and assessor.screening is not None else ""
+    calibrated = "calibrated probabilities" if scale is not None else "uncalibrated probabilities"
     return ScreeningService(seg, assessor, max_megapixels=cmd.max_megapixels,
-                            description=f"Segmentation by {what}{extra}; running on this computer only.")
+                            description=f"Segmentation by {what}{extra}, {calibrated}; running on this computer only.")
 
 
 def _assessor(cmd: cli.Command, restored, targets):

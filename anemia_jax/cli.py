@@ -246,9 +246,11 @@ class Command:
         return config_flags.get_config_filename(self.flags["config"])
 
     def run_flags(self, *, verb: str, checkpoint_default: str = "best", tta: bool = True,
-                  checkpoint_help: str = "'best' (validation mean Dice), 'latest' or a step.") -> None:
-        """The flags of a command that restores runs: ``--workdir`` (repeatable), ``--checkpoint`` and, with ``tta``,
-        ``--tta``, ``--tta_flips``, ``--tta_scales``, ``--prune_level``. ``verb`` completes the help texts."""
+                  checkpoint_help: str = "'best' (validation mean Dice), 'latest' or a step.",
+                  temperature: bool = False) -> None:
+        """The flags of a command that restores runs: ``--workdir`` (repeatable), ``--checkpoint``, with ``tta``
+        ``--tta``, ``--tta_flips``, ``--tta_scales``, ``--prune_level``, and with ``temperature`` ``--temperature``
+        (`anemia_jax.inference.temperature.for_runs`). ``verb`` completes the help texts."""
         fv = self.flags
         flags.DEFINE_multi_string("workdir", [], f"Training run directory to {verb} (config.json + checkpoints/), "
                                   "local or gs://...; repeat it to combine several runs (e.g. the folds of a "
@@ -261,6 +263,10 @@ class Command:
             flags.DEFINE_string("tta_scales", "1", "Comma-separated scales of the TTA views, e.g. 0.75,1,1.25.",
                                 flag_values=fv)
             flags.DEFINE_integer("prune_level", None, f"UNet++: {verb} with the pruned network L^k.", flag_values=fv)
+        if temperature:
+            flags.DEFINE_string("temperature", None, "Temperature file calibrating the probabilities (python -m "
+                                "anemia_jax.calibrate_quality writes temperature.json beside the runs, the default); "
+                                "'none': the models' own probabilities.", flag_values=fv)
 
     # -------------------------------------------------------------------------------------------- parsing
 

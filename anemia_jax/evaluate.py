@@ -20,8 +20,14 @@ e.g. for phantom runs the phantom patients of another seed: ``--config.dataset.b
 scored images (``training_overlap`` in summary.json counts them per run, from each run's recorded config) unless
 ``--allow_training_overlap`` is given.
 
+Probability calibration: with a temperature file (``--temperature``; default the ``temperature.json`` that
+``calibrate_quality`` writes beside the runs; 'none' to skip) the scores are those of the calibrated probabilities, as
+``predict`` computes them, and the report gives the pixels' reliability (equal-width bins: observed frequency against
+mean probability) and expected calibration error before and after; without one, before only.
+
 Outputs, in ``--out`` (default ``<workdir>/eval/<split>_step<step>[_tta][_L<k>][_ensemble<M>]``): ``per_image.csv``,
-``summary.json``, ``summary.md`` (`anemia_jax.evaluation.eval_report`).
+``summary.json``, ``summary.md`` (`anemia_jax.evaluation.eval_report`), and ``reliability.png`` (the reliability
+diagram; with matplotlib installed).
 
 Failures end with a one-paragraph message and no traceback unless ``--verbose``. Exit status:
 
@@ -46,7 +52,7 @@ from anemia_jax import cli
 
 def _command() -> cli.Command:
     cmd = cli.Command("python -m anemia_jax.evaluate", __doc__)
-    cmd.run_flags(verb="evaluate", checkpoint_default="auto",
+    cmd.run_flags(verb="evaluate", checkpoint_default="auto", temperature=True,
                   checkpoint_help="'auto' (default): 'latest' on --split=val, where 'best' was selected and would "
                                   "score optimistically (K-fold: the same fold), 'best' on test/train; or 'best' "
                                   "(validation mean Dice), 'latest' or a step number.")
@@ -69,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from anemia_jax.data import loading
     from anemia_jax.evaluation import eval_report, finished_runs  # noqa: PLC0415
-    from anemia_jax.inference import probabilities
+    from anemia_jax.inference import probabilities, temperature
     from anemia_jax.runs import restore
 
     try:
@@ -83,9 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "be scored on its own training data. Score it on a split none of its runs trained on "
                              "(see --help: a test split or another data set via --config.dataset.*), or pass "
                              "--allow_training_overlap.")
+        scale, scale_source = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
         result = finished_runs.evaluate_runs(restored, split=cmd.split, transforms=transforms, prune_level=cmd.prune_level,
                                          distances=not cmd.no_distances, threshold=cmd.threshold, builder=builder,
-                                         members=len(restored) > 1)
+                                         members=len(restored) > 1, temperature=scale,
+                                         temperature_source=scale_source)
         if jax.process_index() == 0:
             out = cmd.out or eval_report.default_out_dir(restored[0], cmd.split, tta=cmd.tta,
                                                          prune_level=cmd.prune_level, ensemble=len(restored))

@@ -22,7 +22,12 @@ exact and portable; the runs' bfloat16 is a training speed choice, and ONNX Runt
   because jax2onnx pins an Orbax older than this package's. Without either, the bundle stays and the command prints the
   conversion command to run.
 
-A model card, ``<FILE stem>.card.json`` (`anemia_jax.inference.model_card`), is written beside FILE: input size and
+With a ``temperature.json`` beside the runs (``python -m anemia_jax.calibrate_quality`` fits it; ``--temperature``
+names another file or 'none') the exported function returns the calibrated probabilities (each member's logits
+divided by its target's temperature before the sigmoid), as ``predict`` and the page compute them.
+
+A model card, ``FILE.card.json`` (`anemia_jax.inference.model_card`; the artifact's full name, e.g.
+``model.onnx.card.json``, so that exports of one stem keep one card each), is written beside FILE: input size and
 dtype, normalisation, targets and their threshold, the runs, checkpoints and training protocol, validation metrics.
 
 Exit status: 0 written; 1 the ONNX conversion failed or could not run here (the bundle is kept); 2 bad arguments or
@@ -86,11 +91,11 @@ def _convert_onnx(bundle: pathlib.Path, out: pathlib.Path, python: str, opset: i
 
 def _command() -> cli.Command:
     cmd = cli.Command("python -m anemia_jax.export", __doc__)
-    cmd.run_flags(verb="export")
+    cmd.run_flags(verb="export", temperature=True)
     fv = cmd.flags
     flags.DEFINE_enum("format", None, FORMATS, "stablehlo (jax.export, serialized) or onnx.", flag_values=fv)
     flags.mark_flag_as_required("format", flag_values=fv)
-    flags.DEFINE_string("out", None, "The file to write (its model card goes beside it as <stem>.card.json).",
+    flags.DEFINE_string("out", None, "The file to write (its model card goes beside it as FILE.card.json).",
                         flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "Computation dtype of the exported model "
@@ -121,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
     from anemia_jax.inference import export as export_lib  # noqa: PLC0415
-    from anemia_jax.inference import model_card, probabilities
+    from anemia_jax.inference import model_card, probabilities, temperature
     from anemia_jax.runs import restore
     from anemia_jax.utils import parallel
 
@@ -134,9 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One device: the export is a single-device program; the variables are copied into it.
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=configs,
                                      mesh=parallel.make_mesh(jax.local_devices()[:1]))
-        fn, variables = probabilities.probability_of(restored, prune_level=cmd.prune_level, transforms=transforms)
+        scale, scale_source = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
+        fn, variables = probabilities.probability_of(restored, prune_level=cmd.prune_level, transforms=transforms,
+                                                     temperature=scale)
         card = model_card.build(restored, threshold=cmd.threshold, compute_dtype=cmd.dtype,
-                                prune_level=cmd.prune_level, transforms=transforms, command=shlex.join(argv))
+                                prune_level=cmd.prune_level, transforms=transforms, command=shlex.join(argv),
+                                temperature=scale, temperature_source=scale_source)
         out.parent.mkdir(parents=True, exist_ok=True)
         if cmd.format == "stablehlo":
             platforms = tuple(p.strip() for p in cmd.platforms.split(",") if p.strip())
@@ -150,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {card_file}.")
             return cli.EXIT_OK
         bundle = export_lib.onnx_bundle(restored, out.with_name(f"{out.stem}.bundle.npz"), card=card,
-                             prune_level=cmd.prune_level, transforms=transforms)
+                                        prune_level=cmd.prune_level, transforms=transforms, temperature=scale)
         status = _convert_onnx(bundle, out, cmd.onnx_python, cmd.opset)
         if status == cli.EXIT_OK:
             print(f"Wrote {out} and {model_card.card_path(out)} (bundle kept: {bundle}).")

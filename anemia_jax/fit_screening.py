@@ -1,18 +1,21 @@
 """Fits the screening model (Hgb estimate, anemia call) on the photos that segmentation runs did not train on.
 
     python -m anemia_jax.fit_screening --runs=CV --out=screening_model.json [--target=palpebral] [--feature_size=H,W]
-        [--constancy=none] [--mask_threshold=0.5] [--coverage=0.9] [--target_sensitivity=0.9] [--bootstrap=2000]
+        [--constancy=grey_world] [--mask_threshold=0.5] [--coverage=0.9] [--target_sensitivity=0.9] [--bootstrap=2000]
         [--seed=0] [--checkpoint=latest]
 
 ``--runs`` is one K-fold set (a folder of fold run directories, as ``experiments/protocols.py`` makes them) or a single
 run. Every photo a fold did not train on is segmented by that fold, its colour read inside the predicted ``--target``
 mask as the model's feature spec says (`anemia_jax.screening.features.FeatureSpec`: the photo and the probability
 map resized to ``--feature_size``, default the runs' resolution; the map thresholded at ``--mask_threshold``; colour
-constancy ``--constancy``), and the screening model fitted on those out-of-fold features (`anemia_jax.screening.fit`):
-ridge regression of Hgb with a ``--coverage`` CV+ prediction interval, and a logistic anemia classifier whose
-threshold reaches ``--target_sensitivity`` on the training folds. The file records its feature spec (so ``predict``
-and the page compute features exactly so), what it was fitted on (data set, synthetic or real photos, split
-protocol, photos, subjects, runs, checkpoints), the command, the commit and the date, and its out-of-fold metrics.
+constancy ``--constancy``, grey-world by default: it removes most of a camera's or lamp's colour cast), and the
+screening model fitted on those out-of-fold features (`anemia_jax.screening.fit`): ridge regression of Hgb with a
+``--coverage`` CV+ prediction interval, a logistic anemia classifier whose threshold reaches ``--target_sensitivity``
+on the training folds, and the range of photos it can speak for (`anemia_jax.screening.colour_domain`: brightness,
+the light's colour, the colour features). The file records its feature spec (so ``predict`` and the page compute
+features exactly so), what it was fitted on (data set, synthetic or real photos, split protocol, photos, subjects,
+runs, checkpoints), the command, the commit and the date, and its out-of-fold metrics; every output of ``predict``
+and the page shows where it came from (a model fitted on the phantom is labelled PHANTOM).
 Then ``python -m anemia_jax.predict ... --screening=screening_model.json``.
 
 Exit status: 0 written; 2 bad arguments or runs; 3 the runs' data are missing or unusable; 4 no usable checkpoint;
@@ -43,7 +46,8 @@ def _command() -> cli.Command:
     flags.DEFINE_string("target", "palpebral", "The mask the colour is read from.", flag_values=fv)
     flags.DEFINE_string("feature_size", "", "H,W at which colour is read (default: the runs' resolution).",
                         flag_values=fv)
-    flags.DEFINE_string("constancy", "none", "Colour constancy: none, grey_world or white_patch.", flag_values=fv)
+    flags.DEFINE_string("constancy", "grey_world", "Colour constancy: grey_world (default: it removes most of a "
+                        "colour cast), white_patch or none.", flag_values=fv)
     flags.DEFINE_float("mask_threshold", 0.5, "A pixel is in the mask where the probability exceeds this.",
                        flag_values=fv)
     flags.DEFINE_float("coverage", 0.9, "Coverage of the Hgb prediction interval.", flag_values=fv)
@@ -107,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"features): out-of-fold Hgb MAE {hgb['mae']:.2f} g/dL, anemia ROC AUC "
           f"{anemia['auc'] if anemia['auc'] is not None else float('nan'):.3f}, threshold p >= "
           f"{model.threshold:.3f}.\nWrote {path}")
+    for warning in (*hgb.get("warnings", []), *anemia.get("warnings", [])):
+        print(f"Warning: {warning}.")
     return cli.EXIT_OK
 
 

@@ -2,32 +2,38 @@
 
     python -m anemia_jax.predict --workdir=runs/unetpp [--workdir=RUN2 ...] photo.jpg more_photos/ --out=masks/
         [--checkpoint=best|latest|<step>] [--tta [--tta_flips=none,h] [--tta_scales=1]] [--threshold=0.5]
-        [--prune_level=k] [--batch_size=8] [--quality=quality.json] [--screening=screening_model.json
-        [--sex=F|M | --sex_csv=sex.csv]] [--max_megapixels=50] [--max_file_mb=100] [--config.<key>=<value> ...]
+        [--prune_level=k] [--batch_size=8] [--quality=quality.json] [--temperature=temperature.json|none]
+        [--screening=screening_model.json [--sex=F|M | --sex_csv=sex.csv]] [--max_megapixels=50] [--max_file_mb=100]
+        [--config.<key>=<value> ...]
 
 Each photo (any size or aspect ratio; folders contribute their image files, non-recursively, sorted) is decoded with
 PIL and turned upright by its EXIF orientation (phone photos are often stored sideways with an orientation tag), then
 segmented by `anemia_jax.inference.segmenter.Segmenter`: resized to the training resolution as training photos were,
-predicted (optionally with test-time augmentation, a pruned UNet++, or averaged over several runs), and its
-probabilities resized back to the photo's own size and thresholded (``p > threshold``).
+predicted (optionally with test-time augmentation, a pruned UNet++, or averaged over several runs; calibrated by
+the temperatures of ``--temperature``, default the ``temperature.json`` that ``calibrate_quality`` writes beside
+the runs: `anemia_jax.inference.temperature`), and its probabilities resized back to the photo's own size and
+thresholded (``p > threshold``).
 
 Each photo also gets a quality verdict, usable or retake with its reasons (`anemia_jax.screening.quality`: no
 conjunctiva found, region too small, segmentation too uncertain, photo too dark, overexposed), with the thresholds of
 ``--quality`` (default: ``quality.json`` in the first run's folder or its parent, as ``python -m
 anemia_jax.calibrate_quality`` writes it; else the defaults, `anemia_jax.screening.quality.DEFAULTS`). With ``--screening`` (a screening model,
-`anemia_jax.screening.screening_model`) each photo also gets the estimated Hgb with its prediction interval, the
-probability of anemia and the call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex: 13), from colour features computed
-as the model's were (`anemia_jax.screening.photo_report`). Sex: ``--sex=F|M`` for every photo, or ``--sex_csv`` (or,
+`anemia_jax.screening.screening_model`) each photo also gets one answer (retake, likely anemic, likely not anemic, or
+unclear: confirm with a blood test), the estimated Hgb with its prediction interval, the probability of anemia and the
+call (WHO: < 12 g/dL women, < 13 g/dL men; unknown sex: 13), from colour features computed as the model's were
+(`anemia_jax.screening.photo_report`), and the model's origin (PHANTOM for one fitted on synthetic photos) with the
+research-use notice on every output. Sex: ``--sex=F|M`` for every photo, or ``--sex_csv`` (or,
 without it, a ``sex.csv`` in the photo's folder) with columns ``file,sex`` (``file`` a name or a path relative to the
 CSV; ``sex`` F/M/female/male, empty for unknown).
 
 Outputs in ``--out``: ``<stem>_<target>.png`` (8-bit, 0 background / 255 mask, photo size), ``<stem>_overlay.png``
-(the photo with each mask tinted and outlined, the verdict and any Hgb estimate written across its top),
+(the photo with each mask tinted and outlined, the verdict, the answer and any Hgb estimate written across its top,
+the model's origin and the notice across its bottom),
 ``<stem>_uncertainty.png`` (8-bit grey: the per-pixel entropy of the mean probability, 0 certain .. 255 = 1 bit;
 the largest over the targets), ``predictions.csv`` (file, size, mask fraction per target, the verdict and its
 measures, and the screening columns) and ``predictions.json`` (the runs, checkpoints, the quality thresholds and
-where they came from, the screening model, and the usable/retake counts). Photos with the verdict 'retake' keep
-their estimates in the CSV but must not be acted on; their overlay shows none.
+where they came from, the temperature, the screening model and its origin, and the counts of verdicts and answers).
+A photo with the verdict 'retake' has no estimate anywhere: its screening cells are empty and the note says why.
 
 Stems that repeat across folders get ``_2``, ``_3``... appended, and so does a stem whose outputs would replace one
 of the input photos (``--out`` may be the photos' own folder: an output never overwrites an input; a warning names
@@ -72,7 +78,7 @@ __all__ = ["main"]
 
 def _command() -> cli.Command:
     cmd = cli.Command("python -m anemia_jax.predict", __doc__)
-    cmd.run_flags(verb="predict with")
+    cmd.run_flags(verb="predict with", temperature=True)
     fv = cmd.flags
     flags.DEFINE_string("out", None, "Output folder for masks, overlays and predictions.csv.", flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
@@ -110,9 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging()
     import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
 
-    from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
+    from anemia_jax.inference import probabilities, segmenter, temperature  # noqa: PLC0415
     from anemia_jax.runs import restore
-    from anemia_jax.screening import screening_model
+    from anemia_jax.screening import screening_model, wording
     from anemia_jax.utils import parallel
 
     try:
@@ -121,14 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # This process's devices only: every process of a multi-host job would otherwise need the same photos.
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint,
                                      mesh=parallel.make_mesh(jax.local_devices()), configs=cmd.run_configs())
+        scale, scale_source = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
         seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
-                                  prune_level=cmd.prune_level, batch_size=cmd.batch_size)
+                                  prune_level=cmd.prune_level, batch_size=cmd.batch_size, temperature=scale)
         model = screening_model.load(cmd.screening) if cmd.screening else None
         thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)
         assessor = photo_report.PhotoAssessor(seg.targets, thresholds, model)
         record = {"screening_model": None if model is None else {
-            "path": str(cmd.screening), "features_from": model.training.get("features_from"),
-            "constancy": model.constancy, "coverage": model.coverage, "anemia_threshold": model.threshold}}
+            "path": str(cmd.screening), "provenance": wording.provenance(model.training), "notice": wording.NOTICE,
+            "features_from": model.training.get("features_from"), "constancy": model.constancy,
+            "coverage": model.coverage, "anemia_threshold": model.threshold,
+            "colour_domain": model.domain is not None},
+            "temperature": {"values": scale, "source": scale_source}}
         report = photo_folder.predict_photos(seg, inputs, cmd.out, assessor=assessor, sex=cmd.sex, sex_csv=cmd.sex_csv,
                                              record=record, max_bytes=int(cmd.max_file_mb * 1e6),
                                              max_pixels=int(cmd.max_megapixels * 1e6))

@@ -2,7 +2,7 @@
 
     # A K-fold set (the folder of fold workdirs that experiments/protocols.py made for one model):
     python -m experiments.screening_run --runs=/tmp/folds/unet --out=experiments/results/x [--target=palpebral] \
-        [--constancy=none,grey_world,white_patch] [--artifact_constancy=none] [--bootstrap=2000]
+        [--constancy=none,grey_world,white_patch] [--artifact_constancy=grey_world] [--bootstrap=2000]
     # A single run (its validation part only, split again into patient-level folds for the regressors):
     python -m experiments.screening_run --runs=runs/unet --out=...
     # Also the fold ensemble vs each single fold on a data set none of the folds trained on:
@@ -234,7 +234,8 @@ def _command() -> cli.Command:
     flags.DEFINE_string("feature_size", "", "H,W at which colour is read (default: training size).", flag_values=fv)
     flags.DEFINE_list("constancy", ["none", "grey_world", "white_patch"],
                       f"Colour constancy options of the table, of {colour.CONSTANCY_METHODS}.", flag_values=fv)
-    flags.DEFINE_string("artifact_constancy", "none", "Colour constancy of the saved screening model.",
+    flags.DEFINE_string("artifact_constancy", "grey_world", "Colour constancy of the saved screening model (the "
+                        "default of fit_screening).",
                         flag_values=fv)
     flags.DEFINE_float("coverage", 0.9, "Coverage of the model's Hgb prediction intervals.", flag_values=fv)
     flags.DEFINE_float("target_sensitivity", 0.9, "Sensitivity the screening threshold must reach on the training "

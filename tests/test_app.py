@@ -30,6 +30,9 @@ from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.utils import image_io
 
 MAX_UPLOAD = 2_000_000
+# What `anemia_jax.screening.fit` records for a model fitted on the phantom.
+PHANTOM_RECORD = {"data": {"dataset": {"name": "phantom"}, "synthetic_photos": True, "split": {"protocol": "kfold"}},
+                  "num_photos": 40, "num_subjects": 40}
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -48,7 +51,7 @@ def screening_path(tmp_path_factory):
     model = screening_model.fit_screening_model(
         feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]),
         groups=groups, folds=cross_validation.grouped_folds(groups, 5), num_bootstrap=0,
-        feature_spec=spec)
+        feature_spec=spec, training=PHANTOM_RECORD)
     return model.save(tmp_path_factory.mktemp("model") / "screening_model.json")
 
 
@@ -111,13 +114,39 @@ def test_photo_result_matches_the_segmenter_and_lands_in_the_csv(url, service, p
     assert result["overlay"].startswith("data:image/jpeg;base64,") and (result["width"], result["height"]) == (48, 64)
     assert result["uncertainty"].startswith("data:image/png;base64,")
     assert result["verdict"]["label"] in ("usable", "retake") and result["screening"]["sex"] == "F"
-    assert result["screening"]["who_threshold"] == 12.0
+    assert result["screening"]["who_threshold"] == (12.0 if result["verdict"]["label"] == "usable" else None)
     _, body, headers = _get(f"{url}/results.csv?ids={result['id']},unknown")
     assert headers["Content-Disposition"].startswith("attachment")
     rows = list(csv.DictReader(io.StringIO(body.decode())))
     assert len(rows) == 1 and rows[0]["file"] == "phantom_eye.png" and rows[0]["sex"] == "F"
     assert float(rows[0]["fraction/palpebral"]) == pytest.approx(result["targets"][0]["fraction"], abs=1e-6)
     assert rows[0]["verdict"] == result["verdict"]["label"]
+
+
+@pytest.fixture(scope="module")
+def black_file(tmp_path_factory) -> pathlib.Path:
+    """A black photo: too dark, so a photo to retake whatever the segmentation."""
+    path = tmp_path_factory.mktemp("photos") / "black_eye.png"
+    path.write_bytes(_png(np.zeros((64, 48, 3), np.uint8)))
+    return path
+
+
+def test_a_retake_photo_has_no_hb_in_the_result_or_the_csv_and_the_origin_is_shown(url, black_file):
+    info = json.loads(_get(f"{url}/api/info")[1])
+    assert info["provenance"]["kind"] == "phantom" and info["provenance"]["long"].startswith("PHANTOM MODEL")
+    assert "Research use only" in info["notice"] and info["who_thresholds"]["F"] == 12.0
+    status, result = _post(url, black_file.read_bytes(), "black_eye.png", "F")
+    assert status == 200, result
+    s = result["screening"]
+    assert result["verdict"]["label"] == "retake" and result["verdict"]["codes"][0] == "too_dark"
+    assert s["answer"] == "retake" and "too dark" in s["answer_why"]
+    for key in ("hgb", "hgb_lo", "hgb_hi", "p_anemia", "who_threshold", "call", "coverage", "threshold"):
+        assert s[key] is None, key
+    assert s["provenance"].startswith("PHANTOM MODEL")
+    [row] = csv.DictReader(io.StringIO(_get(f"{url}/results.csv?ids={result['id']}")[1].decode()))
+    assert row["verdict"] == "retake" and row["answer"] == "Retake the photo" and row["model_data"] == "phantom"
+    assert all(row[c] == "" for c in ("hgb_g_dl", "hgb_lo_g_dl", "hgb_hi_g_dl", "p_anemia", "anemia_call",
+                                      "who_threshold_g_dl", "hgb_vs_who"))
 
 
 def test_bad_uploads_are_messages_and_the_server_keeps_answering(url, photo_file, monkeypatch):
@@ -197,8 +226,8 @@ def test_page_in_headless_chromium(url, photo_file, tmp_path):
         overlay = card.find_element(By.CSS_SELECTOR, "img.overlay")
         wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay))
         assert "phantom_eye.png" in card.text
-        fractions = [td.text for td in card.find_elements(By.CSS_SELECTOR, "td.fraction")]
-        assert len(fractions) == 2 and all(f.endswith("%") for f in fractions)
+        fractions = [td.get_attribute("textContent") for td in card.find_elements(By.CSS_SELECTOR, "td.fraction")]
+        assert len(fractions) == 2 and all(f.endswith("%") for f in fractions)  # in the technical details
         assert card.find_element(By.CSS_SELECTOR, "[data-verdict]").get_attribute("data-verdict") in ("usable",
                                                                                                        "retake")
         assert "Hb" in card.find_element(By.CSS_SELECTOR, ".screening").text
@@ -223,3 +252,43 @@ def test_page_in_headless_chromium(url, photo_file, tmp_path):
     finally:
         driver.quit()
     print(f"BROWSER test: {time.perf_counter() - start:.1f} s")
+
+
+def _chromium(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_page_table_shows_no_hb_for_a_retake_photo(url, black_file, tmp_path):
+    """The summary table and the card of a photo to retake show the answer and why, and no Hb number; the page
+    shows the model's origin (PHANTOM) and the research-use notice."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _chromium(tmp_path)
+    wait = WebDriverWait(driver, 120)
+    try:
+        driver.get(url)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        assert driver.find_element(By.ID, "banner").text.startswith("PHANTOM MODEL")
+        assert "Research use only" in driver.find_element(By.ID, "notice").text
+        chooser = driver.find_element(By.ID, "photos")
+        driver.execute_script("arguments[0].style.display = 'block';", chooser)
+        chooser.send_keys(str(black_file))
+        row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#summary-body tr"))[0]
+        cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+        assert cells[:3] == ["black_eye.png", "retake", "Retake the photo"]
+        assert cells[3].startswith("none: ") and "too dark" in cells[3]
+        assert "g/dL" not in row.text and not any(ch.isdigit() for ch in row.text.replace("black_eye.png", ""))
+        card = driver.find_element(By.CSS_SELECTOR, "article.card")
+        screening = card.find_element(By.CSS_SELECTOR, ".screening").text
+        assert "No Hb estimate" in screening and "g/dL" not in screening and "PHANTOM MODEL" in screening
+    finally:
+        driver.quit()

@@ -14,6 +14,7 @@ from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 from anemia_jax import calibrate_quality, evaluate
 from anemia_jax.data import input_pipeline, loading
 from anemia_jax.evaluation import eval_report, evaluator, finished_runs
+from anemia_jax.inference import temperature
 from anemia_jax.runs import restore
 from anemia_jax.screening import quality
 
@@ -101,7 +102,19 @@ def test_calibrate_quality_per_run_and_ensemble(workdir, second_run, other_fold,
     thresholds, record = quality.load_thresholds(out)
     assert record["mode"] == "per_run" and record["steps"] == [4, 2] and thresholds.target == "palpebral"
     report = record["report"]
-    assert report["n"] == 2 * 7 and report["n_good"] == report["n"] and report["good_rejected"] <= 0.4
+    assert report["n"] == 2 * 7 and report["n_good"] == report["n"]
+    # The temperature is fitted first and written beside the thresholds, where predict and evaluate find it.
+    scale, scale_record = temperature.load(tmp_path / temperature.FILE, ["palpebral", "forniceal_palpebral"])
+    assert all(t > 0 for t in scale) and scale_record["mode"] == "per_run"
+    for t in ("palpebral", "forniceal_palpebral"):
+        c = record["calibration"][t]
+        assert c["after"]["ece"] <= c["before"]["ece"] + 1e-9  # fitted on these pixels: never worse
+    # Retake shares by anemia status and Hb band, before and after the fairness constraint.
+    fair = report["fairness"]
+    assert fair["margin"] == 0.0 and fair["keep_good_used"] >= 0.8 and set(fair["before"]) >= {"anemic", "by_hgb"}
+    assert sum(band["n"] for band in report["retake_share_by_hgb"].values()) == report["n"]
+    printed = capsys.readouterr().out
+    assert "expected calibration error" in printed and "Fairness:" in printed
     # The default place, where predict looks: beside a single run, or in the folder holding all the runs.
     assert calibrate_quality.default_out(["a/cv/fold_0"]) == f"a/cv/fold_0/{quality.THRESHOLDS_FILE}"
     assert calibrate_quality.default_out(["a/cv/fold_0", "a/cv/fold_1/"]) == f"a/cv/{quality.THRESHOLDS_FILE}"

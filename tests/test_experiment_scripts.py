@@ -33,7 +33,7 @@ def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
 def test_screening_run_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
     assert screening_run.main(["screening_run", f"--runs={workdir}", f"--out={tmp_path}", "--name=s",
                                "--bootstrap=50", "--constancy=none,grey_world", "--heldout_data=res64_heldout",
-                               "--heldout_constancy=none"]) == 0
+                               "--heldout_constancy=none", "--artifact_constancy=none"]) == 0
     record = json.loads((tmp_path / "s.json").read_text())
     rows = {r["source"]: r for r in record["rows"]}
     # The untrained model's masks may leave grey-world no reference pixels: such a source is dropped, with a reason.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import _parity
 import jax
@@ -21,7 +22,7 @@ from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 from anemia_jax import export
 from anemia_jax.data import normalization
 from anemia_jax.inference import export as export_lib
-from anemia_jax.inference import export_onnx, model_card, probabilities
+from anemia_jax.inference import export_onnx, model_card, probabilities, temperature
 from anemia_jax.runs import restore
 from anemia_jax.utils import parallel
 
@@ -67,7 +68,7 @@ def test_export_command_writes_stablehlo_and_card(workdir, tmp_path):
                                np.asarray(jax.jit(fn)(variables, images)), atol=TOLERANCE)
 
     card = json.loads(model_card.card_path(out).read_text())
-    assert model_card.card_path(out).name == "tiny.card.json"
+    assert model_card.card_path(out).name == "tiny.stablehlo.card.json"
     assert card["input"]["shape"] == ["N", 32, 32, 3] and card["input"]["dtype"] == "uint8"
     assert card["normalization"]["mean"] == list(normalization.IMAGE_MEAN)
     assert card["normalization"]["std"] == list(normalization.IMAGE_STD)
@@ -111,6 +112,43 @@ def test_onnx_bundle_rebuilds_the_runs_function(workdir, tmp_path, monkeypatch):
     card = json.loads(model_card.card_path(out).read_text())
     assert card["artifact"]["format"] == "onnx" and card["artifact"]["conversion_check"]["max_abs_diff"] <= TOLERANCE
     print(f"PARITY onnx command (UNet++ tiny run): {card['artifact']['conversion_check']}")
+
+
+def test_two_exports_of_one_stem_keep_two_cards(workdir, tmp_path, monkeypatch):
+    """model.stablehlo then model.onnx: each artifact keeps its own card, named after its full file name. The run
+    has a temperature file beside it: both exports compute the calibrated probabilities and their cards say so."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    temperature.save(run / temperature.FILE, [1.5, 0.5], ["palpebral", "forniceal_palpebral"], {"mode": "test"})
+    stablehlo, onnx = tmp_path / "model.stablehlo", tmp_path / "model.onnx"
+    assert export.main(["export", f"--workdir={run}", "--format=stablehlo", f"--out={stablehlo}",
+                        "--platforms=cpu"]) == 0
+    restored = restore.load_run(run, checkpoint="best", mesh=parallel.make_mesh(jax.local_devices()[:1]))
+    fn, variables = probabilities.probability_of(restored, temperature=[1.5, 0.5])
+    images = _parity.input_cases()["random_b3"]
+    np.testing.assert_allclose(np.asarray(export_lib.load(stablehlo).call(images)),
+                               np.asarray(jax.jit(fn)(variables, images)), atol=TOLERANCE)
+
+    def convert(bundle, out, python, opset):  # what export_onnx.convert does to the card, without jax2onnx
+        out.write_bytes(b"onnx model")
+        model_card.write(export_onnx.read_bundle(bundle)[0]["card"], out, format="onnx")
+        return 0
+
+    monkeypatch.setattr(export, "_convert_onnx", convert)
+    assert export.main(["export", f"--workdir={run}", "--format=onnx", f"--out={onnx}"]) == 0
+    cards = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.card.json")}
+    assert set(cards) == {"model.stablehlo.card.json", "model.onnx.card.json"}
+    assert cards["model.stablehlo.card.json"]["artifact"]["format"] == "stablehlo"
+    assert cards["model.stablehlo.card.json"]["artifact"]["file"] == "model.stablehlo"
+    assert cards["model.onnx.card.json"]["artifact"]["format"] == "onnx"
+    for card in cards.values():
+        assert card["inference"]["temperature"]["values"] == {"palpebral": 1.5, "forniceal_palpebral": 0.5}
+        assert card["training_data"]["kind"] == "phantom" and "research use only" in card["training_data"][
+            "intended_use"]
+    manifest, bundled = export_onnx.read_bundle(tmp_path / "model.bundle.npz")
+    assert manifest["members"][0]["temperature"] == [1.5, 0.5]
+    np.testing.assert_allclose(np.asarray(jax.jit(export_onnx.bundle_function(manifest, bundled))(images)),
+                               np.asarray(jax.jit(fn)(variables, images)), atol=1e-5)  # what ONNX converts
 
 
 @pytest.mark.parametrize("args, message", [

@@ -259,7 +259,11 @@ def test_exclusions_counts_and_table():
                                                 groups=groups, common_examples=False)
     assert separate[0]["n_missing_features"] == 0 and separate[0]["n_hgb"] == n - 2
     text = cross_validation.format_markdown(rows)
-    assert text.count("\n") == 9 and text.count("| ground truth |") == 2 and text.count("| predicted |") == 2
+    tables = text.split("\n\n")
+    assert [t.strip().count("\n") for t in tables[:2]] == [3, 3]  # header, rule, two sources
+    assert text.count("| ground truth |") == 2 and text.count("| predicted |") == 2
+    warnings = [w for row in rows for w in (*row["agreement"].warnings, *row["screening"].warnings)]
+    assert ("**Warnings**" in text) == bool(warnings) and all(w in text for w in warnings)
     for row in rows:  # the clinical statistics describe the same out-of-fold predictions as the basic columns
         assert row["agreement"].n == row["n_hgb"] and row["agreement"].mae == pytest.approx(row["mae"])
         assert row["screening"].n == row["n_anemia"] and row["screening"].auc == pytest.approx(row["auc"])

@@ -1,6 +1,7 @@
 """Tests of anemia_jax.screening.screening_model: fitting, CV+ intervals, WHO calls with and without sex, the JSON
 artifact."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -102,8 +103,14 @@ def test_unscreenable_photos_say_why():
     values[1] = np.nan  # mask present but no colour reference
     values[2, 0] = 40.0  # far outside the training colours
     pred = model.predict(colour.ColourFeatures(values, NAMES, np.array([0, 50, 50, 50]), "grey_world"))
-    assert pred.reason[0].startswith("no usable mask") and pred.reason[1].startswith("no colour reference")
-    assert "outside the training range" in pred.reason[2] and "lab_a" in pred.reason[2] and pred.reason[3] == ""
+    assert list(pred.flag) == ["no_mask", "no_reference", "unusual_colour", ""]
+    assert pred.reason[0].startswith("no conjunctiva") and "light could not be checked" in pred.reason[1]
+    assert "grey_world" in pred.detail[1] and "retake under the device's light" in pred.reason[2]
+    assert "colour distance" in pred.detail[2] and pred.reason[3] == pred.detail[3] == ""
+    # Without the colour domain (a schema 1 or 2 file) the per-feature range still catches it.
+    old_file = dataclasses.replace(model, domain=None)
+    no_domain = old_file.predict(colour.ColourFeatures(values, NAMES, np.array([0, 50, 50, 50]), "grey_world"))
+    assert no_domain.flag[2] == "unusual_colour" and "lab_a is" in no_domain.detail[2]
     np.testing.assert_array_equal(pred.anemic[:2], [-1, -1])
     assert np.isnan(pred.hgb[:2]).all() and np.isfinite(pred.hgb[2:]).all() and list(pred.hgb_vs_who[:2]) == ["", ""]
     with pytest.raises(ValueError, match="constancy 'none'"):
@@ -123,6 +130,14 @@ def test_unscreenable_photos_say_why():
     (lambda d: d["feature_spec"].update(constancy="retinex"), "feature_spec is invalid .*'retinex' must be one of"),
     (lambda d: d["prediction_interval"]["residual_fold"].append(0), "abs_residuals must have"),
     (lambda d: d.update(format="something else"), "not a screening model artifact"),
+    # A threshold outside the physiological range, or an unknown-sex threshold below a sex's, would misreport.
+    (lambda d: d["who_thresholds_g_dl"].update(F=0.0), r"who_thresholds_g_dl.F must lie in \[7, 18\] g/dL"),
+    (lambda d: d["who_thresholds_g_dl"].update(M=-13.0), r"who_thresholds_g_dl.M must lie in \[7, 18\] g/dL"),
+    (lambda d: d["who_thresholds_g_dl"].update(unknown=12.0), "unknown must be at least"),
+    (lambda d: d.update(extrapolation_z=-1.0), "extrapolation_z must be positive"),
+    (lambda d: d.update(extrapolation_z=0), "extrapolation_z must be positive"),
+    (lambda d: d["classifier"].update(target_sensitivity=0.0), r"target_sensitivity must lie in \(0, 1\]"),
+    (lambda d: d["regression"].update(alpha=-1.0), "alpha must be >= 0"),
 ])
 def test_load_validates_schema(tmp_path, edit, message):
     data = _fit(n=120).to_json()

@@ -6,7 +6,8 @@ Written by ``python -m anemia_jax.evaluate`` from an `anemia_jax.evaluation.eval
   target ``has_mask/<t>``, ``dice/<t>``, ``iou/<t>``, ``precision/<t>``, ``recall/<t>``, ``hd95/<t>``, ``assd/<t>``
   (empty where the reference mask is missing; ``inf`` where a distance is undefined: exactly one of prediction and
   reference is empty).
-* ``summary.json`` / ``summary.md``: per target, mean ± std over images (std with ddof=0) of each score, the pooled
+* ``summary.json`` / ``summary.md`` (and ``reliability.png``): the probability calibration (`format_calibration`:
+  the pixels' expected calibration error and reliability table before and after the temperature); per target, mean ± std over images (std with ddof=0) of each score, the pooled
   Dice, the number of images scored and of images excluded for a missing mask; for distances the mean, std and
   median over the images where they are finite and the count where they are infinite; the same per country; plus
   the run details (checkpoint, split, model, TTA, ensemble members). For an ensemble, also each run scored alone on
@@ -32,7 +33,8 @@ from etils import epath
 from anemia_jax.evaluation.evaluator import DISTANCES, SCORES
 from anemia_jax.utils import atomic, paths
 
-__all__ = ["default_out_dir", "format_markdown", "format_members", "write_outputs", "write_per_image_csv"]
+__all__ = ["default_out_dir", "format_calibration", "format_markdown", "format_members", "write_outputs",
+           "write_per_image_csv"]
 
 
 def _pm(stats: Mapping[str, float], digits: int) -> str:
@@ -79,6 +81,8 @@ def format_markdown(summary: Mapping[str, Any]) -> str:
     lines += _table(summary["targets"])
     if summary.get("members"):
         lines += ["", format_members(summary).rstrip("\n")]
+    if summary.get("calibration"):
+        lines += ["", format_calibration(summary["calibration"]).rstrip("\n")]
     overlap = summary.get("training_overlap") or []
     if any(overlap):
         lines += ["", f"**Optimistic**: the runs trained on {', '.join(map(str, overlap))} of these "
@@ -115,6 +119,34 @@ def format_members(summary: Mapping[str, Any]) -> str:
     lines += [f"| {epath.Path(m['workdir']).name} | {m['step']} | {fmt(row)} |" for m, row in zip(members, single)]
     lines += [f"| mean of the single runs | - | {fmt(mean)} |",
               f"| ensemble - mean of single runs | - | {fmt(np.asarray(ens) - mean, '+')} |"]
+    return "\n".join(lines) + "\n"
+
+
+def format_calibration(calibration: Mapping[str, Any]) -> str:
+    """The pixels' reliability before (and, with a temperature, after) calibration: the expected calibration error
+    per target and the reliability table (observed frequency against mean probability per bin)."""
+    temps = calibration.get("temperature")
+    after = calibration.get("after")
+    lines = ["## Probability calibration (pixels of the images with a reference mask)", "",
+             f"- temperature: {', '.join(f'{t} {v:.3f}' for t, v in temps.items())} (from {calibration['source']})"
+             if temps else "- no temperature applied (calibrate_quality fits one; the scores above are the models' "
+                           "own probabilities)", "",
+             "| target | ECE before | ECE after |", "|---|---:|---:|"]
+    for t, rel in calibration["before"].items():
+        lines.append(f"| {t} | {rel['ece']:.4f} | " + (f"{after[t]['ece']:.4f}" if after else "-") + " |")
+    lines += ["", "| target | bin | pixels | mean probability / observed (before) | after |", "|---|---|---:|---:|---:|"]
+    for t, rel in calibration["before"].items():
+        for k, b in enumerate(rel["bins"]):
+            if not b["count"] and not (after and after[t]["bins"][k]["count"]):
+                continue
+            a = after[t]["bins"][k] if after else None
+
+            def pair(x):
+                return "-" if not x or x["mean_probability"] is None else \
+                    f"{x['mean_probability']:.3f} / {x['observed']:.3f}"
+
+            lines.append(f"| {t} | {b['range'][0]:.1f}-{b['range'][1]:.1f} | {b['count']} | {pair(b)} | "
+                         f"{pair(a) if a else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,4 +189,13 @@ def write_outputs(out: str | os.PathLike, per_image: Mapping[str, np.ndarray], s
     write_per_image_csv(out / "per_image.csv", per_image, targets)
     atomic.write_json(out / "summary.json", summary)
     atomic.write_text(out / "summary.md", format_markdown(summary))
+    if summary.get("calibration") and "://" not in str(out):  # figures are written locally
+        try:
+            from anemia_jax.evaluation import plots  # noqa: PLC0415
+
+            plots.reliability_diagram(summary["calibration"], out / "reliability.png")
+        except ImportError as e:  # matplotlib is optional: the table in summary.md says the same
+            from absl import logging  # noqa: PLC0415
+
+            logging.info("No reliability.png: %s", e)
     return out

@@ -18,6 +18,9 @@ What `EvalResult` holds:
   of each score, the pooled Dice over all pixels, image counts, and distance statistics over finite values.
 * ``scalars``: the flat ``<metric>/<target>`` numbers the trainer logs (``dice/mean`` ranks checkpoints).
 * ``panel``: uint8 images, reference masks, probabilities and mask weights of the first ``num_panel`` examples.
+* ``summary['reliability']``: per target, the pixels' reliability (`anemia_jax.inference.temperature.from_counts`:
+  equal-width probability bins, observed frequency, expected calibration error) over the images with a reference
+  mask, accumulated from per-image bin counts of the same pass.
 """
 
 from __future__ import annotations
@@ -28,15 +31,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from anemia_jax import metrics
 from anemia_jax.data import input_pipeline
+from anemia_jax.inference import temperature
 from anemia_jax.inference.probabilities import ProbabilityFn, mesh_batch_size
 from anemia_jax.utils import parallel
 
 SCORES = ("dice", "iou", "precision", "recall")
+RELIABILITY_BINS = 10
+_RELIABILITY = ("rel_count", "rel_p", "rel_y")
 DISTANCES = ("hd95", "assd")
 
 __all__ = ["DISTANCES", "SCORES", "EvalResult", "Evaluator", "scalars", "summarize"]
@@ -84,7 +91,8 @@ class Evaluator:
             probs = probability(variables, batch["image"])
             weights = batch["mask_weights"] * batch["valid"][:, None]
             counts = metrics.confusion_counts(probs > threshold, batch["masks"], weights=weights[:, None, None, :])
-            return {"probs": probs, **counts, "weights": weights, "valid": batch["valid"], "index": batch["index"]}
+            return {"probs": probs, **counts, **_reliability_counts(probs, batch["masks"], weights), "weights": weights,
+                    "valid": batch["valid"], "index": batch["index"]}
 
         spec = P(parallel.DATA_AXIS)
         self._score = jax.jit(jax.shard_map(per_device, mesh=dataset.mesh, in_specs=(P(), spec), out_specs=spec))
@@ -97,7 +105,8 @@ class Evaluator:
         have = 0
         for batch in self.dataset.eval_batches(self.batch_size):
             out = self._score(variables, batch)
-            acc.add({k: out[k] for k in ("tp", "fp", "fn", "tn", "weights", "index")}, valid=out["valid"])
+            acc.add({k: out[k] for k in ("tp", "fp", "fn", "tn", "weights", "index", *_RELIABILITY)},
+                    valid=out["valid"])
             want_panel = have < self.num_panel
             if not (self.distances or want_panel):
                 continue
@@ -118,6 +127,7 @@ class Evaluator:
                 assd.append(d["assd"])
                 dist_index.append(host["index"])
         per_image = acc.result()
+        rel = [per_image[k].sum(axis=0) for k in _RELIABILITY]  # [C, bins] each
         per_image.update(metrics.scores_from_counts({k: per_image[k] for k in ("tp", "fp", "fn", "tn")}))
         per_image = {k: per_image[k] for k in ("index", "weights", "tp", "fp", "fn", "tn") + SCORES}
         if hd95:
@@ -129,8 +139,24 @@ class Evaluator:
                 if key in self.metadata:
                     per_image[key] = np.asarray(self.metadata[key])[per_image["index"]]
         summary = summarize(per_image, self.targets)
+        summary["reliability"] = {t: temperature.from_counts(*(r[c] for r in rel)) for c, t in enumerate(self.targets)}
         return EvalResult(per_image, summary, scalars(summary, self.targets),
                           {k: np.concatenate(v) for k, v in panel.items()} if have else None)
+
+
+def _reliability_counts(probs: jax.Array, masks: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+    """Per image [b, C, bins]: the pixel count, the sum of probabilities and of reference labels in each
+    equal-width probability bin (pixels of images without a reference mask weigh 0)."""
+    bins = jnp.clip((probs * RELIABILITY_BINS).astype(jnp.int32), 0, RELIABILITY_BINS - 1)
+    truth = (masks > 0.5).astype(jnp.float32)
+    w = weights[:, None, None, :].astype(jnp.float32)
+    out = {"rel_count": [], "rel_p": [], "rel_y": []}
+    for k in range(RELIABILITY_BINS):  # a loop, not a one-hot [b, H, W, C, bins]: bounded memory
+        inside = (bins == k).astype(jnp.float32) * w
+        out["rel_count"].append(inside.sum(axis=(1, 2)))
+        out["rel_p"].append((inside * probs).sum(axis=(1, 2)))
+        out["rel_y"].append((inside * truth).sum(axis=(1, 2)))
+    return {k: jnp.stack(v, axis=-1) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------- statistics

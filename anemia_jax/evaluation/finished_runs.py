@@ -43,7 +43,8 @@ def training_overlap(runs: Sequence, builder, tfds_split: str, indices: np.ndarr
 
 
 def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_level: int | None = None,
-                  distances: bool = True, threshold: float = 0.5, builder=None, members: bool = False) -> evaluator.EvalResult:
+                  distances: bool = True, threshold: float = 0.5, builder=None, members: bool = False,
+                  temperature: Sequence[float] | None = None, temperature_source: str = "") -> evaluator.EvalResult:
     """Scores restored runs (`anemia_jax.runs.restore.load_runs`; several form an ensemble) on their ``split``.
 
     Args:
@@ -57,6 +58,10 @@ def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_
         builder: the prepared TFDS builder, if the caller has it (default: prepared from the config).
         members: for an ensemble, also score each run alone on the same images (``summary['members']``: workdir,
             step and per-target statistics of each, in order).
+        temperature: per-target temperatures (`anemia_jax.inference.temperature`): the scores are those of the
+            calibrated probabilities, and ``summary['calibration']`` holds the pixels' reliability before (the
+            models' own probabilities, one more pass without distances) and after; without, only 'before'.
+        temperature_source: where the temperatures came from, for the record.
 
     Returns:
         The `EvalResult`, its summary extended with the run details (workdir, checkpoint, split, model, TTA, ...)
@@ -74,10 +79,19 @@ def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_
     dataset = input_pipeline.DeviceDataset.from_builder(builder, tfds_split, indices, first.mesh,
                                                         batch_size=batch_size, image_size=first.image_size,
                                                         targets=targets)
-    probability, variables = probabilities.probability_of(runs, prune_level=prune_level, transforms=transforms)
+    probability, variables = probabilities.probability_of(runs, prune_level=prune_level, transforms=transforms,
+                                                          temperature=temperature)
     scorer = evaluator.Evaluator(dataset, probability, targets, batch_size=batch_size, threshold=threshold,
                           distances=distances, metadata=metadata)
     result = scorer.run(variables)
+    calibration = {"temperature": None, "source": temperature_source or "none",
+                   "before": result.summary["reliability"], "after": None}
+    if temperature is not None:
+        raw, _ = probabilities.probability_of(runs, prune_level=prune_level, transforms=transforms)
+        before = evaluator.Evaluator(dataset, raw, targets, batch_size=batch_size, threshold=threshold,
+                                     distances=False).run(variables)
+        calibration.update(temperature=dict(zip(targets, map(float, temperature))),
+                           before=before.summary["reliability"], after=result.summary["reliability"])
     scored_members = []
     if members and len(runs) > 1:
         for run in runs:  # the same device-resident images, one run at a time
@@ -97,5 +111,6 @@ def evaluate_runs(runs: Sequence, *, split: str = "val", transforms=None, prune_
         "training_overlap": training_overlap(runs, builder, tfds_split, indices),
         **({"members": scored_members} if scored_members else {}),
         **result.summary,
+        "calibration": calibration,
     }
     return result

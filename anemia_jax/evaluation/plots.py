@@ -1,4 +1,5 @@
-"""PNG figures of training runs: their training curves (`training_curves`, from their ``metrics.jsonl``).
+"""PNG figures of runs: their training curves (`training_curves`, from their ``metrics.jsonl``) and the reliability
+diagram of an evaluation (`reliability_diagram`).
 
 matplotlib is optional (`anemia_jax.utils.figures`).
 """
@@ -11,7 +12,7 @@ from typing import Any
 
 from anemia_jax.utils import figures
 
-__all__ = ["training_curves"]
+__all__ = ["reliability_diagram", "training_curves"]
 
 
 def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, *,
@@ -45,4 +46,25 @@ def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str |
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return figures.save(fig, path)
+
+
+def reliability_diagram(calibration: Mapping[str, Any], path: str | pathlib.Path) -> pathlib.Path:
+    """Observed frequency against mean predicted probability per bin, one panel per target, before (and after) the
+    temperature (`anemia_jax.evaluation.eval_report.format_calibration`'s data), with the ECE in the legend."""
+    plt = figures.pyplot()
+    before, after = calibration["before"], calibration.get("after")
+    fig, axes = figures.grid(plt, len(before), size=3.6)
+    for ax, target in zip(axes, before):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for label, rel in (("before", before[target]), ("after", after[target] if after else None)):
+            if rel is None:
+                continue
+            points = [(b["mean_probability"], b["observed"]) for b in rel["bins"] if b["mean_probability"] is not None]
+            ax.plot(*zip(*points), marker="o", ms=3, label=f"{label} (ECE {rel['ece']:.3f})")
+        ax.set_title(target, fontsize=9)
+        ax.set_xlabel("mean predicted probability", fontsize=8)
+        ax.set_ylabel("observed frequency", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return figures.save(fig, path)

@@ -50,11 +50,11 @@ def load(path: str | os.PathLike):
 
 
 def onnx_bundle(runs, out: str | os.PathLike, *, card: dict, prune_level: int | None = None,
-                transforms=None) -> pathlib.Path:
+                transforms=None, temperature=None) -> pathlib.Path:
     """Writes the ONNX conversion bundle of ``runs`` to ``out`` (`anemia_jax.inference.export_onnx.write_bundle`)."""
     from anemia_jax.inference import export_onnx  # noqa: PLC0415
 
     members = [export_onnx.member_spec(run.config.model.name, run.model, prune_level=prune_level,
-                                       transforms=transforms) for run in runs]
+                                       transforms=transforms, temperature=temperature) for run in runs]
     return export_onnx.write_bundle(out, members=members, variables=[run.variables for run in runs],
                                     image_size=runs[0].image_size, targets=runs[0].targets, card=card)

@@ -66,9 +66,11 @@ _JAX_RESIZE = jax.image.resize
 
 
 def member_spec(name: str, model, *, prune_level: int | None = None,
-                transforms: Sequence[tta.Transform] | None = None) -> dict[str, Any]:
+                transforms: Sequence[tta.Transform] | None = None,
+                temperature: Sequence[float] | None = None) -> dict[str, Any]:
     """How to rebuild one member: registered model ``name``, the flax ``model``'s constructor fields (dtypes as
-    names; BatchNorm left unsynchronised, as inference needs no mesh), and its inference options."""
+    names; BatchNorm left unsynchronised, as inference needs no mesh), and its inference options (pruning, TTA,
+    the temperature of each target)."""
     fields = {}
     for field in field_names(type(model)):
         if field == "name":  # flax's own module name, not a model field
@@ -80,7 +82,8 @@ def member_spec(name: str, model, *, prune_level: int | None = None,
     fields["bn_axis_name"] = None
     json.dumps(fields)  # every field must survive the manifest (fails loudly here, not at conversion)
     return {"model": name, "fields": fields, "prune_level": prune_level,
-            "tta": None if not transforms else [{"flip": t.flip, "scale": t.scale} for t in transforms]}
+            "tta": None if not transforms else [{"flip": t.flip, "scale": t.scale} for t in transforms],
+            "temperature": None if temperature is None else [float(t) for t in temperature]}
 
 
 def write_bundle(path: str | pathlib.Path, *, members: Sequence[Mapping[str, Any]], variables: Sequence[Any],
@@ -130,7 +133,8 @@ def bundle_function(manifest: Mapping[str, Any], variables: Sequence[Any]) -> Ca
     for spec in manifest["members"]:
         model = get_model(spec["model"], **spec["fields"])
         transforms = None if not spec["tta"] else [tta.Transform(**t) for t in spec["tta"]]
-        fns.append(probabilities.probability_fn(model, prune_level=spec["prune_level"], transforms=transforms))
+        fns.append(probabilities.probability_fn(model, prune_level=spec["prune_level"], transforms=transforms,
+                                                temperature=spec.get("temperature")))
     fn = fns[0] if len(fns) == 1 else probabilities.ensemble_fn(fns)
     bound = variables[0] if len(fns) == 1 else tuple(variables)
     return lambda images_u8: fn(bound, images_u8)

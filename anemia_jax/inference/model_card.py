@@ -8,7 +8,8 @@ exported checkpoint (from ``summary.json``, when the trainer recorded them for t
 state comes from `anemia_jax.utils.provenance` when the package runs from a source checkout; the trainer does not record
 the commit a run was trained at, and the card says so rather than guessing.
 
-`write` saves it as ``<artifact stem>.card.json`` beside the artifact (`card_path`), with the artifact's size and
+`write` saves it as ``<artifact file name>.card.json`` beside the artifact (`card_path`: ``model.onnx.card.json``,
+``model.stablehlo.card.json``, so that two exports of one stem keep one card each), with the artifact's size and
 SHA-256. This module imports only the standard library at import time, so the ONNX conversion environment
 (`anemia_jax.inference.export_onnx`, which has no Orbax, TFDS or ml_collections) uses it too.
 """
@@ -95,8 +96,25 @@ def _run_entry(run) -> dict[str, Any]:
     }
 
 
+def _training_data(runs: Sequence[Any]) -> dict[str, Any]:
+    """What the runs were trained on, and whether those photos are synthetic (the phantom): from the dataset
+    registry of each run's recorded data set."""
+    from anemia_jax.data import datasets  # noqa: PLC0415 -- the registry (TFDS builders); export only
+
+    names = sorted({str(run.config.dataset.get("name", "")) for run in runs})
+    flags = {datasets.DATASETS.get(n).synthetic if n in datasets.DATASETS else None for n in names}
+    kind = "phantom" if flags == {True} else "real" if flags == {False} else "unknown"
+    label = {"phantom": "PHANTOM: trained on synthetic phantom photos, not on photos of people; for testing the "
+                        "software only",
+             "real": f"trained on photos of people ({', '.join(names)})",
+             "unknown": "the runs' training data could not be identified as real or synthetic"}[kind]
+    return {"datasets": names, "kind": kind, "label": label,
+            "intended_use": "research use only: not a medical device and not a diagnosis"}
+
+
 def build(runs: Sequence[Any], *, threshold: float, compute_dtype: str, prune_level: int | None = None,
-          transforms: Sequence[Any] | None = None, command: str = "") -> dict[str, Any]:
+          transforms: Sequence[Any] | None = None, command: str = "", temperature: Sequence[float] | None = None,
+          temperature_source: str = "") -> dict[str, Any]:
     """The model card of an export of ``runs`` (one run, or the members of an ensemble averaged).
 
     Args:
@@ -105,6 +123,8 @@ def build(runs: Sequence[Any], *, threshold: float, compute_dtype: str, prune_le
         compute_dtype: the dtype the exported model computes in.
         prune_level, transforms: the UNet++ pruned network and the TTA views exported, if any.
         command: the export command line, for the record.
+        temperature, temperature_source: the per-target temperatures inside the exported function
+            (`anemia_jax.inference.temperature`; None: none) and the file they came from.
     """
     from anemia_jax.data import normalization  # noqa: PLC0415 -- imports JAX; the ONNX environment has it too
 
@@ -113,6 +133,7 @@ def build(runs: Sequence[Any], *, threshold: float, compute_dtype: str, prune_le
     targets = list(first.targets)
     return {
         "format": FORMAT, "schema_version": SCHEMA_VERSION,
+        "training_data": _training_data(runs),
         "input": {
             "name": "images", "shape": ["N", h, w, 3], "dtype": "uint8", "layout": "NHWC",
             "channels": "RGB, 0..255, the photo upright (EXIF orientation applied)",
@@ -132,6 +153,9 @@ def build(runs: Sequence[Any], *, threshold: float, compute_dtype: str, prune_le
             "combination": "single model" if len(runs) == 1 else "mean of the members' probabilities",
             "compute_dtype": compute_dtype, "prune_level": prune_level,
             "tta": None if not transforms else [{"flip": t.flip, "scale": t.scale} for t in transforms],
+            "temperature": None if temperature is None else {
+                "values": {t: float(v) for t, v in zip(targets, temperature)}, "source": temperature_source,
+                "rule": "probability = sigmoid(logit / temperature), per member, before averaging"},
         },
         "runs": [_run_entry(run) for run in runs],
         "export": {"command": command, **exporter_git_state(),
@@ -141,9 +165,10 @@ def build(runs: Sequence[Any], *, threshold: float, compute_dtype: str, prune_le
 
 
 def card_path(artifact: str | pathlib.Path) -> pathlib.Path:
-    """Where the card of ``artifact`` lives: ``<folder>/<artifact stem>.card.json``."""
+    """Where the card of ``artifact`` lives: ``<folder>/<artifact file name>.card.json`` (the full name, suffix
+    included: ``model.onnx`` and ``model.stablehlo`` side by side each keep their own card)."""
     artifact = pathlib.Path(artifact)
-    return artifact.with_name(f"{artifact.stem}.card.json")
+    return artifact.with_name(f"{artifact.name}.card.json")
 
 
 def artifact_entry(artifact: str | pathlib.Path, **info: Any) -> dict[str, Any]:

@@ -50,8 +50,8 @@ def model_multiple(model) -> int:
     return 2 ** int(getattr(model, "depth", 0))
 
 
-def probability_fn(model, *, prune_level: int | None = None,
-                   transforms: Sequence[tta.Transform] | None = None) -> ProbabilityFn:
+def probability_fn(model, *, prune_level: int | None = None, transforms: Sequence[tta.Transform] | None = None,
+                   temperature: Sequence[float] | None = None) -> ProbabilityFn:
     """``probs(variables, images_u8) -> float32 [B, H, W, C]``: the sigmoid probabilities of ``model``.
 
     Args:
@@ -59,6 +59,8 @@ def probability_fn(model, *, prune_level: int | None = None,
         prune_level: UNet++ only: evaluate the pruned network L^k (the head on X^{0,k}); None: the full network.
         transforms: test-time augmentation views (`parse_tta` / `tta.tta_transforms`); None or a single identity
             view means plain prediction.
+        temperature: one temperature per target (`anemia_jax.inference.temperature`): the logits are divided by it
+            before the sigmoid (calibrated probabilities); None: the model's own.
 
     Returns:
         A pure per-device function of the model variables (``{'params', 'batch_stats'}``) and uint8 images
@@ -66,11 +68,13 @@ def probability_fn(model, *, prune_level: int | None = None,
     """
     kwargs = {} if prune_level is None else {"prune_level": prune_level}
     plain = transforms is None or (len(transforms) == 1 and transforms[0] == tta.Transform())
+    scale = None if temperature is None else np.asarray(temperature, np.float32)
 
     def probs(variables: PyTree, images_u8: jax.Array) -> jax.Array:
         def predict(images_01: jax.Array) -> jax.Array:
             output = model.apply(variables, normalize(images_01), train=False, **kwargs)
-            return jax.nn.sigmoid(output.logits.astype(jnp.float32))
+            logits = output.logits.astype(jnp.float32)
+            return jax.nn.sigmoid(logits if scale is None else logits / scale)
 
         images = to_float(images_u8)
         if plain:
@@ -165,10 +169,11 @@ def predict_images(fn: ProbabilityFn, variables: PyTree, images_u8: np.ndarray, 
 
 
 def probability_of(runs, *, prune_level: int | None = None,
-                   transforms: Sequence[tta.Transform] | None = None
+                   transforms: Sequence[tta.Transform] | None = None, temperature: Sequence[float] | None = None
                    ) -> tuple[ProbabilityFn, Any]:
     """``(probs, variables)`` of one run, or of the ensemble of several (their mean probability): the per-device
-    inference function (`anemia_jax.inference.probabilities`) and the variables to call it with.
+    inference function (`anemia_jax.inference.probabilities`) and the variables to call it with; ``temperature``
+    (one per target) calibrates each member's probabilities (`probability_fn`).
 
     Raises:
         ValueError: a ``prune_level`` that a run's model does not support (`models.ModelCapabilities.prune_levels`).
@@ -181,7 +186,8 @@ def probability_of(runs, *, prune_level: int | None = None,
                 can = f"levels {', '.join(map(str, levels))}" if levels else "no pruning (UNet++ only)"
                 raise ValueError(f"prune_level={prune_level} does not apply to {run.workdir}: its "
                                  f"{run.config.model.name!r} model supports {can}.")
-    fns = [probability_fn(run.model, prune_level=prune_level, transforms=transforms) for run in runs]
+    fns = [probability_fn(run.model, prune_level=prune_level, transforms=transforms, temperature=temperature)
+           for run in runs]
     if len(runs) == 1:
         return fns[0], runs[0].variables
     return ensemble_fn(fns), tuple(run.variables for run in runs)

@@ -92,20 +92,24 @@ class Segmenter:
         transforms: TTA views (`probabilities.parse_tta`), or None.
         prune_level: UNet++ pruned network L^k, or None.
         batch_size: photos per device call (rounded up to a multiple of the mesh size; default the mesh size).
+        temperature: one temperature per target (`anemia_jax.inference.temperature`), or None: the probabilities,
+            and so the masks of an ensemble and the uncertainty, are the calibrated ones.
     """
 
     def __init__(self, runs: Sequence[runs_lib.Run], *, threshold: float = 0.5,
                  transforms: Sequence[tta.Transform] | None = None, prune_level: int | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, temperature: Sequence[float] | None = None):
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must lie in [0, 1); got {threshold}.")
         self.runs = list(runs)
         if not self.runs:
             raise ValueError("A Segmenter needs at least one run.")
         self.threshold = threshold
+        self.temperature = None if temperature is None else [float(t) for t in temperature]
         self.mesh = self.runs[0].mesh
         self.batch_size = probabilities.mesh_batch_size(batch_size, self.mesh)
-        members = [probabilities.probability_of(run, prune_level=prune_level, transforms=transforms) for run in self.runs]
+        members = [probabilities.probability_of(run, prune_level=prune_level, transforms=transforms,
+                                                temperature=temperature) for run in self.runs]
         self._variables = tuple(v for _, v in members)
         self._members = probabilities.sharded(probabilities.members_fn([fn for fn, _ in members]), self.mesh,
                                               out_axis=1)

@@ -3,8 +3,13 @@ elsewhere (the server's Content-Security-Policy forbids it too), so it works on 
 
 The script asks the server for its settings (``GET /api/info``), sends each chosen photo as the raw body of
 ``POST /api/photo?name=...&sex=...`` (no multipart form: one photo per request, the size checked before sending),
-and shows per photo the overlay, the mask areas, and, when the server provides them, the uncertainty map, the
-usable / retake verdict and the Hb estimate with its interval and the anemia probability. Every text from the server
+and shows per photo the overlay and, when the server provides them, the usable / retake verdict, ONE answer (retake,
+likely anemic, likely not anemic, or unclear: confirm with a blood test; `anemia_jax.screening.wording`) and the Hb
+estimate with its range explained in one sentence and the WHO threshold it was compared with -- for a photo to
+retake no number at all, in the summary table as on the card -- and, in a collapsible "Technical details", the mask
+areas (at the photo's size), the anemia probability (from colour alone), the quality measures and the colour check.
+The uncertainty map colours only the region the verdict reads, with its scale. A banner says where the Hb model came
+from (PHANTOM for synthetic training photos) and the research-use notice stays on screen. Every text from the server
 or a file name is inserted with ``textContent`` (never as HTML). The CSV link lists the ids of this batch's results
 (``GET /results.csv?ids=...``).
 """
@@ -45,6 +50,22 @@ PAGE = """<!doctype html>
   a#csv { font-weight: 600; }
   a#csv[aria-disabled="true"] { pointer-events: none; color: #999; }
   .muted { color: #666; font-size: 0.85rem; }
+  .notice { background: #fff3cd; color: #5c4300; padding: 0.5rem 1rem; font-weight: 600; margin: 0; }
+  #banner { padding: 0.6rem 1rem; font-weight: 600; margin: 0; }
+  #banner:empty { display: none; }
+  #banner.phantom, #banner.unknown { background: #b3261e; color: #fff; }
+  #banner.real { background: #e8eef9; color: #1d2330; }
+  .answer { font-size: 1.1rem; font-weight: 700; margin: 0.2rem 0; }
+  .answer.likely_anemic, .answer.unclear { color: #8a4500; }
+  .answer.likely_not_anemic { color: #17612a; }
+  .answer.retake { color: #8a4500; }
+  .origin { color: #b3261e; font-weight: 600; font-size: 0.85rem; }
+  .origin.real { color: #444; font-weight: 400; }
+  details { margin-top: 0.6rem; }
+  summary { cursor: pointer; color: #23395d; }
+  .legend { display: flex; align-items: center; gap: 0.4rem; font-size: 0.8rem; color: #444; }
+  .legend .bar { flex: 1; height: 0.7rem; border-radius: 3px;
+                 background: linear-gradient(to right, rgb(40,90,210), rgb(250,210,60), rgb(225,40,40)); }
 </style>
 </head>
 <body>
@@ -52,6 +73,8 @@ PAGE = """<!doctype html>
   <h1>Conjunctiva screening</h1>
   <p id="about">Loading the model&hellip;</p>
 </header>
+<p class="notice" id="notice">Research use only: not a diagnosis. Confirm anemia with a blood test.</p>
+<p id="banner" role="note"></p>
 <main>
   <section class="panel">
     <div class="controls">
@@ -61,7 +84,8 @@ PAGE = """<!doctype html>
         <input id="photos" type="file" accept="image/*" multiple></label>
       <label id="sex-field" hidden>Sex
         <select id="sex"><option value="">unknown</option><option value="F">female</option>
-        <option value="M">male</option></select></label>
+        <option value="M">male</option></select>
+        <span class="muted" id="sex-help">(sets the WHO anemia threshold the Hb range is compared with)</span></label>
       <a id="csv" href="#" download="screening.csv" aria-disabled="true">Download CSV</a>
       <button id="clear" type="button">Clear</button>
     </div>
@@ -95,46 +119,34 @@ function updateCsv() {
   else { a.href = "#"; a.setAttribute("aria-disabled", "true"); }
 }
 
+function hbText(s) {
+  return num(s.hgb, 1) + " g/dL (likely range " + num(s.hgb_lo, 1) + " to " + num(s.hgb_hi, 1) + ")";
+}
+
 function addSummaryRow(r) {
   $("summary").hidden = false;
   const tr = el("tr");
+  tr.dataset.result = r.id;
   tr.appendChild(el("td", r.name));
-  for (const t of r.targets) tr.appendChild(el("td", pct(t.fraction)));
-  tr.appendChild(el("td", r.verdict ? r.verdict.label : "n/a"));
+  tr.appendChild(el("td", r.verdict ? (r.verdict.label === "usable" ? "usable" : "retake") : "n/a", "quality"));
   if (info.screening) {
     const s = r.screening;
-    tr.appendChild(el("td", s && s.hgb !== null ? num(s.hgb, 1) + " g/dL" : "n/a"));
-    tr.appendChild(el("td", s && s.p_anemia !== null ? num(s.p_anemia, 2) : "n/a"));
+    // One answer per photo; a photo to retake has no Hb (the server sends none) and says why.
+    tr.appendChild(el("td", s ? s.answer_text : "n/a", "answer"));
+    tr.appendChild(el("td", s && s.hgb !== null ? hbText(s) : "none: " + (s ? s.answer_why : "not screened"),
+                      "hb"));
+  } else {
+    for (const t of r.targets) tr.appendChild(el("td", pct(t.fraction)));
   }
   $("summary-body").appendChild(tr);
 }
 
-function showResult(r) {
-  const card = el("article", null, "panel card");
-  card.dataset.result = r.id;
-  const left = el("div");
-  const img = el("img");
-  img.alt = "Overlay of the predicted masks on " + r.name;
-  img.className = "overlay";
-  img.src = r.overlay;
-  left.appendChild(img);
-  const right = el("div");
-  right.appendChild(el("h2", r.name));
-  right.appendChild(el("p", r.width + " x " + r.height + " px, analysed in " + num(r.seconds, 2) + " s", "muted"));
-  if (r.verdict) {
-    const v = el("span", r.verdict.label === "usable" ? "Photo usable" : "Retake the photo",
-                 "verdict " + r.verdict.label);
-    v.dataset.verdict = r.verdict.label;
-    right.appendChild(v);
-    if (r.verdict.reasons.length) {
-      const ul = el("ul");
-      for (const reason of r.verdict.reasons) ul.appendChild(el("li", reason));
-      right.appendChild(ul);
-    }
-  }
+function technicalDetails(r) {
+  const d = el("details");
+  d.appendChild(el("summary", "Technical details"));
   const table = el("table", null, "areas");
   const head = el("tr");
-  for (const h of ["Region", "Area of photo", "Pixels"]) head.appendChild(el("th", h));
+  for (const h of ["Mask (model target)", "Share of the photo", "Pixels"]) head.appendChild(el("th", h));
   table.appendChild(head);
   for (const t of r.targets) {
     const tr = el("tr");
@@ -148,30 +160,83 @@ function showResult(r) {
     tr.appendChild(el("td", t.pixels.toLocaleString()));
     table.appendChild(tr);
   }
-  right.appendChild(table);
-  if (r.screening) {
-    const s = r.screening, box = el("div", null, "screening");
-    if (r.verdict && r.verdict.label === "retake") {
-      box.appendChild(el("p", "Hb is not reported for a photo to retake."));
-    } else if (s.hgb === null) {
-      box.appendChild(el("p", "No Hb estimate: " + (s.note || "no colour could be read")));
-    } else {
-      box.appendChild(el("p", "Hb estimate: " + num(s.hgb, 1) + " g/dL (" + Math.round(100 * s.coverage) +
-                              " % interval " + num(s.hgb_lo, 1) + " to " + num(s.hgb_hi, 1) + ")", "hgb"));
-      box.appendChild(el("p", "Probability of anemia: " + num(s.p_anemia, 2) + " (" + s.call + "; WHO threshold " +
-                              num(s.who_threshold, 1) + " g/dL)", "anemia"));
-      if (s.note) box.appendChild(el("p", s.note, "muted"));
-    }
-    right.appendChild(box);
+  d.appendChild(table);
+  const ul = el("ul");
+  if (r.measures) {
+    ul.appendChild(el("li", "Mean uncertainty inside the outline: " + num(r.measures.mean_uncertainty, 2) +
+                            " bits (limit " + num(info.max_uncertainty, 2) + "); brightness " +
+                            num(r.measures.brightness, 2) + "; washed-out share " + pct(r.measures.clipped_fraction)));
   }
+  const s = r.screening;
+  if (s) {
+    ul.appendChild(el("li", "Probability of anemia from colour alone (does not use sex): " +
+                            (s.p_anemia === null ? "not reported" : num(s.p_anemia, 2) + " (called anemic at >= " +
+                             num(s.threshold, 2) + ")")));
+    ul.appendChild(el("li", "Colour check: " + (s.colour_check || "within the training photos' range") +
+                            (s.colour_range === null ? "" : " (distance / limit " + num(s.colour_range, 2) + ")")));
+    if (s.note) ul.appendChild(el("li", "Screening note: " + s.note));
+  }
+  ul.appendChild(el("li", r.width + " x " + r.height + " px, analysed in " + num(r.seconds, 2) + " s"));
+  ul.appendChild(el("li", info.description));
+  d.appendChild(ul);
+  return d;
+}
+
+function screeningBox(r) {
+  const s = r.screening, box = el("div", null, "screening");
+  const a = el("p", s.answer_text, "answer " + s.answer);
+  a.dataset.answer = s.answer;
+  box.appendChild(a);
+  if (s.answer !== "retake") box.appendChild(el("p", s.answer_why, "why"));  // a retake's reasons are listed above
+  if (s.hgb === null) {
+    box.appendChild(el("p", "No Hb estimate for a photo to retake.", "hgb"));
+  } else {
+    const sex = {F: "women", M: "men"}[s.sex] || "sex unknown";
+    box.appendChild(el("p", "Hb estimate: " + hbText(s), "hgb"));
+    box.appendChild(el("p", info.interval_sentence, "muted"));
+    box.appendChild(el("p", "WHO anemia threshold: " + num(s.who_threshold, 0) + " g/dL (" + sex + ")", "who"));
+  }
+  box.appendChild(el("p", s.provenance, "origin " + s.provenance_kind));
+  return box;
+}
+
+function showResult(r) {
+  const card = el("article", null, "panel card");
+  card.dataset.result = r.id;
+  const left = el("div");
+  const img = el("img");
+  img.alt = "Overlay of the predicted masks on " + r.name;
+  img.className = "overlay";
+  img.src = r.overlay;
+  left.appendChild(img);
+  const right = el("div");
+  right.appendChild(el("h2", r.name));
+  if (r.verdict) {
+    const v = el("span", r.verdict.label === "usable" ? "Photo usable" : "Retake the photo",
+                 "verdict " + r.verdict.label);
+    v.dataset.verdict = r.verdict.label;
+    right.appendChild(v);
+    if (r.verdict.reasons.length) {
+      const ul = el("ul");
+      for (const reason of r.verdict.reasons) ul.appendChild(el("li", reason));
+      right.appendChild(ul);
+    }
+  }
+  if (r.screening) right.appendChild(screeningBox(r));
   if (r.uncertainty) {
-    right.appendChild(el("p", "Uncertainty of the masks (black: certain, yellow to white: unsure)", "muted"));
+    right.appendChild(el("p", "How sure the outline is, inside the region it found:", "muted"));
     const u = el("img");
     u.alt = "Uncertainty map of " + r.name;
     u.className = "uncertainty";
     u.src = r.uncertainty;
     right.appendChild(u);
+    const legend = el("div", null, "legend");
+    legend.appendChild(el("span", "sure"));
+    legend.appendChild(el("span", null, "bar"));
+    legend.appendChild(el("span", "unsure"));
+    right.appendChild(legend);
   }
+  right.appendChild(technicalDetails(r));
   card.appendChild(left);
   card.appendChild(right);
   $("results").prepend(card);
@@ -234,11 +299,16 @@ $("clear").addEventListener("click", () => {
 
 fetch("/api/info").then((r) => r.json()).then((i) => {
   info = i;
-  $("about").textContent = i.description;
+  $("about").textContent = i.screening ? "Photo quality and an Hb estimate from the colour of the inner eyelid; " +
+    "running on this computer only." : "Photo quality from the outline of the inner eyelid; running on this " +
+    "computer only.";
+  $("notice").textContent = i.notice;
+  if (i.provenance) { $("banner").textContent = i.provenance.long; $("banner").className = i.provenance.kind; }
   $("sex-field").hidden = !i.screening;
   const head = $("summary-head");
-  for (const h of ["Photo"].concat(i.targets.map((t) => t + " area"), ["Verdict"],
-                   i.screening ? ["Hb", "P(anemia)"] : [])) head.appendChild(el("th", h));
+  for (const h of ["Photo", "Photo quality"].concat(i.screening ? ["Answer", "Hb estimate"] :
+                                                    i.targets.map((t) => t + " area")))
+    head.appendChild(el("th", h));
   document.body.dataset.ready = "true";
 }).catch((e) => { $("error").textContent = "Could not reach the server: " + e.message; });
 </script>

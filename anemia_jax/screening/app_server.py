@@ -82,6 +82,29 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
+def _report_fields(report) -> dict[str, Any]:
+    """The page's ``verdict``, ``measures`` and ``screening`` of a `photo_report.PhotoReport`: a photo to retake
+    carries no estimate (its fields are null: `photo_report.withhold` emptied them), every photo one answer."""
+    m = report.measures
+    out: dict[str, Any] = {
+        "verdict": {"label": report.verdict.label, "reasons": list(report.verdict.reasons),
+                    "codes": list(report.verdict.codes), "target": report.target},
+        "measures": {"area_fraction": _finite(m.area_fraction), "mean_uncertainty": _finite(m.mean_uncertainty),
+                     "brightness": _finite(m.brightness), "clipped_fraction": _finite(m.clipped_fraction)}}
+    s = report.screening
+    if s is not None:
+        call = {1: "likely anemic", 0: "likely not anemic"}.get(int(s["anemic"]))
+        out["screening"] = {
+            "answer": s["answer"], "answer_text": s["answer_text"], "answer_why": s["answer_why"],
+            "hgb": _finite(s["hgb"]), "hgb_lo": _finite(s["hgb_lo"]), "hgb_hi": _finite(s["hgb_hi"]),
+            "coverage": _finite(s["coverage"]), "p_anemia": _finite(s["p_anemia"]), "call": call,
+            "threshold": _finite(s["threshold"]), "who_threshold": _finite(s["who_threshold"]),
+            "sex": s["sex"], "vs_who": s["hgb_vs_who"], "note": s["reason"], "colour_check": s["detail"],
+            "colour_range": _finite(s["colour_range"]), "provenance": s["provenance"]["short"],
+            "provenance_kind": s["provenance"]["kind"]}
+    return out
+
+
 class ScreeningService:
     """Photo bytes in, a result dict out: decoding with limits, segmentation and assessment under one lock, and the
     recent results kept for the batch CSV.
@@ -122,10 +145,21 @@ class ScreeningService:
         return cols
 
     def info(self, max_upload_bytes: int) -> dict[str, Any]:
+        """The page's settings: what it shows, the limits, and with a screening model where that model came from
+        (``provenance``: `wording.provenance`), the WHO thresholds and the research-use ``notice``."""
+        from anemia_jax.screening import wording  # noqa: PLC0415
+
+        model = self.assessor.screening if self.screening else None
+        thresholds = getattr(self.assessor, "thresholds", None)
         return {"targets": list(self.segmenter.targets), "screening": self.screening,
                 "verdict": self.assessor is not None, "max_upload_bytes": max_upload_bytes,
                 "max_megapixels": self.max_pixels / 1e6, "image_size": list(self.segmenter.image_size),
-                "description": self.description}
+                "description": self.description, "notice": wording.NOTICE,
+                "provenance": None if model is None else wording.provenance(model.training),
+                "who_thresholds": None if model is None else dict(model.who_thresholds),
+                "coverage": None if model is None else model.coverage,
+                "interval_sentence": None if model is None else wording.interval_sentence(model.coverage),
+                "max_uncertainty": None if thresholds is None else _finite(thresholds.max_uncertainty)}
 
     def decode(self, data: bytes, name: str) -> np.ndarray:
         """Upright uint8 RGB of an upload, or `PhotoError` saying why not (checked size first: no bomb is decoded)."""
@@ -171,21 +205,14 @@ class ScreeningService:
             "uncertainty": None, "verdict": None, "screening": None}
         uncertainty = getattr(seg, "uncertainty", None)
         if uncertainty is not None:
-            result["uncertainty"] = _data_url(_heat(uncertainty), self.display_size, "PNG")
-        row = [name, photo.shape[1], photo.shape[0]] + [f"{t['fraction']:.6f}" for t in result["targets"]]
-        if report is not None:
             from anemia_jax.screening import photo_report  # noqa: PLC0415
 
-            result["verdict"] = {"label": report.verdict.label, "reasons": list(report.verdict.reasons),
-                                 "target": report.target}
-            s = report.screening
-            if s is not None:
-                call = {1: "likely anemic", 0: "likely not anemic"}.get(int(s["anemic"]), "not screened")
-                result["screening"] = {
-                    "hgb": _finite(s["hgb"]), "hgb_lo": _finite(s["hgb_lo"]), "hgb_hi": _finite(s["hgb_hi"]),
-                    "coverage": _finite(s["coverage"]), "p_anemia": _finite(s["p_anemia"]), "call": call,
-                    "threshold": _finite(s["threshold"]), "who_threshold": _finite(s["who_threshold"]),
-                    "sex": s["sex"], "vs_who": s["hgb_vs_who"], "note": s["reason"]}
+            view = (photo_report.uncertainty_image(photo, seg, self.assessor.channel) if self.assessor is not None
+                    else _heat(uncertainty))
+            result["uncertainty"] = _data_url(view, self.display_size, "PNG")
+        row = [name, photo.shape[1], photo.shape[0]] + [f"{t['fraction']:.6f}" for t in result["targets"]]
+        if report is not None:
+            result.update(_report_fields(report))
             row += photo_report.csv_values(report, self.screening)
         with self._results_lock:
             self._results[result["id"]] = [str(v) for v in row]

@@ -19,10 +19,12 @@ al. calibrate with an in-frame colour card, which the public archives do not pro
 
 * ``lab_l``, ``lab_a``, ``lab_b``: mean CIELAB L*, a*, b* over the mask's pixels (mean of per-pixel values). Dimauro
   et al. 2018 estimate Hgb from the a* (red-green) component of the palpebral conjunctiva.
-* ``a_over_l``: mean a* / mean L* (ratio of the means), redness relative to lightness.
+* ``a_over_l``: mean a* / mean L* (ratio of the means), redness relative to lightness; 0 where L* = 0 (black
+  pixels have a* = 0 too), so a black photo's features stay finite.
 * ``mean_r``, ``mean_g``, ``mean_b``: mean sRGB-encoded channel values in [0, 1].
 * ``chrom_r``, ``chrom_g``, ``chrom_b``: normalised chromaticities of the mean colour, ``r = R / (R + G + B)`` with
-  R, G, B the channel means (ratio of means, so dark pixels do not make it undefined).
+  R, G, B the channel means (ratio of means, so dark pixels do not make it undefined); 1/3 each (neutral) where all
+  three means are 0 (a black photo).
 * ``erythema_index``: Collings et al. 2016's erythema index ``EI = 100 (log10(1/G) - log10(1/R)) = 100 log10(R/G)``,
   computed per pixel on 8-bit-scale values with each channel clipped below at 1 (log of 0 is undefined) and
   averaged over the mask. (Collings et al. apply it to colour-calibrated images; ours are not calibrated.)
@@ -32,6 +34,12 @@ al. calibrate with an in-frame colour card, which the public archives do not pro
 
 An empty mask yields NaN for every feature and ``num_pixels = 0`` (never a silent 0), so downstream statistics must
 exclude it (`screening` does, and counts it).
+
+Beside the features, `batch_colour_features` measures what says whether a photo was taken in light like the training
+photos' (`anemia_jax.screening.colour_domain` compares them with the training distribution): ``brightness``, the mean
+luma of the whole photo (Rec. 709 weights on the encoded values, 0..1), and ``light``, the log chromaticity
+``(log(eR/eG), log(eB/eG))`` of the grey-world illuminant of the reference pixels (outside the mask; NaN without a
+usable reference pixel), estimated whatever the ``constancy``: a colour cast of the light or the camera moves it.
 
 Colour constancy (``constancy=``, `CONSTANCY_METHODS`). Photos come from different phones and light; both methods
 estimate the colour of the light, an illuminant e = (eR, eG, eB) in LINEAR RGB, from reference pixels of the same
@@ -282,7 +290,7 @@ def colour_features(image: np.ndarray, mask: np.ndarray, *,
     lab = srgb_to_lab(pixels).mean(axis=0)
     mean_rgb = pixels.mean(axis=0)
     total = mean_rgb.sum()
-    chrom = mean_rgb / total if total > 0 else np.full(3, np.nan)
+    chrom = mean_rgb / total if total > 0 else np.full(3, 1.0 / 3.0)
     # The 8-bit scale with a floor of 1 keeps log10(R/G) finite for black pixels, whatever the input dtype.
     r8 = np.maximum(pixels[:, 0] * 255.0, 1.0)
     g8 = np.maximum(pixels[:, 1] * 255.0, 1.0)
@@ -290,7 +298,7 @@ def colour_features(image: np.ndarray, mask: np.ndarray, *,
     hhr = np.mean(hsi_hue(pixels) > hhr_threshold_deg)
     values = {
         "lab_l": lab[0], "lab_a": lab[1], "lab_b": lab[2],
-        "a_over_l": lab[1] / lab[0] if lab[0] > 0 else np.nan,
+        "a_over_l": lab[1] / lab[0] if lab[0] > 0 else 0.0,
         "mean_r": mean_rgb[0], "mean_g": mean_rgb[1], "mean_b": mean_rgb[2],
         "chrom_r": chrom[0], "chrom_g": chrom[1], "chrom_b": chrom[2],
         "erythema_index": erythema, "hhr": hhr,
@@ -308,12 +316,17 @@ class ColourFeatures:
         num_pixels: int64 [N] mask pixel counts (0 marks an empty or missing mask; a positive count with NaN
             values marks a photo whose colour constancy found no reference pixels).
         constancy: the colour-constancy method the values were computed with (`CONSTANCY_METHODS`).
+        brightness: float64 [N] mean luma of each whole photo (0..1), or None when not measured.
+        light: float64 [N, 2] log chromaticity (log(eR/eG), log(eB/eG)) of each photo's grey-world illuminant (NaN
+            rows: no usable reference pixel), or None when not measured (module docstring).
     """
 
     values: np.ndarray
     names: tuple[str, ...]
     num_pixels: np.ndarray
     constancy: str = "none"
+    brightness: np.ndarray | None = None
+    light: np.ndarray | None = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -332,7 +345,8 @@ class ColourFeatures:
         if None in columns:
             raise KeyError(f"unknown features {[n for n, c in zip(names, columns) if c is None]}; "
                            f"available: {self.names}.")
-        return ColourFeatures(self.values[:, columns], tuple(names), self.num_pixels, self.constancy)
+        return ColourFeatures(self.values[:, columns], tuple(names), self.num_pixels, self.constancy,
+                              self.brightness, self.light)
 
 
 def batch_colour_features(images: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, *,
@@ -359,4 +373,15 @@ def batch_colour_features(images: Sequence[np.ndarray] | np.ndarray, masks: Sequ
     values = np.array([[row[n] for n in FEATURE_NAMES] for row in rows], np.float64).reshape(len(rows),
                                                                                              len(FEATURE_NAMES))
     num_pixels = np.array([row["num_pixels"] for row in rows], np.int64)
-    return ColourFeatures(values, FEATURE_NAMES, num_pixels, constancy)
+    brightness = np.array([float(np.mean(to_unit_rgb(img) @ _LUMA)) for img in images], np.float64)
+    light = np.array([_light(img, m, ref) for img, m, ref in zip(images, masks, refs)], np.float64).reshape(-1, 2)
+    return ColourFeatures(values, FEATURE_NAMES, num_pixels, constancy, brightness, light)
+
+
+def _light(image: np.ndarray, mask: np.ndarray, reference_mask: np.ndarray | None) -> np.ndarray:
+    """[2] log chromaticity (log(eR/eG), log(eB/eG)) of the photo's grey-world illuminant (module docstring)."""
+    rgb = to_unit_rgb(image)
+    reference = (~_mask_2d(mask, rgb.shape[:2]) if reference_mask is None
+                 else _mask_2d(reference_mask, rgb.shape[:2]))
+    light = estimate_illuminant(rgb, reference, constancy="grey_world")
+    return np.log(light[[0, 2]] / light[1]) if np.all(np.isfinite(light)) else np.full(2, np.nan)

@@ -373,31 +373,48 @@ def _ci(value: float, interval, digits: int) -> str:
     return f"{value:.{digits}f} ({interval[0]:.{digits}f}, {interval[1]:.{digits}f})"
 
 
-def format_markdown(rows: Sequence[Mapping]) -> str:
-    """Renders `screening_table` rows as two markdown tables (Hgb agreement, anemia detection), one row per source.
+def _pair(value: float, parametric, bootstrap, digits: int) -> str:
+    """``value (parametric interval) [bootstrap interval]``."""
+    if not np.isfinite(value):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    for interval, (left, right) in ((parametric, "()"), (bootstrap, "[]")):
+        if np.all(np.isfinite(interval)):
+            text += f" {left}{interval[0]:.{digits}f}, {interval[1]:.{digits}f}{right}"
+    return text
 
-    Intervals in parentheses are 95% (or the table's ``confidence``): patient-bootstrap percentile intervals, Wilson
-    intervals for sensitivity and specificity at the screening threshold.
+
+def format_markdown(rows: Sequence[Mapping]) -> str:
+    """Renders `screening_table` rows as two markdown tables (Hgb agreement, anemia detection), one row per source,
+    and the warnings of their statistics.
+
+    Intervals are 95% (or the table's ``confidence``): in parentheses the parametric ones that hold at small n
+    (limits of agreement: exact, Carkeet 2015; r: Fisher z; AUC: DeLong), in brackets the patient-bootstrap
+    percentile ones; Wilson intervals for sensitivity and specificity at the screening threshold.
     """
-    lines = ["| source | n (Hgb) | Pearson r | MAE (g/dL) | RMSE (g/dL) | bias (g/dL) | 95% limits of agreement, "
-             "lower to upper (g/dL) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| source | n (Hgb) | Pearson r (Fisher z) [bootstrap] | MAE (g/dL) | RMSE (g/dL) | bias (g/dL) | "
+             "lower limit of agreement (exact) [bootstrap] | upper limit of agreement (exact) [bootstrap] |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a = r["agreement"]
-        loa = f"{_ci(a.loa[0], a.loa_lo_ci, 2)} to {_ci(a.loa[1], a.loa_hi_ci, 2)}"
-        lines.append(f"| {r['source']} | {r['n_hgb']} | {_ci(a.pearson_r, a.pearson_r_ci, 3)} | "
+        lines.append(f"| {r['source']} | {r['n_hgb']} | "
+                     f"{_pair(a.pearson_r, a.pearson_r_ci_fisher, a.pearson_r_ci, 3)} | "
                      f"{_ci(a.mae, a.mae_ci, 2)} | {_ci(a.rmse, a.rmse_ci, 2)} | {_ci(a.bias, a.bias_ci, 2)} | "
-                     f"{loa} |")
+                     f"{_pair(a.loa[0], a.loa_lo_ci_exact, a.loa_lo_ci, 2)} | "
+                     f"{_pair(a.loa[1], a.loa_hi_ci_exact, a.loa_hi_ci, 2)} |")
     target = rows[0]["detection"].target_sensitivity if rows else DEFAULT_TARGET_SENSITIVITY
-    lines += ["", f"| source | n (anemia: pos/all) | ROC AUC | sensitivity / specificity (Youden) | sensitivity "
-              f"(screening, target {target:g}) | specificity (screening) | Brier | excluded: Hgb unknown / label "
-              "unknown / no features |",
+    lines += ["", f"| source | n (anemia: pos/all) | ROC AUC (DeLong) [bootstrap] | sensitivity / specificity "
+              f"(Youden) | sensitivity (screening, target {target:g}) | specificity (screening) | Brier | excluded: "
+              "Hgb unknown / label unknown / no features |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = r["screening"]
         lines.append(
-            f"| {r['source']} | {r['n_positive']}/{r['n_anemia']} | {_ci(r['auc'], s.auc_ci, 3)} | "
+            f"| {r['source']} | {r['n_positive']}/{r['n_anemia']} | {_pair(r['auc'], s.auc_ci_delong, s.auc_ci, 3)} | "
             f"{_fmt(r['sensitivity'], 3)} / {_fmt(r['specificity'], 3)} | "
             f"{_ci(s.sensitivity, s.sensitivity_ci, 3)} | {_ci(s.specificity, s.specificity_ci, 3)} | "
             f"{_fmt(s.brier, 3)} | {r['n_unknown_hgb']} / {r['n_unknown_anemic']} / {r['n_missing_features']} |")
+    warnings = [f"- {r['source']}: {w}" for r in rows for w in (*r["agreement"].warnings, *r["screening"].warnings)]
+    if warnings:
+        lines += ["", "**Warnings** (intervals that mean little):", "", *dict.fromkeys(warnings)]
     return "\n".join(lines) + "\n"

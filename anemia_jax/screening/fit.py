@@ -32,7 +32,12 @@ from anemia_jax.screening import colour, cross_validation, screening_model
 from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.utils import provenance
 
-__all__ = ["OutOfFold", "data_record", "find_runs", "fit", "folds_of", "out_of_fold"]
+__all__ = ["DEFAULT_CONSTANCY", "OutOfFold", "data_record", "find_runs", "fit", "folds_of", "out_of_fold"]
+
+# Grey-world colour constancy by default: a camera's or lamp's colour cast otherwise moves the Hb estimate (a warm cast,
+# R x1.15 and B x0.85, moved a phantom model's estimates by about +1.1 g/dL without constancy and by -0.1 with it;
+# `colour_domain` flags the casts beyond what the training photos showed).
+DEFAULT_CONSTANCY = "grey_world"
 
 
 def find_runs(path: str | pathlib.Path) -> list[pathlib.Path]:

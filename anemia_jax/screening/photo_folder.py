@@ -179,6 +179,7 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
     suffixes = [*targets, "overlay", "uncertainty"]
     rows = []
     verdicts: dict[str, int] = {"usable": 0, "retake": 0}
+    answers: dict[str, int] = {}
 
     def flush(pending: list[tuple[epath.Path, np.ndarray]]) -> None:
         photos = [photo for _, photo in pending]
@@ -189,13 +190,17 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
             for c, t in enumerate(targets):
                 _save_png(seg.masks[..., c].astype(np.uint8) * 255, out / f"{stem}_{t}.png")
             overlay = seg.overlay(photo)
-            overlay = photo_report.draw_caption(overlay, photo_report.caption_lines(assessment))
+            overlay = photo_report.draw_caption(overlay, photo_report.caption_lines(assessment),
+                                                photo_report.footer_lines(assessment))
             # A photo-sized RGB PNG: level 1 is several times faster than 6 for a few % more bytes.
             _save_png(overlay, out / f"{stem}_overlay.png", compress_level=1)
             _save_png(np.round(np.clip(seg.uncertainty, 0.0, 1.0) * 255).astype(np.uint8),
                       out / f"{stem}_uncertainty.png")
             report.written[str(path)] = stem
             verdicts[assessment.verdict.label] += 1
+            if assessment.screening is not None:
+                answer = assessment.screening["answer"]
+                answers[answer] = answers.get(answer, 0) + 1
             rows.append([str(path), stem, photo.shape[1], photo.shape[0]]
                         + [f"{f:.6f}" for f in seg.fractions()] + photo_report.csv_values(assessment, screening))
 
@@ -250,6 +255,7 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
     summary = {"runs": [str(r.workdir) for r in segmenter.runs], "steps": [r.step for r in segmenter.runs],
                "mask_threshold": segmenter.threshold, "quality_target": assessor.target,
                "quality_thresholds": dataclasses.asdict(assessor.thresholds), "verdicts": verdicts,
+               **({"answers": answers} if screening else {}),
                "sex": "--sex" if sex else (str(sex_csv) if sex_csv else f"{photo_report.SEX_CSV} beside the photos"),
                **(record or {})}
     atomic.write_text(out / "predictions.json", json.dumps(conversions.jsonable(summary), indent=2) + "\n")

@@ -6,7 +6,8 @@ probability, per pixel).
 Per-photo measures (`measure`), on the quality target (default: the run's first target; the screening target when a
 screening model is used):
 
-* ``area_fraction``: the predicted mask's share of the image (at the model's resolution).
+* ``area_fraction``: the predicted mask's share of the photo, at the photo's own size (the scale of every area a
+  health worker sees: the page's areas and ``predict``'s ``fraction/<target>`` columns).
 * ``mean_uncertainty``: the mean entropy (bits, 0..1) over the pixels that any member calls the target (the
   predicted mask for a single run; for an ensemble the union of the members' masks, so that pixels only some
   members include count too). A confident mask scores near 0; an unsure one, or one the members disagree on, near
@@ -38,9 +39,10 @@ import numpy as np
 
 from anemia_jax.utils import conversions, input_files, paths
 
-__all__ = ["CALIBRATION_DEFAULTS", "CLIPPED_VALUE", "DEFAULTS", "FORMAT", "THRESHOLDS_FILE", "QualityMeasures",
-           "QualityThresholds", "Verdict", "choose_thresholds", "load_thresholds", "measure", "save_thresholds",
-           "target_channel", "thresholds_for_runs", "thresholds_from_record", "verdict"]
+__all__ = ["CALIBRATION_DEFAULTS", "CLIPPED_VALUE", "CODES", "DEFAULTS", "FORMAT", "HGB_BANDS", "THRESHOLDS_FILE",
+           "QualityMeasures", "QualityThresholds", "Verdict", "choose_thresholds", "load_thresholds", "measure",
+           "retake_shares", "save_thresholds", "target_channel", "thresholds_for_runs", "thresholds_from_record",
+           "verdict"]
 
 FORMAT = "anemia_jax.quality_thresholds"
 CLIPPED_VALUE = 250  # 8-bit value at or above which a channel counts as clipped by the camera (white: all three)
@@ -50,7 +52,12 @@ _LUMA = np.array([0.2126, 0.7152, 0.0722])
 # Calibration (python -m anemia_jax.calibrate_quality): a validation photo's segmentation is 'good' at Dice >=
 # good_dice, and each chosen threshold keeps the share keep_good of the good photos (so about 1 - keep_good of the
 # good photos are sent to retake per rule).
-CALIBRATION_DEFAULTS = {"good_dice": 0.6, "keep_good": 0.975}
+CALIBRATION_DEFAULTS = {"good_dice": 0.6, "keep_good": 0.975, "fairness_margin": 0.0}
+# The Hb bands (g/dL, [low, high)) the calibration reports retake shares for.
+HGB_BANDS = ((-math.inf, 8.0), (8.0, 10.0), (10.0, 12.0), (12.0, 14.0), (14.0, math.inf))
+# Every retake reason, in the order a photo's reasons are listed.
+CODES = ("too_dark", "too_bright", "no_conjunctiva", "region_too_small", "uncertain", "overexposed", "unusual_colour",
+         "no_colour")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +105,10 @@ class Verdict:
     Attributes:
         usable: False when any reason applies (the photo should be retaken).
         reasons: one sentence per problem, for the health worker (what is wrong, what to do).
-        codes: the same problems as short identifiers, in the same order: 'too_dark', 'no_conjunctiva',
-            'region_too_small', 'uncertain', 'overexposed', or 'colour_out_of_range' (added by the screening step).
+        codes: the same problems as short identifiers, in the same order (`CODES`' order): 'too_dark',
+            'too_bright', 'no_conjunctiva', 'region_too_small', 'uncertain', 'overexposed', and those the
+            screening step adds (`photo_report`): 'unusual_colour' (colour or light unlike the screening model's
+            training photos), 'no_colour' (no colour could be read).
     """
 
     usable: bool
@@ -112,8 +121,13 @@ class Verdict:
         return "usable" if self.usable else "retake"
 
     def with_reason(self, code: str, reason: str) -> Verdict:
-        """This verdict with one more problem (then not usable)."""
-        return Verdict(False, (*self.reasons, reason), (*self.codes, code))
+        """This verdict with one more problem (then not usable), in `CODES`' order (exposure first: a dark photo
+        also segments badly, and 'too dark' is what to fix); a code it already has is not repeated."""
+        if code in self.codes:
+            return self
+        items = sorted([*zip(self.codes, self.reasons), (code, reason)],
+                       key=lambda item: CODES.index(item[0]) if item[0] in CODES else len(CODES))
+        return Verdict(False, tuple(r for _, r in items), tuple(c for c, _ in items))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,35 +143,33 @@ class QualityMeasures:
 def measure(photo: np.ndarray, seg, channel: int) -> QualityMeasures:
     """`QualityMeasures` of one photo (uint8 ``[H, W, 3]``) and its `segmenter.PhotoSegmentation` ``seg``, for
     target channel ``channel``."""
-    mask_model = seg.probs_model[..., channel] > seg.threshold
-    area = int(mask_model.sum())
     region = np.any(seg.members_model[..., channel] > seg.threshold, axis=0)
     unc = float(seg.uncertainty_model[..., channel][region].mean()) if region.any() else math.nan
     luma = np.asarray(photo, np.float32) @ _LUMA.astype(np.float32) / 255.0
     mask = seg.masks[..., channel]
     clipped = (np.asarray(photo)[mask].min(axis=-1) >= CLIPPED_VALUE).mean() if mask.any() else 0.0
-    return QualityMeasures(area_fraction=area / mask_model.size, mean_uncertainty=unc,
+    return QualityMeasures(area_fraction=float(mask.mean()), mean_uncertainty=unc,
                            brightness=float(luma.mean()), clipped_fraction=float(clipped))
 
 
 def verdict(m: QualityMeasures, t: QualityThresholds) -> Verdict:
-    """The `Verdict` of measures ``m`` under thresholds ``t`` (every problem that applies, in a fixed order)."""
+    """The `Verdict` of measures ``m`` under thresholds ``t`` (every problem that applies, in `CODES`' order), in
+    plain words for a health worker: the measures and thresholds themselves are in ``predict``'s CSV."""
     v = Verdict(True)
     if m.brightness < t.min_brightness:
-        v = v.with_reason("too_dark", f"photo too dark (brightness {m.brightness:.2f} < {t.min_brightness:.2f}): "
-                                      "retake with more light")
+        v = v.with_reason("too_dark", "photo too dark: retake with more light")
     if m.area_fraction == 0:
         v = v.with_reason("no_conjunctiva", "no conjunctiva found: retake with the lower eyelid pulled down and its "
                                             "inner surface in view")
     elif m.area_fraction < t.min_area_fraction:
-        v = v.with_reason("region_too_small", f"conjunctiva region too small ({m.area_fraction:.1%} of the photo < "
-                                              f"{t.min_area_fraction:.1%}): retake closer")
+        share = f"{m.area_fraction:.1%}" if m.area_fraction >= 0.001 else "under 0.1%"
+        v = v.with_reason("region_too_small", f"inner eyelid too small in the photo ({share} of it): retake closer")
     if math.isfinite(m.mean_uncertainty) and m.mean_uncertainty > t.max_uncertainty:
-        v = v.with_reason("uncertain", f"segmentation too uncertain (mean {m.mean_uncertainty:.2f} > "
-                                       f"{t.max_uncertainty:.2f} bits): retake sharper, steadier and evenly lit")
+        v = v.with_reason("uncertain", "the inner eyelid's outline is unclear: retake sharper, steadier and evenly "
+                                       "lit")
     if m.clipped_fraction > t.max_clipped_fraction:
-        v = v.with_reason("overexposed", f"overexposed: {m.clipped_fraction:.0%} of the conjunctiva is washed out "
-                                         f"(> {t.max_clipped_fraction:.0%}): retake without flash glare")
+        v = v.with_reason("overexposed", f"overexposed: {m.clipped_fraction:.0%} of the inner eyelid is washed out "
+                                         "to white: retake without flash glare")
     return v
 
 
@@ -165,8 +177,41 @@ def _quantile(values: np.ndarray, q: float, method: str) -> float:
     return float(np.quantile(values, q, method=method))
 
 
+def _rule(area: np.ndarray, unc: np.ndarray, good: np.ndarray, keep: float) -> tuple[float, float, np.ndarray]:
+    """``(min_area, max_uncertainty, rejected [N])`` of the rule keeping the share ``keep`` of the good photos."""
+    finite = good & np.isfinite(unc)
+    max_unc = _quantile(unc[finite], keep, "higher") if finite.any() else math.inf
+    min_area = _quantile(area[good], 1.0 - keep, "lower")
+    return min_area, max_unc, (area < min_area) | (area == 0) | (np.isfinite(unc) & (unc > max_unc))
+
+
+def retake_shares(rejected: np.ndarray, anemic: np.ndarray | None = None, hgb: np.ndarray | None = None
+                  ) -> dict[str, Any]:
+    """The share of photos sent to retake among anemic and non-anemic subjects' (``anemic`` 1/0, -1 unknown), and
+    per Hb band (`HGB_BANDS`, g/dL): ``{'anemic', 'not_anemic', 'by_hgb': {band: {'n', 'retake'}}}`` (None where no
+    photo)."""
+    rejected = np.asarray(rejected, bool)
+    out: dict[str, Any] = {}
+    if anemic is not None:
+        anemic = np.asarray(anemic)
+        for label, flag in (("anemic", 1), ("not_anemic", 0)):
+            where = anemic == flag
+            out[label] = float(rejected[where].mean()) if where.any() else None
+    if hgb is not None:
+        hgb = np.asarray(hgb, np.float64)
+        out["by_hgb"] = {}
+        for lo, hi in HGB_BANDS:
+            where = np.isfinite(hgb) & (hgb >= lo) & (hgb < hi)
+            band = f"{lo:g}-{hi:g}" if math.isfinite(lo) and math.isfinite(hi) else (
+                f"< {hi:g}" if math.isfinite(hi) else f">= {lo:g}")
+            out["by_hgb"][band] = {"n": int(where.sum()),
+                                   "retake": float(rejected[where].mean()) if where.any() else None}
+    return out
+
+
 def choose_thresholds(area_fraction: np.ndarray, mean_uncertainty: np.ndarray, dice: np.ndarray, *,
-                      good_dice: float, keep_good: float) -> dict[str, Any]:
+                      good_dice: float, keep_good: float, anemic: np.ndarray | None = None,
+                      hgb: np.ndarray | None = None, fairness_margin: float | None = 0.0) -> dict[str, Any]:
     """Chooses ``min_area_fraction`` and ``max_uncertainty`` on validation photos with reference masks.
 
     A photo's segmentation is good when its Dice with the reference is at least ``good_dice``. Each threshold is
@@ -175,9 +220,18 @@ def choose_thresholds(area_fraction: np.ndarray, mean_uncertainty: np.ndarray, d
     ``1 - keep_good`` quantile of their area (method 'lower'). What the rule catches among the bad photos, and how
     well each measure separates bad from good (ROC AUC, bad = positive), are reported, not optimised.
 
+    Fairness (with ``anemic`` and ``fairness_margin`` not None): a rule that sends anemic subjects' photos to retake
+    more often than the others' hides the patients the screen is for (pale conjunctivas segment less surely). When
+    the share of anemic subjects' photos it rejects exceeds the non-anemic subjects' share plus
+    ``fairness_margin``, both thresholds are relaxed together, one good photo's order statistic at a time (the kept
+    share of good photos rises from ``keep_good`` towards 1), until it no longer does; the report gives the shares
+    before and after (and per Hb band with ``hgb``), the share kept and whether the constraint was met.
+
     Args:
         area_fraction, mean_uncertainty, dice: [N] per validation photo (``mean_uncertainty`` NaN for empty masks).
         good_dice: Dice at or above which a segmentation counts as good; keep_good: in (0, 1].
+        anemic: [N] 1/0/-1 (unknown) per photo; hgb: [N] g/dL (NaN unknown), for the report's bands.
+        fairness_margin: how much larger the anemic subjects' retake share may be (None: no constraint).
 
     Returns:
         ``{'min_area_fraction', 'max_uncertainty', 'report': {...}}``.
@@ -198,10 +252,30 @@ def choose_thresholds(area_fraction: np.ndarray, mean_uncertainty: np.ndarray, d
         raise ValueError(f"none of the {len(dice)} validation photos has Dice >= {good_dice} (best "
                          f"{np.max(dice, initial=math.nan):.3f}): the model is too poor to choose quality thresholds "
                          "on; train longer or lower quality.good_dice.")
-    finite = good & np.isfinite(unc)
-    max_unc = _quantile(unc[finite], keep_good, "higher") if finite.any() else math.inf
-    min_area = _quantile(area[good], 1.0 - keep_good, "lower")
-    rejected = (area < min_area) | (area == 0) | (np.isfinite(unc) & (unc > max_unc))
+    min_area, max_unc, rejected = _rule(area, unc, good, keep_good)
+    fairness = None
+    if anemic is not None and fairness_margin is not None:
+        labels = np.asarray(anemic)
+        before = retake_shares(rejected, labels, hgb)
+        keep = keep_good
+        n_good = int(good.sum())
+        steps = [keep_good] + [k / n_good for k in range(math.floor(keep_good * n_good) + 1, n_good + 1)]
+
+        def unfair(shares):
+            return (shares.get("anemic") is not None and shares.get("not_anemic") is not None
+                    and shares["anemic"] > shares["not_anemic"] + fairness_margin)
+
+        for keep in steps:
+            min_area, max_unc, rejected = _rule(area, unc, good, keep)
+            if not unfair(retake_shares(rejected, labels)):
+                break
+        after = retake_shares(rejected, labels, hgb)
+        fairness = {"rule": "the share of anemic subjects' photos sent to retake may exceed the non-anemic "
+                            f"subjects' by at most {fairness_margin:g}; otherwise both thresholds are relaxed one "
+                            "good photo's order statistic at a time",
+                    "margin": fairness_margin, "keep_good_asked": keep_good, "keep_good_used": keep,
+                    "met": not unfair(after), "before": before, "after": after,
+                    "thresholds_before": list(_rule(area, unc, good, keep_good)[:2])}
     bad = ~good
 
     def share(flags, where):
@@ -218,6 +292,7 @@ def choose_thresholds(area_fraction: np.ndarray, mean_uncertainty: np.ndarray, d
         "quantiles": {name: {str(q): float(np.nanquantile(v, q)) if np.isfinite(v).any() else math.nan
                              for q in (0.0, 0.05, 0.5, 0.95, 1.0)}
                       for name, v in (("area_fraction", area), ("mean_uncertainty", unc), ("dice", dice))},
+        **({"fairness": fairness} if fairness is not None else {}),
     }
     return {"min_area_fraction": min_area, "max_uncertainty": max_unc, "report": report}
 

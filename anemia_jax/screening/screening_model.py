@@ -25,10 +25,17 @@ performance `anemia_jax.screening.cross_validation` reports, now on all the phot
   the threshold that the Hgb interval is compared with (``hgb_vs_who``: 'below' if hi < t, 'above' if lo >= t,
   else 'straddles').
 
+* The photos it can speak for (`colour_domain.ColourDomain`, fitted on the same photos and folds): a photo darker
+  or brighter than the training photos, or whose light (a cast estimate from the pixels outside the mask) or colour
+  features lie beyond what the training photos reached out of fold, gets a ``flag`` ('too_dark', 'too_bright',
+  'unusual_colour') and a reason; `photo_report` sends it to retake. Its estimate is still computed here (for
+  research); the outputs a health worker reads withhold it.
+
 The artifact is one small JSON file (`save` / `load`, schema `SCHEMA_VERSION`): the feature spec (which mask, at
 what size, which threshold, constancy and features: `features.FeatureSpec`, the one definition of how a photo becomes
 the model's input), scaler, coefficients and intercepts, penalties, the CV+ fold models and residuals,
-the threshold, the WHO thresholds, the training protocol and the out-of-fold metrics it reached. Floats are written
+the threshold, the WHO thresholds, the colour domain, the training protocol (what it was fitted on: `training`) and the
+out-of-fold metrics it reached. Floats are written
 with Python's shortest round-trip repr, so a loaded model predicts bit-identically. Pure NumPy.
 """
 
@@ -43,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
-from anemia_jax.screening import clinical_stats, colour, cross_validation
+from anemia_jax.screening import clinical_stats, colour, colour_domain, cross_validation
 from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.screening.linear_models import LinearModel, fit_logistic, fit_ridge
+from anemia_jax.screening.wording import REASONS
 from anemia_jax.utils import atomic
 
 __all__ = [
@@ -60,9 +68,13 @@ __all__ = [
 ]
 
 FORMAT = "anemia_jax.screening_model"
-# 2: the feature spec (`features.FeatureSpec`) replaced the untyped 'colour' settings; version 1 files still load.
-SCHEMA_VERSION = 2
+# 2: the feature spec (`features.FeatureSpec`) replaced the untyped 'colour' settings. 3: the colour domain
+# (`colour_domain`). Versions 1 and 2 still load, without the domain checks.
+SCHEMA_VERSION = 3
 WHO_THRESHOLDS_G_DL = {"F": 12.0, "M": 13.0, "unknown": 13.0}
+# What a loaded file's WHO thresholds may be: the WHO's anemia cut-offs lie between 11 (children, pregnancy) and 13
+# g/dL (men); anything outside [7, 18] is a damaged or mistyped file, not a population.
+WHO_THRESHOLD_RANGE_G_DL = (7.0, 18.0)
 DEFAULT_EXTRAPOLATION_Z = 5.0
 _SEX = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M",
         "": "unknown", "u": "unknown", "unknown": "unknown", "?": "unknown", "na": "unknown", "n/a": "unknown"}
@@ -85,7 +97,10 @@ class ScreeningPredictions:
     ``hgb`` (g/dL) and its interval ``hgb_lo``/``hgb_hi``, ``p_anemia``, are NaN and ``anemic`` is -1 where the photo
     could not be screened; ``anemic`` is 1/0 otherwise (``p_anemia >= threshold``). ``sex`` is 'F'/'M'/'unknown',
     ``who_threshold`` the threshold used for it, ``hgb_vs_who`` 'below'/'above'/'straddles' ('' if not screened).
-    ``reason`` says why a photo was not screened or why its estimate is doubtful ('' when neither).
+    ``flag`` says why a photo was not screened or why its estimate must not be used ('' when neither): 'no_mask',
+    'no_reference' (colour constancy found no reference pixel), 'missing' (NaN features given), 'too_dark',
+    'too_bright' or 'unusual_colour' (`colour_domain`, or a feature beyond ``extrapolation_z`` training SDs);
+    ``reason`` is the same in plain words, ``detail`` the measurement behind it.
     """
 
     hgb: np.ndarray
@@ -96,7 +111,9 @@ class ScreeningPredictions:
     sex: np.ndarray
     who_threshold: np.ndarray
     hgb_vs_who: np.ndarray
+    flag: np.ndarray
     reason: np.ndarray
+    detail: np.ndarray
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per photo (the field names as keys, Python scalars), e.g. for a CSV writer."""
@@ -133,6 +150,7 @@ class ScreeningModel:
     extrapolation_z: float
     training: dict[str, Any]
     metrics: dict[str, Any]
+    domain: colour_domain.ColourDomain | None = None
 
     @property
     def constancy(self) -> str:
@@ -195,23 +213,35 @@ class ScreeningModel:
         anemic = np.where(ok, (p >= self.threshold).astype(np.int64), -1)
         thresholds = np.array([self.who_thresholds[s] for s in sexes], np.float64)
         vs = np.where(~ok, "", np.where(hi < thresholds, "below", np.where(lo >= thresholds, "above", "straddles")))
-        z = np.abs((x - self.regression.mean) / self.regression.scale)
-        reasons = []
-        for i in range(n):
-            if not ok[i]:
-                empty = num_pixels is not None and num_pixels[i] == 0
-                reasons.append("no usable mask (empty or missing conjunctiva mask)" if empty else
-                               f"no colour reference for {self.constancy!r} constancy (no unclipped pixels outside "
-                               "the mask)" if num_pixels is not None else "missing colour features (NaN)")
-            elif z[i].max() > self.extrapolation_z:
-                j = int(np.argmax(z[i]))
-                reasons.append(f"colour outside the training range ({self.feature_names[j]} is {z[i, j]:.1f} "
-                               "training SDs from the mean): estimate unreliable, check the light and retake")
-            else:
-                reasons.append("")
+        flags = [self._flag(x, num_pixels, ok, i, checked) for i, checked in
+                 enumerate(self.domain.flags(features, x) if self.domain is not None
+                           and isinstance(features, colour.ColourFeatures) else [("", "")] * n)]
+        flag, reason, detail = (np.array([f[k] for f in flags] or [], dtype=object) for k in range(3))
         return ScreeningPredictions(hgb=hgb, hgb_lo=lo, hgb_hi=hi, p_anemia=p, anemic=anemic,
                                     sex=np.array(sexes, dtype=object), who_threshold=thresholds,
-                                    hgb_vs_who=vs.astype(object), reason=np.array(reasons, dtype=object))
+                                    hgb_vs_who=vs.astype(object), flag=flag, reason=reason, detail=detail)
+
+    def _flag(self, x: np.ndarray, num_pixels, ok: np.ndarray, i: int, checked: tuple[str, str]
+              ) -> tuple[str, str, str]:
+        """``(flag, reason, detail)`` of photo i (`ScreeningPredictions`); ``checked`` is the domain's verdict."""
+        code, detail = checked
+        if code in ("too_dark", "too_bright"):  # first: exposure explains whatever else went wrong
+            return code, REASONS[code], detail
+        if not ok[i]:
+            if num_pixels is None:
+                return "missing", REASONS["missing"], "NaN features given"
+            if num_pixels[i] == 0:
+                return "no_mask", REASONS["no_mask"], "empty mask at the feature size"
+            return "no_reference", REASONS["no_reference"], (f"no unclipped pixel outside the mask for "
+                                                             f"{self.constancy!r} colour constancy")
+        if code:
+            return code, REASONS[code], detail
+        z = np.abs((x[i] - self.regression.mean) / self.regression.scale)
+        if z.max() > self.extrapolation_z:
+            j = int(np.argmax(z))
+            return "unusual_colour", REASONS["unusual_colour"], (f"{self.feature_names[j]} is {z[j]:.1f} training "
+                                                                 "SDs from the mean")
+        return "", "", ""
 
     def to_json(self) -> dict[str, Any]:
         """The artifact as JSON-ready Python (lists and floats)."""
@@ -232,7 +262,9 @@ class ScreeningModel:
                                              "is called anemic"},
             "who_thresholds_g_dl": dict(self.who_thresholds),
             "unknown_sex_rule": "the higher (men's) threshold, so that a missing sex never hides anemia",
-            "extrapolation_z": self.extrapolation_z, "training": self.training, "metrics": self.metrics}
+            "extrapolation_z": self.extrapolation_z,
+            "domain": None if self.domain is None else _finite_json(self.domain.to_json()),
+            "training": self.training, "metrics": self.metrics}
 
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
         """Writes the JSON artifact (strict JSON: no NaN/Infinity) atomically: complete under its name or absent;
@@ -289,10 +321,10 @@ def _from_json(data: Any, source: str) -> ScreeningModel:
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         raise ValueError(f"{source} is not a screening model artifact (its 'format' is not {FORMAT!r}).")
     version = r.get(data, "schema_version", int)
-    if version not in (1, SCHEMA_VERSION):
+    if version not in range(1, SCHEMA_VERSION + 1):
         newer = version > SCHEMA_VERSION
         raise ValueError(f"screening model {source} has schema version {version}; this anemia_jax reads versions "
-                         f"1 and {SCHEMA_VERSION}: {'upgrade anemia_jax' if newer else 're-create the artifact'}.")
+                         f"1 to {SCHEMA_VERSION}: {'upgrade anemia_jax' if newer else 're-create the artifact'}.")
     names = r.get(data, "feature_names", list)
     if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise r.fail("feature_names", "must be distinct strings")
@@ -318,18 +350,41 @@ def _from_json(data: Any, source: str) -> ScreeningModel:
         raise r.fail("prediction_interval", "needs fold models, fold indices into them and residuals >= 0")
     who = r.get(data, "who_thresholds_g_dl", dict)
     who = {k: r.get(who, k, float, "who_thresholds_g_dl.") for k in ("F", "M", "unknown")}
+    low, high = WHO_THRESHOLD_RANGE_G_DL
+    for k, value in who.items():
+        if not low <= value <= high:
+            raise r.fail(f"who_thresholds_g_dl.{k}", f"must lie in [{low:g}, {high:g}] g/dL (the WHO's cut-offs are "
+                                                    f"11-13); got {value:g}")
+    if who["unknown"] < max(who["F"], who["M"]):
+        raise r.fail("who_thresholds_g_dl.unknown", "must be at least the F and M thresholds (a missing sex must "
+                                                    f"never hide anemia); got {who}")
     threshold = r.get(cls, "threshold", float, "classifier.")
     if not 0.0 <= threshold <= 1.0:
         raise r.fail("classifier.threshold", "must be a probability in [0, 1]")
+    target_sensitivity = r.get(cls, "target_sensitivity", float, "classifier.")
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise r.fail("classifier.target_sensitivity", "must lie in (0, 1]")
+    extrapolation_z = r.get(data, "extrapolation_z", float)
+    if extrapolation_z <= 0.0:
+        raise r.fail("extrapolation_z", f"must be positive (a distance in training SDs); got {extrapolation_z:g}")
+    alpha, l2 = r.get(reg, "alpha", float, "regression."), r.get(cls, "l2", float, "classifier.")
+    if alpha < 0.0 or l2 < 0.0:
+        raise r.fail("regression.alpha" if alpha < 0.0 else "classifier.l2", "must be >= 0 (a penalty)")
+    domain = None
+    if version >= 3:
+        try:
+            domain = colour_domain.from_json(r.get(data, "domain", dict), f)
+        except ValueError as e:
+            raise r.fail("domain", f"is invalid ({e})") from None
     return ScreeningModel(
         feature_names=tuple(names), feature_spec=spec, regression=r.linear(reg, f, "regression."),
-        alpha=r.get(reg, "alpha", float, "regression."),
+        alpha=alpha,
         fold_models=tuple(r.linear(m, f, f"prediction_interval.fold_models[{i}].") for i, m in enumerate(folds)),
         residual_fold=residual_fold, abs_residuals=abs_residuals, coverage=coverage,
-        classifier=r.linear(cls, f, "classifier.", logistic=True), l2=r.get(cls, "l2", float, "classifier."),
-        threshold=threshold, target_sensitivity=r.get(cls, "target_sensitivity", float, "classifier."),
-        who_thresholds=who, extrapolation_z=r.get(data, "extrapolation_z", float),
-        training=r.get(data, "training", dict), metrics=r.get(data, "metrics", dict))
+        classifier=r.linear(cls, f, "classifier.", logistic=True), l2=l2,
+        threshold=threshold, target_sensitivity=target_sensitivity,
+        who_thresholds=who, extrapolation_z=extrapolation_z,
+        training=r.get(data, "training", dict), metrics=r.get(data, "metrics", dict), domain=domain)
 
 
 def load(path: str | pathlib.Path) -> ScreeningModel:
@@ -416,13 +471,16 @@ def fit_screening_model(features: colour.ColourFeatures, *, hgb: np.ndarray, ane
               "n_hgb": int(use.sum()), "n_anemia": int(labelled.sum()), "n_anemic": int(y.sum()),
               "n_excluded_no_features": int((~finite).sum()), "alphas_grid": list(alphas), "l2s_grid": list(l2s),
               "fold_alphas": reg_cv.alphas.tolist()}
+    domain = colour_domain.fit(features, folds, anemic)
+    metrics["colour_domain"] = domain.report
     return ScreeningModel(
         feature_names=tuple(features.names), feature_spec=feature_spec,
         regression=fit_ridge(x[use], hgb[use], alpha=alpha), alpha=float(alpha), fold_models=reg_cv.models,
         residual_fold=fold_of[done], abs_residuals=residuals, coverage=float(coverage),
         classifier=fit_logistic(x[labelled], y, l2=l2), l2=float(l2), threshold=float(threshold),
         target_sensitivity=float(target_sensitivity), who_thresholds=dict(WHO_THRESHOLDS_G_DL),
-        extrapolation_z=float(extrapolation_z), training=_finite_json(record), metrics=_finite_json(metrics))
+        extrapolation_z=float(extrapolation_z), training=_finite_json(record), metrics=_finite_json(metrics),
+        domain=domain)
 
 
 def _finite_json(value: Any) -> Any:
