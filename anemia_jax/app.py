@@ -64,13 +64,16 @@ def build_service(cmd: cli.Command) -> ScreeningService:
 
     from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
     from anemia_jax.runs import restore
-    from anemia_jax.utils import parallel
+    from anemia_jax.utils import compilation_cache, parallel
 
     transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
-    restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=cmd.run_configs(),
+    configs = cmd.run_configs()
+    compilation_cache.enable_for_serving(configs[0].get("compilation_cache_dir", ""))
+    restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=configs,
                                  mesh=parallel.make_mesh(jax.local_devices()[:1]))  # one photo per request
     seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
                               prune_level=cmd.prune_level, batch_size=1)
+    seg.warm_up()  # compiled before the page opens: the first photo is answered at full speed
     assessor = _assessor(cmd, restored, seg.targets)
     what = f"{len(restored)} run(s) ({restored[0].config.model.name}, targets {', '.join(seg.targets)})"
     extra = " with the Hb screening model" if assessor is not None and assessor.screening is not None else ""

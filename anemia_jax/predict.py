@@ -102,13 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from anemia_jax.inference import probabilities, segmenter  # noqa: PLC0415
     from anemia_jax.runs import restore
     from anemia_jax.screening import screening_model
-    from anemia_jax.utils import parallel
+    from anemia_jax.utils import compilation_cache, parallel
 
     try:
         transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+        configs = cmd.run_configs()
+        # The runs' persistent compilation cache: a second predict on the same runs skips the compilation.
+        compilation_cache.enable_for_serving(configs[0].get("compilation_cache_dir", ""))
         # This process's devices only: every process of a multi-host job would otherwise need the same photos.
         restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint,
-                                     mesh=parallel.make_mesh(jax.local_devices()), configs=cmd.run_configs())
+                                     mesh=parallel.make_mesh(jax.local_devices()), configs=configs)
         seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
                                   prune_level=cmd.prune_level, batch_size=cmd.batch_size)
         model = screening_model.load(cmd.screening) if cmd.screening else None

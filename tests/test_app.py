@@ -89,6 +89,15 @@ def _get(url: str) -> tuple[int, bytes, dict]:
         return response.status, response.read(), dict(response.headers)
 
 
+def test_the_page_compiles_before_it_opens(workdir):
+    cmd = app._command()
+    assert cmd.parse_runs(["app", f"--workdir={workdir}"]) == []
+    service = app.build_service(cmd)
+    # The prediction program is compiled (and has run) before the server listens: the first photo waits for no
+    # compilation.
+    assert service.segmenter._members._cache_size() == 1
+
+
 def test_page_and_settings(url):
     status, page, headers = _get(f"{url}/")
     assert status == 200 and b"Conjunctiva screening" in page and b'capture="environment"' in page
@@ -115,6 +124,33 @@ def test_photo_result_matches_the_segmenter_and_lands_in_the_csv(url, service, p
     assert len(rows) == 1 and rows[0]["file"] == "phantom_eye.png" and rows[0]["sex"] == "F"
     assert float(rows[0]["fraction/palpebral"]) == pytest.approx(result["targets"][0]["fraction"], abs=1e-6)
     assert rows[0]["verdict"] == result["verdict"]["label"]
+
+
+def _decoded(data_url: str) -> np.ndarray:
+    import base64
+
+    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+
+def test_large_photo_is_drawn_at_display_size(service, monkeypatch):
+    # A phone photo is shown at most display_size pixels wide: its overlay and uncertainty map are drawn at that
+    # size, never at the photo's (which took seconds), and look like the full-size drawing shrunk.
+    photo = np.asarray(PIL.Image.fromarray(phantom.generate_example(0, 45, long_side=64).image).resize(
+        (600, 800), PIL.Image.Resampling.BILINEAR))
+    seg = service.segmenter.segment([photo])[0]
+    full_overlay = seg.overlay(photo)
+    full_uncertainty = seg.uncertainty
+    monkeypatch.setattr(service, "display_size", 200)
+    monkeypatch.setattr(type(seg), "overlay", lambda *a, **k: pytest.fail("full-size overlay drawn"))
+    monkeypatch.setattr(type(seg), "uncertainty", property(lambda _: pytest.fail("full-size uncertainty drawn")))
+    result = service.analyse(_png(photo), "big.png")
+    overlay, heat = _decoded(result["overlay"]), _decoded(result["uncertainty"])
+    assert overlay.shape == (200, 150, 3) and heat.shape == (200, 150, 3)
+    shrunk = np.asarray(PIL.Image.fromarray(full_overlay).resize((150, 200), PIL.Image.Resampling.BILINEAR))
+    assert np.abs(overlay.astype(float) - shrunk).mean() < 12  # JPEG and resampling apart, the same picture
+    shrunk_heat = app_server._heat(np.asarray(PIL.Image.fromarray(full_uncertainty).resize((150, 200))))
+    assert np.abs(heat.astype(float) - shrunk_heat).mean() < 6
+    assert [t["fraction"] for t in result["targets"]] == pytest.approx(list(seg.fractions()))  # still full size
 
 
 def test_bad_uploads_are_messages_and_the_server_keeps_answering(url, photo_file, monkeypatch):

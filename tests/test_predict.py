@@ -109,6 +109,29 @@ def test_command_line_reports_unreadable_inputs(workdir, photos, tmp_path, caplo
                                       np.asarray(PIL.Image.open(tmp_path / "twice" / name)))
 
 
+def test_predict_reads_and_fills_the_runs_compilation_cache(workdir, photos, tmp_path, warnings_log):
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    portrait = photos[1]["portrait.png"][0]
+    before = jax.config.jax_compilation_cache_dir
+    cache = tmp_path / "cache"
+    try:
+        assert predict.main(["predict", f"--workdir={workdir}", str(portrait), f"--out={tmp_path / 'a'}",
+                             f"--config.compilation_cache_dir={cache}"]) == 0
+        assert jax.config.jax_compilation_cache_dir == str(cache) and cache.is_dir()
+        # A cache that cannot be opened only costs time: a warning, and the photos are written.
+        blocked = tmp_path / "a_file"
+        blocked.write_text("")
+        assert predict.main(["predict", f"--workdir={workdir}", str(portrait), f"--out={tmp_path / 'b'}",
+                             f"--config.compilation_cache_dir={blocked / 'cache'}"]) == 0
+        assert any("compilation cache" in m and "unavailable" in m for m in warnings_log)
+        assert (tmp_path / "b" / "portrait_palpebral.png").is_file()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax_cache.reset_cache()
+
+
 def test_repeated_stems_do_not_overwrite(best_run, photos, tmp_path):
     folder, made = photos
     other = tmp_path / "other"

@@ -23,6 +23,7 @@ import functools
 from collections.abc import Sequence
 
 import numpy as np
+import PIL.Image
 
 from anemia_jax.inference import probabilities, tta, uncertainty
 from anemia_jax.runs import restore as runs_lib
@@ -77,6 +78,30 @@ class PhotoSegmentation:
         about 1/300 of the photo's longest side so that it stays visible on a full-size photo."""
         return image_io.overlay(photo, self.masks, outline=max(1, round(max(photo.shape[:2]) / 300)))
 
+    def display(self, photo: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(overlay, uncertainty)`` drawn at most ``max_side`` pixels on a side, for a screen.
+
+        The photo is shrunk first (bilinear) and the masks and the uncertainty map are resized from the training
+        resolution straight to that size, so the cost does not grow with the photo: drawing a 12-megapixel photo's
+        overlay and uncertainty map at full size and shrinking them took 4-5 s of the page's answer (load ~8, 2
+        cores; experiments/results/photo_latency/). The same picture as `overlay` shrunk, up to resampling.
+
+        Returns:
+            uint8 ``[h, w, 3]`` the overlay (outline 1/300 of the longest side) and float32 ``[h, w]`` the
+            per-pixel uncertainty (`uncertainty`) at that size.
+        """
+        h, w = photo.shape[:2]
+        scale = min(1.0, max_side / max(h, w))
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if size == (h, w):
+            small, masks = photo, self.masks
+        else:
+            small = np.asarray(PIL.Image.fromarray(photo).resize((size[1], size[0]), PIL.Image.Resampling.BILINEAR))
+            masks = image_io.resize_probabilities(self.probs_model, size) > self.threshold
+        worst = self.uncertainty_model.max(axis=-1, keepdims=True)
+        uncertainty = image_io.resize_probabilities(worst, size)[..., 0]
+        return image_io.overlay(small, masks, outline=max(1, round(max(size) / 300))), uncertainty
+
 
 def fraction_columns(targets: Sequence[str]) -> list[str]:
     """The results-table columns of `PhotoSegmentation.fractions`: ``fraction/<target>`` per target."""
@@ -118,6 +143,11 @@ class Segmenter:
     @property
     def targets(self) -> tuple[str, ...]:
         return self.runs[0].targets
+
+    def warm_up(self) -> None:
+        """Compiles the prediction program (or loads it from the persistent compilation cache) and runs it once, so
+        that the first photo is answered at full speed: what the page does before it starts listening."""
+        self.segment([np.zeros((*self.image_size, 3), np.uint8)])
 
     def segment(self, photos: Sequence[np.ndarray]) -> list[PhotoSegmentation]:
         """Segments upright uint8 RGB photos ``[H_i, W_i, 3]`` (any sizes); one `PhotoSegmentation` each."""

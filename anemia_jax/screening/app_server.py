@@ -149,16 +149,16 @@ class ScreeningService:
             seg = self.segmenter.segment([photo])[0]
             report = None if self.assessor is None else self.assessor.assess([photo], [seg], [sex])[0]
         masks = seg.masks
+        # Drawn at the size the page shows (not at the photo's and then shrunk: seconds on a phone photo).
+        overlay, uncertainty = seg.display(photo, self.display_size)
         result: dict[str, Any] = {
             "id": secrets.token_hex(8), "name": name, "width": int(photo.shape[1]), "height": int(photo.shape[0]),
-            "overlay": _data_url(seg.overlay(photo), self.display_size),
+            "overlay": _data_url(overlay, self.display_size),
             "targets": [{"name": t, "colour": "#%02x%02x%02x" % image_io.COLORS[c % len(image_io.COLORS)],
                          "fraction": float(masks[..., c].mean()), "pixels": int(masks[..., c].sum())}
                         for c, t in enumerate(self.segmenter.targets)],
             "uncertainty": None, "verdict": None, "screening": None}
-        uncertainty = getattr(seg, "uncertainty", None)
-        if uncertainty is not None:
-            result["uncertainty"] = _data_url(_heat(uncertainty), self.display_size, "PNG")
+        result["uncertainty"] = _data_url(_heat(uncertainty), self.display_size, "PNG")
         row = [name, photo.shape[1], photo.shape[0]] + [f"{t['fraction']:.6f}" for t in result["targets"]]
         if report is not None:
             from anemia_jax.screening import photo_report  # noqa: PLC0415
