@@ -132,6 +132,21 @@ def test_predict_reads_and_fills_the_runs_compilation_cache(workdir, photos, tmp
         jax_cache.reset_cache()
 
 
+def test_onnx_model_without_onnx_runtime_is_a_message(tmp_path, capsys):
+    # tests/onnx covers --onnx with ONNX Runtime; here (the project environment) it is absent, and says how to get it.
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        pytest.skip("ONNX Runtime is installed in this environment")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"an ONNX file")
+    assert predict.main(["predict", f"--onnx={model}", str(tmp_path), f"--out={tmp_path / 'out'}"]) == 2
+    assert "pip install onnxruntime" in capsys.readouterr().err
+    assert predict.main(["predict", f"--onnx={model}", "--workdir=/a/run", str(tmp_path), "--out=x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_repeated_stems_do_not_overwrite(best_run, photos, tmp_path):
     folder, made = photos
     other = tmp_path / "other"

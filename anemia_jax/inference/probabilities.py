@@ -37,8 +37,8 @@ from anemia_jax.utils import parallel, xla_cpu
 PyTree = Any
 ProbabilityFn = Callable[[PyTree, jax.Array], jax.Array]
 
-__all__ = ["ProbabilityFn", "compiler_options", "ensemble_fn", "members_fn", "mesh_batch_size", "model_multiple", "parse_tta", "probability_of",
-           "predict_images", "probability_fn", "sharded"]
+__all__ = ["ProbabilityFn", "compiler_options", "ensemble_fn", "members_fn", "mesh_batch_size", "model_multiple",
+           "parse_tta", "predict_images", "probability_fn", "probability_of", "sharded"]
 
 
 def model_multiple(model) -> int:

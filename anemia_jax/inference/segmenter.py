@@ -1,6 +1,8 @@
 """Segmenting photographs of any size with restored runs: what ``predict``, the screening app and scripts share.
 
-`Segmenter(runs, ...)` wraps one run or an ensemble of runs (their probabilities averaged, `probabilities.probability_of`).
+`Segmenter(runs, ...)` wraps one run or an ensemble of runs (their probabilities averaged, `probabilities.probability_of`);
+`Segmenter.from_onnx(model)` an exported ONNX model run by ONNX Runtime (`anemia_jax.inference.onnx_engine`), the same
+steps around it.
 ``segment(photos)`` takes upright uint8 RGB photos of any size (`image_io.load_photo`) and, per photo:
 
 1. resizes it to the runs' training resolution exactly as training photos were (`image_io.resize_image`);
@@ -21,13 +23,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 
-from anemia_jax.inference import probabilities, tta, uncertainty
-from anemia_jax.runs import restore as runs_lib
+from anemia_jax.inference import onnx_engine, uncertainty
 from anemia_jax.utils import image_io
+
+if TYPE_CHECKING:  # annotations only: the ONNX engine imports neither JAX nor the runs (nor ml_collections)
+    from anemia_jax.inference import tta
+    from anemia_jax.runs import restore as runs_lib
 
 __all__ = ["PhotoSegmentation", "Segmenter", "fraction_columns"]
 
@@ -109,7 +115,8 @@ def fraction_columns(targets: Sequence[str]) -> list[str]:
 
 
 class Segmenter:
-    """Photos in, probabilities and masks out, with one run or an ensemble of runs (same targets and resolution).
+    """Photos in, probabilities and masks out, with one run or an ensemble of runs (same targets and resolution), or
+    with an exported ONNX model (`from_onnx`).
 
     Args:
         runs: restored runs (`restore.load_runs`), on one mesh (for photos, normally this process's devices).
@@ -117,45 +124,95 @@ class Segmenter:
         transforms: TTA views (`probabilities.parse_tta`), or None.
         prune_level: UNet++ pruned network L^k, or None.
         batch_size: photos per device call (rounded up to a multiple of the mesh size; default the mesh size).
+
+    ``engine`` says which runs the model: ``'jax'`` (the runs, compiled by XLA) or ``'onnxruntime'``.
     """
 
     def __init__(self, runs: Sequence[runs_lib.Run], *, threshold: float = 0.5,
                  transforms: Sequence[tta.Transform] | None = None, prune_level: int | None = None,
                  batch_size: int | None = None):
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must lie in [0, 1); got {threshold}.")
+        from anemia_jax.inference import probabilities  # noqa: PLC0415 -- JAX: not loaded by the ONNX engine
+
+        self.threshold = _checked_threshold(threshold)
         self.runs = list(runs)
         if not self.runs:
             raise ValueError("A Segmenter needs at least one run.")
-        self.threshold = threshold
+        self.engine = "jax"
+        self.onnx_model: onnx_engine.OnnxModel | None = None
         self.mesh = self.runs[0].mesh
         self.batch_size = probabilities.mesh_batch_size(batch_size, self.mesh)
         members = [probabilities.probability_of(run, prune_level=prune_level, transforms=transforms) for run in self.runs]
         self._variables = tuple(v for _, v in members)
         self._members = probabilities.sharded(probabilities.members_fn([fn for fn, _ in members]), self.mesh,
                                               out_axis=1)
+        self._image_size = tuple(self.runs[0].image_size)
+        self._targets = tuple(self.runs[0].targets)
+
+    @classmethod
+    def from_onnx(cls, model: onnx_engine.OnnxModel, *, threshold: float | None = None,
+                  batch_size: int | None = None) -> Segmenter:
+        """A Segmenter running the exported ``model`` in ONNX Runtime (`onnx_engine.OnnxModel`): its ensemble, test-time
+        augmentation and pruning were fixed at export; ``threshold`` defaults to the one its card records;
+        ``batch_size`` photos per call (default 1)."""
+        self = cls.__new__(cls)
+        self.threshold = _checked_threshold(model.threshold if threshold is None else threshold)
+        self.runs, self.engine, self.onnx_model, self.mesh = [], "onnxruntime", model, None
+        self.batch_size = max(1, int(batch_size or 1))
+        self._image_size, self._targets = tuple(model.image_size), tuple(model.targets)
+        return self
 
     @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) every photo is resized to before prediction."""
-        return self.runs[0].image_size
+        return self._image_size
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return self.runs[0].targets
+        return self._targets
+
+    @property
+    def workdirs(self) -> list[str]:
+        """The run directories the model came from (an exported model's, as its card records them)."""
+        if self.onnx_model is not None:
+            return [str(r.get("workdir", "")) for r in self.onnx_model.runs]
+        return [str(r.workdir) for r in self.runs]
+
+    @property
+    def steps(self) -> list[int | None]:
+        """The checkpoint step of each run."""
+        if self.onnx_model is not None:
+            return [r.get("checkpoint", {}).get("step") for r in self.onnx_model.runs]
+        return [r.step for r in self.runs]
+
+    @property
+    def recorded_quality(self):
+        """The first run's recorded ``config.quality`` block (thresholds of older runs), or None."""
+        if self.onnx_model is not None:
+            runs = self.onnx_model.runs
+            return (runs[0].get("config") or {}).get("quality") if runs else None
+        return self.runs[0].config.get("quality")
 
     def warm_up(self) -> None:
         """Compiles the prediction program (or loads it from the persistent compilation cache) and runs it once, so
         that the first photo is answered at full speed: what the page does before it starts listening."""
         self.segment([np.zeros((*self.image_size, 3), np.uint8)])
 
+    def _predict_members(self, inputs: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, H, W, 3]`` at `image_size` -> float32 ``[M, N, H, W, C]``, in batches of `batch_size`."""
+        if self.onnx_model is None:
+            from anemia_jax.inference import probabilities  # noqa: PLC0415
+
+            return probabilities.predict_images(self._members, self._variables, inputs, self.mesh,
+                                                batch_size=self.batch_size, batch_axis=1)
+        parts = [self.onnx_model.members(inputs[i:i + self.batch_size]) for i in range(0, len(inputs), self.batch_size)]
+        return np.concatenate(parts, axis=1)
+
     def segment(self, photos: Sequence[np.ndarray]) -> list[PhotoSegmentation]:
         """Segments upright uint8 RGB photos ``[H_i, W_i, 3]`` (any sizes); one `PhotoSegmentation` each."""
         if not len(photos):
             return []
         inputs = np.stack([image_io.resize_image(np.asarray(p, np.uint8), self.image_size) for p in photos])
-        members = probabilities.predict_images(self._members, self._variables, inputs, self.mesh,
-                                               batch_size=self.batch_size, batch_axis=1)
+        members = self._predict_members(inputs)
         out = []
         for i, photo in enumerate(photos):
             probs_model = members[:, i].mean(axis=0)
@@ -163,3 +220,9 @@ class Segmenter:
             out.append(PhotoSegmentation(probs_model=probs_model, probs=probs, masks=probs > self.threshold,
                                          members_model=members[:, i], threshold=self.threshold))
         return out
+
+
+def _checked_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must lie in [0, 1); got {threshold}.")
+    return float(threshold)

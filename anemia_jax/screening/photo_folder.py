@@ -95,7 +95,7 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
     targets = segmenter.targets
     if assessor is None:
         assessor = photo_report.PhotoAssessor(targets, quality.thresholds_for_runs(
-            [r.workdir for r in segmenter.runs], segmenter.runs[0].config.get("quality")))
+            segmenter.workdirs, segmenter.recorded_quality))
     screening = assessor.screening is not None
     sexes = dict(zip(map(str, files), photo_report.photo_sexes(files, sex=sex, sex_csv=sex_csv))) if screening \
         else {}
@@ -158,7 +158,8 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
             listed = "not listed: predictions.csv could not be written either"
         raise errors.OutputError(f"{e} The {len(report.written)} photo(s) done before it are complete in {out}, "
                                  f"{listed}.") from e
-    summary = {"runs": [str(r.workdir) for r in segmenter.runs], "steps": [r.step for r in segmenter.runs],
+    summary = {"runs": segmenter.workdirs, "steps": segmenter.steps, "engine": segmenter.engine,
+               **({"onnx_model": str(segmenter.onnx_model.path)} if segmenter.onnx_model is not None else {}),
                "mask_threshold": segmenter.threshold, "quality_target": assessor.target,
                "quality_thresholds": dataclasses.asdict(assessor.thresholds), "verdicts": verdicts,
                "sex": "--sex" if sex else (str(sex_csv) if sex_csv else f"{photo_report.SEX_CSV} beside the photos"),
