@@ -52,7 +52,8 @@ def _data_url(image: np.ndarray, max_side: int, fmt: str = "JPEG") -> str:
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
                        PIL.Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
-    im.save(buffer, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
+    # PNG at zlib level 1: a 1024-pixel heat map in a few tens of ms rather than ~0.25 s, for a few % more bytes.
+    im.save(buffer, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"compress_level": 1}))
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
