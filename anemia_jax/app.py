@@ -6,8 +6,12 @@ uncertainty, the usable / retake verdict and the Hb estimate; download a CSV of 
         [--checkpoint=best|latest|<step>] [--tta ...] [--threshold=0.5] [--max_upload_mb=30] [--max_megapixels=50]
         [--allowed_host=NAME ...]
         [--config.<key>=<value> ...]
+    python -m anemia_jax.app --onnx=model.onnx [--screening=...] [--quality=...] [--host=...] [--port=...] ...
 
-``--runs`` is accepted for ``--workdir``. Then open http://127.0.0.1:8000 in a browser on the same machine (on a phone
+``--runs`` is accepted for ``--workdir``. ``--onnx=model.onnx`` serves a model exported by ``python -m anemia_jax.export
+--format=onnx`` with ONNX Runtime (``pip install onnxruntime``) instead of the runs with JAX: nothing to compile, so the
+page opens sooner (experiments/results/photo_latency/); its threshold and quality thresholds default as in ``predict
+--onnx``. Then open http://127.0.0.1:8000 in a browser on the same machine (on a phone
 browser the "Take a photo" button opens the camera). Nothing leaves the machine: the page carries its own CSS and
 JavaScript (`anemia_jax.screening.app_page`), its Content-Security-Policy allows no other origin, and the server listens
 on the loopback address unless ``--host`` says otherwise (then anyone who can reach that address can use it: there is no
@@ -50,6 +54,7 @@ __all__ = ["build_service", "main"]
 def _command() -> cli.Command:
     cmd = cli.Command("python -m anemia_jax.app", __doc__)
     cmd.run_flags(verb="screen with", temperature=True)
+    cmd.onnx_flag(verb="screen with")
     fv = cmd.flags
     flags.DEFINE_alias("runs", "workdir", flag_values=fv)
     flags.DEFINE_string("screening", None, "Screening model JSON (anemia_jax.screening.screening_model): Hb "
@@ -68,33 +73,53 @@ def _command() -> cli.Command:
 
 
 def build_service(cmd: cli.Command) -> ScreeningService:
-    """The service of a parsed command line: runs restored on one local device, and the photo assessment."""
+    """The service of a parsed command line: runs restored on one local device (or the ``--onnx`` model), compiled
+    and run once before it is returned, and the photo assessment."""
+    from anemia_jax.inference import onnx_engine, segmenter  # noqa: PLC0415
+    from anemia_jax.screening import quality
+
+    if cmd.onnx:
+        seg = segmenter.Segmenter.from_onnx(onnx_engine.OnnxModel(cmd.onnx), batch_size=1,
+                                            threshold=cmd.threshold if cmd.flags["threshold"].present else None)
+        thresholds = quality.thresholds_for_export(cmd.onnx, seg.workdirs, seg.recorded_quality, cmd.quality)
+        names = {str((r.get("config") or {}).get("model", {}).get("name")) for r in seg.onnx_model.runs}
+        what = f"the exported model {cmd.onnx} ({', '.join(sorted(names))}, ONNX Runtime)"
+    else:
+        seg = _runs_segmenter(cmd)
+        thresholds = quality.thresholds_for_runs(cmd.workdir, seg.recorded_quality, cmd.quality)
+        what = f"{len(seg.runs)} run(s) ({seg.runs[0].config.model.name})"
+    seg.warm_up()  # compiled (JAX) and run once before the page opens: the first photo is answered at full speed
+    assessor = _assessor(cmd, seg.targets, thresholds)
+    extra = " with the Hb screening model" if assessor is not None and assessor.screening is not None else ""
+    calibrated = "calibrated probabilities" if seg.temperature is not None else "uncalibrated probabilities"
+    return ScreeningService(seg, assessor, max_megapixels=cmd.max_megapixels,
+                            description=f"Segmentation by {what}, targets {', '.join(seg.targets)}{extra}, "
+                                        f"{calibrated}; running on this computer only.")
+
+
+def _runs_segmenter(cmd: cli.Command):
+    """The runs of ``--workdir`` restored on one local device (one photo per request), their compilation cache on."""
     import jax  # noqa: PLC0415
 
     from anemia_jax.inference import probabilities, segmenter, temperature  # noqa: PLC0415
     from anemia_jax.runs import restore
-    from anemia_jax.utils import parallel
+    from anemia_jax.utils import compilation_cache, parallel
 
     transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
-    restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=cmd.run_configs(),
+    configs = cmd.run_configs()
+    compilation_cache.enable_for_serving(configs[0].get("compilation_cache_dir", ""))
+    restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint, configs=configs,
                                  mesh=parallel.make_mesh(jax.local_devices()[:1]))  # one photo per request
     scale, _ = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
-    seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
-                              prune_level=cmd.prune_level, batch_size=1, temperature=scale)
-    assessor = _assessor(cmd, restored, seg.targets)
-    what = f"{len(restored)} run(s) ({restored[0].config.model.name}, targets {', '.join(seg.targets)})"
-    extra = " with the Hb screening model" if assessor is not None and assessor.screening is not None else ""
-    calibrated = "calibrated probabilities" if scale is not None else "uncalibrated probabilities"
-    return ScreeningService(seg, assessor, max_megapixels=cmd.max_megapixels,
-                            description=f"Segmentation by {what}{extra}, {calibrated}; running on this computer only.")
+    return segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
+                               prune_level=cmd.prune_level, batch_size=1, temperature=scale)
 
 
-def _assessor(cmd: cli.Command, restored, targets):
-    """The photo assessment: the verdict with predict's thresholds, and screening with ``--screening``."""
-    from anemia_jax.screening import photo_report, quality, screening_model  # noqa: PLC0415
+def _assessor(cmd: cli.Command, targets, thresholds):
+    """The photo assessment: the verdict with ``thresholds``, and screening with ``--screening``."""
+    from anemia_jax.screening import photo_report, screening_model  # noqa: PLC0415
 
     model = screening_model.load(cmd.screening) if cmd.screening else None
-    thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)
     return photo_report.PhotoAssessor(targets, thresholds, model)
 
 

@@ -268,6 +268,14 @@ class Command:
                                 "anemia_jax.calibrate_quality writes temperature.json beside the runs, the default); "
                                 "'none': the models' own probabilities.", flag_values=fv)
 
+    def onnx_flag(self, *, verb: str) -> None:
+        """``--onnx=MODEL.onnx``: an exported model run by ONNX Runtime instead of ``--workdir`` runs (`parse_runs`
+        accepts either)."""
+        flags.DEFINE_string("onnx", None, "An exported ONNX model (python -m anemia_jax.export --format=onnx) to "
+                            f"{verb}, run by ONNX Runtime (pip install onnxruntime), instead of --workdir runs: no "
+                            "compilation at start. Its ensemble, TTA and pruning were fixed at export.",
+                            flag_values=self.flags)
+
     # -------------------------------------------------------------------------------------------- parsing
 
     def _help(self, argv: Sequence[str]) -> bool:
@@ -350,10 +358,14 @@ class Command:
         except flags.Error:
             pass  # reported by the full parse below
         workdirs = list(self.flags["workdir"].value or [])
+        onnx = self.flags["onnx"].value if "onnx" in self.flags else None
         self.flags.unparse_flags()
+        if onnx:
+            return self._parse_onnx(argv, workdirs)
         if not workdirs:
-            raise CommandLineError(f"Pass the training run to use with --workdir=RUN (repeat it for an ensemble). "
-                                   f"Pass --help to see every flag of {self._prog}.")
+            alternative = " or an exported model with --onnx=MODEL.onnx" if "onnx" in self.flags else ""
+            raise CommandLineError(f"Pass the training run to use with --workdir=RUN (repeat it for an ensemble)"
+                                   f"{alternative}. Pass --help to see every flag of {self._prog}.")
         from anemia_jax.runs import restore  # noqa: PLC0415 -- JAX loads only once the command line looks right
 
         try:
@@ -371,6 +383,23 @@ class Command:
                 raise CommandLineError(f"{e}\nPass --help to see every flag of {self._prog}.") from None
         return self.parse(argv)
 
+    def _parse_onnx(self, argv: Sequence[str], workdirs: Sequence[str]) -> list[str] | None:
+        """`parse` for ``--onnx``: the run flags do not apply (the export fixed them), nor do config overrides."""
+        if workdirs:
+            raise CommandLineError("Pass either --onnx=MODEL.onnx or --workdir=RUN, not both.")
+        overrides = _override_keys(argv)
+        if overrides:
+            raise CommandLineError(f"--config.{overrides[0]}: an exported model (--onnx) has no config to change.")
+        rest = self.parse(argv)
+        fixed = [f"--{name}" for name in ("checkpoint", "tta", "tta_flips", "tta_scales", "prune_level", "temperature")
+                 if name in self.flags and self.flags[name].present]
+        if fixed:
+            raise CommandLineError(f"{', '.join(fixed)}: an exported model's checkpoint, test-time augmentation, "
+                                   "pruning and temperature were fixed when it was exported (python -m "
+                                   "anemia_jax.export ... --tta --prune_level=k --temperature=FILE); drop them, or use "
+                                   "--workdir=RUN.")
+        return rest
+
     def start_runs(self, argv: Sequence[str]) -> int | None:
         """The opening of a command on finished runs: `parse_runs` on ``argv``, then `setup_logging`. Returns the exit
         status to end with at once (`EXIT_OK` after ``--help``; a bad command line's, its message printed), or None
@@ -384,7 +413,8 @@ class Command:
         return None
 
     def run_configs(self) -> list[ml_collections.ConfigDict]:
-        """Each ``--workdir``'s recorded config with the ``--config.<key>=<value>`` overrides applied."""
+        """Each ``--workdir``'s recorded config with the ``--config.<key>=<value>`` overrides applied (none with
+        ``--onnx``)."""
         from anemia_jax.runs import restore  # noqa: PLC0415
 
         overrides = dict(self.flags["config"].override_values) if "config" in self.flags else {}

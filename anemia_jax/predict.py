@@ -5,6 +5,13 @@
         [--prune_level=k] [--batch_size=8] [--quality=quality.json] [--temperature=temperature.json|none]
         [--screening=screening_model.json [--sex=F|M | --sex_csv=sex.csv]] [--max_megapixels=50] [--max_file_mb=100]
         [--config.<key>=<value> ...]
+    python -m anemia_jax.predict --onnx=model.onnx photo.jpg more_photos/ --out=masks/ [--threshold=...] ...
+
+``--onnx`` predicts with a model exported by ``python -m anemia_jax.export --format=onnx`` (the runs, their ensemble,
+TTA, pruning and temperature fixed in it), run by ONNX Runtime (``pip install onnxruntime``) instead of JAX: nothing
+is compiled, so the first photo is answered sooner (experiments/results/photo_latency/). Its threshold defaults to the
+one its card records, its quality thresholds to ``--quality``, else a ``quality.json`` beside the model file, else the
+runs'. Everything after the model (resizing, masks, verdict, screening, files) is the same code.
 
 Each photo (any size or aspect ratio; folders contribute their image files, non-recursively, sorted) is decoded with
 PIL and turned upright by its EXIF orientation (phone photos are often stored sideways with an orientation tag), then
@@ -79,6 +86,7 @@ __all__ = ["main"]
 def _command() -> cli.Command:
     cmd = cli.Command("python -m anemia_jax.predict", __doc__)
     cmd.run_flags(verb="predict with", temperature=True)
+    cmd.onnx_flag(verb="predict with")
     fv = cmd.flags
     flags.DEFINE_string("out", None, "Output folder for masks, overlays and predictions.csv.", flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
@@ -114,24 +122,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except cli.CommandLineError as e:
         return cmd.fail(e)
     cli.setup_logging()
-    import jax  # noqa: PLC0415 -- after the flags: --help and flag errors stay fast
-
-    from anemia_jax.inference import probabilities, segmenter, temperature  # noqa: PLC0415
-    from anemia_jax.runs import restore
+    # After the flags (--help and flag errors stay fast); JAX only for the runs (--onnx needs none of it).
+    from anemia_jax.inference import onnx_engine, segmenter  # noqa: PLC0415
     from anemia_jax.screening import screening_model, wording
-    from anemia_jax.utils import parallel
 
     try:
-        photo_folder.find_photos(inputs)  # before the runs load: nothing to read is said at once
-        transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
-        # This process's devices only: every process of a multi-host job would otherwise need the same photos.
-        restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint,
-                                     mesh=parallel.make_mesh(jax.local_devices()), configs=cmd.run_configs())
-        scale, scale_source = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
-        seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
-                                  prune_level=cmd.prune_level, batch_size=cmd.batch_size, temperature=scale)
+        photo_folder.find_photos(inputs)  # before the model loads: nothing to read is said at once
+        if cmd.onnx:
+            seg = segmenter.Segmenter.from_onnx(onnx_engine.OnnxModel(cmd.onnx), batch_size=cmd.batch_size,
+                                                threshold=cmd.threshold if cmd.flags["threshold"].present else None)
+            thresholds = quality.thresholds_for_export(cmd.onnx, seg.workdirs, seg.recorded_quality, cmd.quality)
+            scale, scale_source = seg.temperature, f"the card of {cmd.onnx}" if seg.temperature else "none"
+        else:
+            import jax  # noqa: PLC0415
+
+            from anemia_jax.inference import probabilities, temperature  # noqa: PLC0415
+            from anemia_jax.runs import restore
+            from anemia_jax.utils import compilation_cache, parallel
+
+            transforms = probabilities.parse_tta(cmd.tta_flips, cmd.tta_scales) if cmd.tta else None
+            configs = cmd.run_configs()
+            # The runs' persistent compilation cache: a second predict on the same runs skips the compilation.
+            compilation_cache.enable_for_serving(configs[0].get("compilation_cache_dir", ""))
+            # This process's devices only: every process of a multi-host job would otherwise need the same photos.
+            restored = restore.load_runs(cmd.workdir, checkpoint=cmd.checkpoint,
+                                         mesh=parallel.make_mesh(jax.local_devices()), configs=configs)
+            scale, scale_source = temperature.for_runs(cmd.workdir, cmd.temperature, restored[0].targets)
+            seg = segmenter.Segmenter(restored, threshold=cmd.threshold, transforms=transforms,
+                                      prune_level=cmd.prune_level, batch_size=cmd.batch_size, temperature=scale)
+            thresholds = quality.thresholds_for_runs(cmd.workdir, seg.recorded_quality, cmd.quality)
         model = screening_model.load(cmd.screening) if cmd.screening else None
-        thresholds = quality.thresholds_for_runs(cmd.workdir, restored[0].config.get("quality"), cmd.quality)
         assessor = photo_report.PhotoAssessor(seg.targets, thresholds, model)
         record = {"screening_model": None if model is None else {
             "path": str(cmd.screening), "provenance": wording.provenance(model.training), "notice": wording.NOTICE,

@@ -5,7 +5,7 @@ device) of a config's model on a synthetic batch held in device memory (no input
 
     python -m experiments.benchmark --config=configs/unetpp.py:size=256,batch=32,dtype=bfloat16 \
         [--config.model.features=16] [--steps=10 --windows=5 --warmup=3] [--no_warm] [--no_overlap] \
-        [--peer=../shared/tools/peer_bench.py --peer_runs=eager,compile] --out=bench.json
+        [--peer=../shared/tools/peer_bench.py --peer_runs=eager,compile [--peer_python=PYTHON]] --out=bench.json
 
 Model (`model_factory.build_model`, as the trainer builds it), image size, global batch (split over the devices) and
 compute dtype come from the config; ``--config.<key>=<value>`` changes any field (``--config.model.encoder=resnet50``
@@ -344,7 +344,8 @@ def _child(cmd: cli.Command, cache_dir: str, windows: int) -> dict:
 
 
 def _peer(cmd: cli.Command, config: ml_collections.ConfigDict, run: str, saved: str = "") -> dict:
-    argv = peer.command(cmd.peer, config, run, steps=cmd.steps, windows=cmd.windows, warmup=cmd.warmup)
+    argv = peer.command(cmd.peer, config, run, steps=cmd.steps, windows=cmd.windows, warmup=cmd.warmup,
+                        python=cmd.peer_python)
     t = time.perf_counter()
     result = _run_json(argv, f"the PyTorch peer ({run}{saved})")
     result["wall_s"] = time.perf_counter() - t
@@ -383,6 +384,8 @@ def _command() -> cli.Command:
     flags.DEFINE_string("out", None, "JSON file for every figure (ours first, then the peer's rows).", flag_values=fv)
     flags.DEFINE_string("peer", None, "Path of peer_bench.py, run beside ours.", flag_values=fv)
     flags.DEFINE_list("peer_runs", list(peer.RUNS), "Peer runs: eager, compile.", flag_values=fv)
+    flags.DEFINE_string("peer_python", "", "The Python that runs the peer (default this one; e.g. a separate "
+                        "environment with PyTorch).", flag_values=fv)
     flags.DEFINE_bool("no_warm", False, "Skip the second child, which measures the first step with the "
                       "compilation cache the first (cold) one filled.", flag_values=fv)
     flags.DEFINE_bool("no_overlap", False, "Compile the train step after initialising the parameters, not while "

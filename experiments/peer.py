@@ -63,10 +63,10 @@ def check(path: str, runs: list[str], config: ml_collections.ConfigDict) -> None
 
 
 def command(path: str, config: ml_collections.ConfigDict, run: str, *, steps: int, windows: int,
-            warmup: int) -> list[str]:
-    """The argv of peer_bench.py at ``path`` for ``run`` ('eager' or 'compile') of the config's model; its last
-    stdout line is its JSON row."""
-    argv = [sys.executable, path, framework(config), "--arch", config.model.name, "--batch", str(config.batch_size),
+            warmup: int, python: str = "") -> list[str]:
+    """The argv of peer_bench.py at ``path`` for ``run`` ('eager' or 'compile') of the config's model, run by
+    ``python`` (default this one: PyTorch installed beside anemia_jax); its last stdout line is its JSON row."""
+    argv = [python or sys.executable, path, framework(config), "--arch", config.model.name, "--batch", str(config.batch_size),
             "--size", str(config.image_size[0]), "--steps", str(steps), "--windows", str(windows),
             "--warmup", str(warmup)]
     argv += ["--compile"] if run == "compile" else []

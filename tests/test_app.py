@@ -25,7 +25,7 @@ from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 
 from anemia_jax import app
 from anemia_jax.data.datasets.conjunctiva_phantom import phantom
-from anemia_jax.screening import app_server, cross_validation, screening_model
+from anemia_jax.screening import app_server, cross_validation, photo_report, screening_model
 from anemia_jax.screening.features import FeatureSpec
 from anemia_jax.utils import image_io
 
@@ -95,6 +95,15 @@ def _get(url: str) -> tuple[int, bytes, dict]:
         return response.status, response.read(), dict(response.headers)
 
 
+def test_the_page_compiles_before_it_opens(workdir):
+    cmd = app._command()
+    assert cmd.parse_runs(["app", f"--workdir={workdir}"]) == []
+    service = app.build_service(cmd)
+    # The prediction program is compiled (and has run) before the server listens: the first photo waits for no
+    # compilation.
+    assert service.segmenter._members._cache_size() == 1
+
+
 def test_page_and_settings(url):
     status, page, headers = _get(f"{url}/")
     assert status == 200 and b"Conjunctiva screening" in page and b'capture="environment"' in page
@@ -147,6 +156,33 @@ def test_a_retake_photo_has_no_hb_in_the_result_or_the_csv_and_the_origin_is_sho
     assert row["verdict"] == "retake" and row["answer"] == "Retake the photo" and row["model_data"] == "phantom"
     assert all(row[c] == "" for c in ("hgb_g_dl", "hgb_lo_g_dl", "hgb_hi_g_dl", "p_anemia", "anemia_call",
                                       "who_threshold_g_dl", "hgb_vs_who"))
+
+
+def _decoded(data_url: str) -> np.ndarray:
+    import base64
+
+    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+
+def test_large_photo_is_drawn_at_display_size(service, monkeypatch):
+    # A phone photo is shown at most display_size pixels wide: its overlay and uncertainty map are drawn at that
+    # size, never at the photo's (which took seconds), and look like the full-size drawing shrunk.
+    photo = np.asarray(PIL.Image.fromarray(phantom.generate_example(0, 45, long_side=64).image).resize(
+        (600, 800), PIL.Image.Resampling.BILINEAR))
+    seg = service.segmenter.segment([photo])[0]
+    full_overlay = seg.overlay(photo)
+    full_heat = photo_report.uncertainty_image(photo, seg, service.assessor.channel)  # the verdict's view
+    monkeypatch.setattr(service, "display_size", 200)
+    monkeypatch.setattr(type(seg), "overlay", lambda *a, **k: pytest.fail("full-size overlay drawn"))
+    monkeypatch.setattr(type(seg), "uncertainty", property(lambda _: pytest.fail("full-size uncertainty drawn")))
+    result = service.analyse(_png(photo), "big.png")
+    overlay, heat = _decoded(result["overlay"]), _decoded(result["uncertainty"])
+    assert overlay.shape == (200, 150, 3) and heat.shape == (200, 150, 3)
+    shrunk = np.asarray(PIL.Image.fromarray(full_overlay).resize((150, 200), PIL.Image.Resampling.BILINEAR))
+    assert np.abs(overlay.astype(float) - shrunk).mean() < 12  # JPEG and resampling apart, the same picture
+    shrunk_heat = np.asarray(PIL.Image.fromarray(full_heat).resize((150, 200), PIL.Image.Resampling.BILINEAR))
+    assert np.abs(heat.astype(float) - shrunk_heat).mean() < 6
+    assert [t["fraction"] for t in result["targets"]] == pytest.approx(list(seg.fractions()))  # still full size
 
 
 def test_bad_uploads_are_messages_and_the_server_keeps_answering(url, photo_file, monkeypatch):

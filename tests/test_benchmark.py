@@ -58,6 +58,11 @@ def test_measured_config_is_the_peers_work():
     assert asked.model.deep_supervision is True
     resnet = benchmark.benchmark_config(config_lib.load_config_file(f"{ROOT}/configs/unetpp_resnet34.py:size=64"), {})
     assert peer.framework(resnet) == "smp"
+    # The peer runs in this Python, or in another environment's (PyTorch beside, not inside, the project's).
+    argv = peer.command(str(PEER), measured, "eager", steps=1, windows=1, warmup=0)
+    assert argv[:2] == [sys.executable, str(PEER)]
+    assert peer.command(str(PEER), measured, "eager", steps=1, windows=1, warmup=0, python="/torch/bin/python")[0] \
+        == "/torch/bin/python"
 
 
 @pytest.mark.parametrize("args, message", [

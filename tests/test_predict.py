@@ -109,6 +109,48 @@ def test_command_line_reports_unreadable_inputs(workdir, photos, tmp_path, caplo
                                       np.asarray(PIL.Image.open(tmp_path / "twice" / name)))
 
 
+def test_predict_reads_and_fills_the_runs_compilation_cache(workdir, photos, tmp_path, warnings_log):
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    portrait = photos[1]["portrait.png"][0]
+    before = jax.config.jax_compilation_cache_dir
+    cache = tmp_path / "cache"
+    try:
+        assert predict.main(["predict", f"--workdir={workdir}", str(portrait), f"--out={tmp_path / 'a'}",
+                             f"--config.compilation_cache_dir={cache}"]) == 0
+        assert jax.config.jax_compilation_cache_dir == str(cache) and cache.is_dir()
+        # A cache that cannot be opened only costs time: a warning, and the photos are written.
+        blocked = tmp_path / "a_file"
+        blocked.write_text("")
+        assert predict.main(["predict", f"--workdir={workdir}", str(portrait), f"--out={tmp_path / 'b'}",
+                             f"--config.compilation_cache_dir={blocked / 'cache'}"]) == 0
+        assert any("compilation cache" in m and "unavailable" in m for m in warnings_log)
+        assert (tmp_path / "b" / "portrait_palpebral.png").is_file()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax_cache.reset_cache()
+
+
+def test_onnx_model_without_onnx_runtime_is_a_message(tmp_path, capsys):
+    # tests/onnx covers --onnx with ONNX Runtime; here (the project environment) it is absent, and says how to get it.
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        pytest.skip("ONNX Runtime is installed in this environment")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"an ONNX file")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "eye.png")  # a photo to predict: the model is what is missing
+    assert predict.main(["predict", f"--onnx={model}", str(tmp_path), f"--out={tmp_path / 'out'}"]) == 2
+    assert "pip install onnxruntime" in capsys.readouterr().err
+    assert predict.main(["predict", f"--onnx={model}", "--workdir=/a/run", str(tmp_path), "--out=x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    # The export fixed the temperature as it fixed the TTA: changing it here would be a silent no-op.
+    assert predict.main(["predict", f"--onnx={model}", "--temperature=none", str(tmp_path), "--out=x"]) == 2
+    assert "--temperature: an exported model's" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_repeated_stems_do_not_overwrite(best_run, photos, tmp_path):
     folder, made = photos
     other = tmp_path / "other"

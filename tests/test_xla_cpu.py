@@ -75,6 +75,62 @@ def test_in_effect_beside_conftest_flags():
     assert ynn_convolutions({"xla_cpu_experimental_ynn_fusion_type": types}) > 0
 
 
+def test_inference_options_only_on_the_cpu_and_never_over_the_users_choice(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: "0.10.2")
+    assert xla_cpu.inference_options("cpu", {"XLA_FLAGS": FLAG}) == xla_cpu.INFERENCE_OPTIONS
+    assert xla_cpu.inference_options("cpu", {}) == xla_cpu.INFERENCE_OPTIONS
+    assert xla_cpu.inference_options("gpu", {"XLA_FLAGS": FLAG}) == {}
+    mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    assert xla_cpu.inference_options("cpu", {"XLA_FLAGS": mine}) == {}
+    assert xla_cpu.inference_options("cpu", {xla_cpu.OPT_OUT: "0", "XLA_FLAGS": FLAG}) == {}
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: "0.11.2")
+    assert xla_cpu.inference_options("cpu", {"XLA_FLAGS": FLAG}) == {}
+
+
+def _convolutions_3x3(hlo_text: str) -> tuple[int, int]:
+    """``(inside YNNPACK fusions, elsewhere)``: the 3x3 convolutions of a compiled program's text. (1x1 ones are
+    dots, and YNNPACK may fuse a dot with the convolutions around it whatever the flag says.)"""
+    computations, name = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if header:
+            name = header.group(1)
+            computations[name] = []
+        elif line == "}":
+            name = None
+        elif name is not None:
+            computations[name].append(line)
+    ynn = set(re.findall(r"calls=%?([\w.\-]+),[^\n]*__ynn_fusion", hlo_text))
+    inside = elsewhere = 0
+    for name, lines in computations.items():
+        n = sum(" convolution(" in line and "size=3x3" in line for line in lines)
+        inside, elsewhere = (inside + n, elsewhere) if name in ynn else (inside, elsewhere + n)
+    return inside, elsewhere
+
+
+@pytest.mark.skipif(not xla_cpu._jaxlib_version().startswith(xla_cpu.TESTED_JAXLIB),
+                    reason="the options are only given on tested jaxlib versions")
+def test_forward_programs_get_ynn_convolutions_while_the_flag_holds_for_training():
+    from anemia_jax.inference import probabilities
+    from anemia_jax.models import get_model
+    from anemia_jax.utils import parallel
+
+    assert FLAG in os.environ["XLA_FLAGS"]
+    model = get_model("unet", num_classes=1, features=16, depth=1, dtype="float32")
+    # Only the compiled programs matter: variables from their shapes (compiling model.init would cost more).
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+    images = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+    mesh = parallel.make_mesh(jax.local_devices()[:1])
+    forward = probabilities.sharded(probabilities.probability_fn(model), mesh)
+    with_options = _convolutions_3x3(forward.lower(variables, images).compile().as_text())
+    # The same forward pass jitted without the options (as inside a train step): the process-wide flag holds.
+    plain = jax.jit(probabilities.probability_fn(model))
+    without = _convolutions_3x3(plain.lower(variables, images).compile().as_text())
+    # (YNNPACK declines some of these tiny convolutions either way; at 256 px it takes them all.)
+    assert sum(with_options) == sum(without) and with_options[0] > without[0]
+
+
 def _fresh_python(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
     result = _children.run([sys.executable, "-c", code], env=env, text=True, budget_s=600,

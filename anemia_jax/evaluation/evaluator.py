@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from anemia_jax import metrics
 from anemia_jax.data import input_pipeline
 from anemia_jax.inference import temperature
-from anemia_jax.inference.probabilities import ProbabilityFn, mesh_batch_size
+from anemia_jax.inference.probabilities import ProbabilityFn, compiler_options, mesh_batch_size
 from anemia_jax.utils import parallel
 
 SCORES = ("dice", "iou", "precision", "recall")
@@ -95,7 +95,8 @@ class Evaluator:
                     "valid": batch["valid"], "index": batch["index"]}
 
         spec = P(parallel.DATA_AXIS)
-        self._score = jax.jit(jax.shard_map(per_device, mesh=dataset.mesh, in_specs=(P(), spec), out_specs=spec))
+        self._score = jax.jit(jax.shard_map(per_device, mesh=dataset.mesh, in_specs=(P(), spec), out_specs=spec),
+                              compiler_options=compiler_options())
 
     def run(self, variables) -> EvalResult:
         """Scores the model ``variables`` (replicated; a tuple of them for an ensemble) on every example."""

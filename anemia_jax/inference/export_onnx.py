@@ -18,7 +18,9 @@ plain argparse: this environment lacks absl's config machinery (`anemia_jax.cli`
 
 The graph takes ``images`` uint8 ``[N, H, W, 3]`` (N symbolic) and returns ``probabilities`` float32 ``[N, H, W, C]``:
 normalisation, the model(s) (members averaged) and the sigmoid inside, the same function as
-`anemia_jax.inference.probabilities.probability_fn`. The card (`anemia_jax.inference.model_card`) is written beside it
+`anemia_jax.inference.probabilities.probability_fn`. An ensemble's graph also returns ``member_probabilities``
+float32 ``[M, N, H, W, C]``, each member's own (`probabilities.members_fn`): the uncertainty maps and the quality
+verdict of ``predict --onnx`` and the page (`anemia_jax.inference.onnx_engine`) read where the members disagree. The card (`anemia_jax.inference.model_card`) is written beside it
 and also stored in the model's ``metadata_props`` (key ``anemia_jax.model_card``). After conversion ONNX Runtime runs
 the graph on a random batch and the largest difference from the JAX function is recorded in the card
 (``conversion_check``).
@@ -126,15 +128,27 @@ def read_bundle(path: str | pathlib.Path) -> tuple[dict[str, Any], list[dict[str
     return manifest, [traverse_util.unflatten_dict(f, sep="/") for f in flat]
 
 
-def bundle_function(manifest: Mapping[str, Any], variables: Sequence[Any]) -> Callable[[jax.Array], jax.Array]:
+def bundle_function(manifest: Mapping[str, Any], variables: Sequence[Any], *,
+                    members: bool = False) -> Callable[[jax.Array], Any]:
     """``probs(images_u8 [N, H, W, 3]) -> float32 [N, H, W, C]`` of a bundle: the members rebuilt from their specs
-    (`anemia_jax.inference.probabilities.probability_fn`), averaged when there are several, variables closed over."""
+    (`anemia_jax.inference.probabilities.probability_fn`), averaged when there are several, variables closed over.
+    ``members=True``: ``(that mean, each member's probabilities [M, N, H, W, C])``, the mean taken of the same
+    stack (the graph an ensemble converts to)."""
     fns = []
     for spec in manifest["members"]:
         model = get_model(spec["model"], **spec["fields"])
         transforms = None if not spec["tta"] else [tta.Transform(**t) for t in spec["tta"]]
         fns.append(probabilities.probability_fn(model, prune_level=spec["prune_level"], transforms=transforms,
                                                 temperature=spec.get("temperature")))
+    if members:
+        stacked = probabilities.members_fn(fns)
+        bound_all = tuple(variables)
+
+        def both(images_u8):
+            each = stacked(bound_all, images_u8)
+            return jnp.mean(each, axis=0), each
+
+        return both
     fn = fns[0] if len(fns) == 1 else probabilities.ensemble_fn(fns)
     bound = variables[0] if len(fns) == 1 else tuple(variables)
     return lambda images_u8: fn(bound, images_u8)
@@ -151,9 +165,10 @@ def _jax_resize() -> Iterator[None]:
         jax.image.resize = patched
 
 
-def to_onnx(fn: Callable[[jax.Array], jax.Array], image_size: Sequence[int], *, opset: int = DEFAULT_OPSET,
-            name: str = "anemia_jax"):
-    """The ONNX ``ModelProto`` of ``fn`` (uint8 ``images [N, H, W, 3]`` -> ``probabilities``), N symbolic."""
+def to_onnx(fn: Callable[[jax.Array], Any], image_size: Sequence[int], *, opset: int = DEFAULT_OPSET,
+            name: str = "anemia_jax", output_names: Sequence[str] = ("probabilities",)):
+    """The ONNX ``ModelProto`` of ``fn`` (uint8 ``images [N, H, W, 3]`` -> ``output_names``, one per result of
+    ``fn``), N symbolic."""
     import jax2onnx  # noqa: PLC0415 -- only the ONNX environment has it
 
     def traced(images_u8):
@@ -162,19 +177,21 @@ def to_onnx(fn: Callable[[jax.Array], jax.Array], image_size: Sequence[int], *, 
 
     h, w = (int(s) for s in image_size)
     return jax2onnx.to_onnx(traced, [jax.ShapeDtypeStruct(("N", h, w, 3), jnp.uint8)], model_name=name,
-                            opset=opset, input_names=["images"], output_names=["probabilities"])
+                            opset=opset, input_names=["images"], output_names=list(output_names))
 
 
 def _check(onnx_bytes: bytes, fn: Callable, image_size: Sequence[int], seed: int = 0) -> dict[str, Any]:
-    """ONNX Runtime vs ``fn`` on a random uint8 batch of 2: the largest absolute difference and mask agreement."""
+    """ONNX Runtime vs ``fn`` on a random uint8 batch of 2: the largest absolute difference (over every output) and
+    mask agreement."""
     import onnxruntime  # noqa: PLC0415
 
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     images = np.random.default_rng(seed).integers(0, 256, (2, *image_size, 3), dtype=np.uint8)
-    got = session.run(None, {"images": images})[0]
-    want = np.asarray(jax.jit(fn)(images))
-    return {"inputs": "2 random uint8 images", "max_abs_diff": float(np.abs(got - want).max()),
-            "masks_equal_at_0.5": bool(np.array_equal(got > 0.5, want > 0.5)),
+    got = session.run(None, {"images": images})
+    want = [np.asarray(w) for w in jax.tree.leaves(jax.jit(fn)(images))]
+    return {"inputs": "2 random uint8 images", "outputs": [o.name for o in session.get_outputs()],
+            "max_abs_diff": max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)),
+            "masks_equal_at_0.5": all(bool(np.array_equal(g > 0.5, w > 0.5)) for g, w in zip(got, want)),
             "onnxruntime": onnxruntime.__version__}
 
 
@@ -185,9 +202,11 @@ def convert(bundle: str | pathlib.Path, out: str | pathlib.Path, *, opset: int =
     import onnx  # noqa: PLC0415
 
     manifest, variables = read_bundle(bundle)
-    fn = bundle_function(manifest, variables)
+    ensemble = len(manifest["members"]) > 1
+    fn = bundle_function(manifest, variables, members=ensemble)
     image_size = manifest["image_size"]
-    proto = to_onnx(fn, image_size, opset=opset)
+    outputs = ["probabilities", "member_probabilities"] if ensemble else ["probabilities"]
+    proto = to_onnx(fn, image_size, opset=opset, output_names=outputs)
     # jax2onnx 0.17.1 stamps some intermediate values with their NHWC shape after its layout pass made them NCHW;
     # ONNX Runtime warns and ignores them. Only the inputs' and outputs' shapes are kept; the rest is inferred.
     del proto.graph.value_info[:]
@@ -198,7 +217,8 @@ def convert(bundle: str | pathlib.Path, out: str | pathlib.Path, *, opset: int =
     data = proto.SerializeToString()
     out.write_bytes(data)
     info = {"format": "onnx", "opset": opset, "jax2onnx": importlib.metadata.version("jax2onnx"), "onnx": onnx.__version__,
-            "jax": jax.__version__, "input": "images uint8 [N, H, W, 3]", "output": "probabilities float32"}
+            "jax": jax.__version__, "input": "images uint8 [N, H, W, 3]", "output": "probabilities float32"
+            + (", member_probabilities float32 [M, N, H, W, C]" if ensemble else "")}
     if check:
         info["conversion_check"] = _check(data, fn, image_size)
     model_card.write(card, out, **info)

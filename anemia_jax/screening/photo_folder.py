@@ -171,7 +171,7 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
     targets = segmenter.targets
     if assessor is None:
         assessor = photo_report.PhotoAssessor(targets, quality.thresholds_for_runs(
-            [r.workdir for r in segmenter.runs], segmenter.runs[0].config.get("quality")))
+            segmenter.workdirs, segmenter.recorded_quality))
     screening = assessor.screening is not None
     sexes = dict(zip(map(str, files), photo_report.photo_sexes(files, sex=sex, sex_csv=sex_csv))) if screening \
         else {}
@@ -252,7 +252,8 @@ def predict_photos(segmenter, inputs: Sequence[str | os.PathLike], out: str | os
         raise errors.DataError(f"None of the {len(report.failed)} input(s) is a photo that could be read ({listed}"
                                f"{f'; and {more} more' if more > 0 else ''}). Nothing was written to {out}. Check "
                                "that they are intact JPEG or PNG photos.")
-    summary = {"runs": [str(r.workdir) for r in segmenter.runs], "steps": [r.step for r in segmenter.runs],
+    summary = {"runs": segmenter.workdirs, "steps": segmenter.steps, "engine": segmenter.engine,
+               **({"onnx_model": str(segmenter.onnx_model.path)} if segmenter.onnx_model is not None else {}),
                "mask_threshold": segmenter.threshold, "quality_target": assessor.target,
                "quality_thresholds": dataclasses.asdict(assessor.thresholds), "verdicts": verdicts,
                **({"answers": answers} if screening else {}),

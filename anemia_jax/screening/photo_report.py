@@ -260,12 +260,14 @@ def uncertainty_image(photo: np.ndarray, seg, channel: int) -> np.ndarray:
     member calls the quality target (`quality.measure`'s region) -- on a dimmed grey copy of the photo: blue where
     the model is sure (0 bits), yellow at 0.5, red where it is unsure (1 bit: probability 0.5). Pixels outside the
     region are not coloured: a model's soft background (p ~ 0.3 after short training) is not what the verdict
-    judges."""
+    judges. ``photo`` may be the photo at any size (the page passes it shrunk to the size it shows): the maps are
+    resized from the training resolution to it, so the cost follows the size drawn, not the photo's."""
     photo = np.asarray(photo, np.uint8)
     grey = (photo.astype(np.float32) @ np.array([0.2126, 0.7152, 0.0722], np.float32))[..., None] * 0.45
     region_model = np.any(seg.members_model[..., channel] > seg.threshold, axis=0).astype(np.float32)
     region = image_io.resize_probabilities(region_model[..., None], photo.shape[:2])[..., 0] > 0.5
-    u = np.clip(np.asarray(seg.uncertainty, np.float32), 0.0, 1.0)[..., None]
+    worst = seg.uncertainty_model.max(axis=-1, keepdims=True)  # as `PhotoSegmentation.uncertainty`, at this size
+    u = np.clip(image_io.resize_probabilities(worst, photo.shape[:2]), 0.0, 1.0)
     ramp = np.where(u < 0.5, _SURE + (_MIDDLE - _SURE) * (2 * u), _MIDDLE + (_UNSURE - _MIDDLE) * (2 * u - 1))
     out = np.where(region[..., None], ramp, np.repeat(grey, 3, axis=-1))
     return np.round(np.clip(out, 0, 255)).astype(np.uint8)

@@ -41,8 +41,8 @@ from anemia_jax.utils import conversions, input_files, paths
 
 __all__ = ["CALIBRATION_DEFAULTS", "CLIPPED_VALUE", "CODES", "DEFAULTS", "FORMAT", "HGB_BANDS", "THRESHOLDS_FILE",
            "QualityMeasures", "QualityThresholds", "Verdict", "choose_thresholds", "load_thresholds", "measure",
-           "retake_shares", "save_thresholds", "target_channel", "thresholds_for_runs", "thresholds_from_record",
-           "verdict"]
+           "retake_shares", "save_thresholds", "target_channel", "thresholds_for_export", "thresholds_for_runs",
+           "thresholds_from_record", "verdict"]
 
 FORMAT = "anemia_jax.quality_thresholds"
 CLIPPED_VALUE = 250  # 8-bit value at or above which a channel counts as clipped by the camera (white: all three)
@@ -349,7 +349,9 @@ THRESHOLDS_FILE = "quality.json"  # where calibrate_quality writes by default, a
 
 
 def _same_runs(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    norm = (lambda p: str(p) if "://" in str(p) else os.path.realpath(str(p)))
+    def norm(p: Any) -> str:
+        return str(p) if "://" in str(p) else os.path.realpath(str(p))
+
     return sorted(map(norm, a)) == sorted(map(norm, b))
 
 
@@ -384,3 +386,14 @@ def thresholds_for_runs(workdirs: Sequence[Any], recorded: Mapping[str, Any] | N
         logging.warning("Quality thresholds %s were chosen for the ensemble %s, not for these runs.", path,
                         ", ".join(chosen_on))
     return thresholds
+
+
+def thresholds_for_export(model_path: str | os.PathLike, workdirs: Sequence[Any], recorded: Mapping[str, Any] | None = None,
+                          path: str | os.PathLike | None = None) -> QualityThresholds:
+    """`thresholds_for_runs` for an exported model at ``model_path`` made of the runs ``workdirs`` (as its card
+    records them; they need not exist on this machine): ``path`` if given, else a `THRESHOLDS_FILE` beside the model
+    file (copy the runs' one there when deploying it), else the runs' own as `thresholds_for_runs` finds them."""
+    beside = paths.as_path(model_path).parent / THRESHOLDS_FILE
+    if path is None and beside.is_file():
+        path = beside
+    return thresholds_for_runs(list(workdirs) or [paths.as_path(model_path).parent], recorded, path)

@@ -1,7 +1,8 @@
 """JAX's persistent compilation cache, pointed where a config or a command asks.
 
 A rerun, a resumed run or a second command on the same model skips XLA compilation when the compiled program is in
-the cache (on the CPU the train step of a full-width model takes tens of seconds to compile).
+the cache (on the CPU the train step of a full-width model takes tens of seconds to compile, the prediction program of
+a 3-fold ensemble several seconds: `predict` and the page read the runs' cache too, `enable_for_serving`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from anemia_jax.utils import paths
 
-__all__ = ["enable"]
+__all__ = ["enable", "enable_for_serving"]
 
 
 def enable(path: str) -> None:
@@ -35,3 +36,17 @@ def enable(path: str) -> None:
         target.mkdir(parents=True, exist_ok=True)
     compilation_cache.set_cache_dir(str(target))
     compilation_cache.reset_cache()
+
+
+def enable_for_serving(path: str) -> bool:
+    """`enable` for commands that only read runs (``predict``, the page): a cache that cannot be opened (a training
+    machine's path, a read-only home) is a warning, not a failure -- it only saves time. Returns whether it is on."""
+    if not path:
+        return False
+    try:
+        enable(path)
+    except OSError as e:
+        logging.warning("Persistent compilation cache %s unavailable (%s): compiling without it. Set "
+                        "--config.compilation_cache_dir to a writable folder (or '' to turn it off).", path, e)
+        return False
+    return True

@@ -10,17 +10,23 @@
 # the rehearsal fails where the sitting would. Tiny knobs (narrow models, 32 px benchmark, 64 px Kvasir) and a longer
 # budget stand in for the GPU's speed; any knob of run_device.sh given in the environment wins.
 #
-# R (default /tmp/gpu_rehearsal) holds venv/, wheels/, out/ (what $OUT would bring back) and work/.
+# R (default /tmp/gpu_rehearsal) holds venv/, wheels/, out/ (what $OUT would bring back) and work/. VENV (default
+# .venv) is the project's environment to copy; from a git worktree, name the main checkout's, e.g.
+# VENV=/work/main/.venv bash experiments/gpu/rehearse.sh (prepare.sh then needs PY=$VENV/bin/python too).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 R=${R:-/tmp/gpu_rehearsal}
+# A real folder, never a link to one: `cp -al` below must hard-link its files, so that removing the carried packages
+# from the copy leaves the environment itself untouched (a copied symlink would delete them from it).
+VENV=$(realpath "${VENV:-.venv}")
+[ -x "$VENV/bin/python" ] || { echo "rehearse.sh: no Python environment at $VENV (set VENV=...)"; exit 1; }
 mkdir -p "$R"
 if [ ! -d "$R/wheels" ]; then
-  version=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  WHEEL_DEST="$R/wheels" WHEEL_PYTHON=$version bash experiments/gpu/prepare.sh
+  version=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  WHEEL_DEST="$R/wheels" WHEEL_PYTHON=$version PY="$VENV/bin/python" bash experiments/gpu/prepare.sh
 fi
 if [ ! -x "$R/venv/bin/python3" ]; then
-  cp -al .venv "$R/venv"  # hard links: removing files below leaves .venv untouched
+  cp -al "$VENV" "$R/venv"  # hard links: removing files below leaves $VENV untouched
   "$R/venv/bin/python3" - "$R/venv" "$R/wheels" <<'PY'
 import csv, pathlib, re, shutil, sys, sysconfig
 site = pathlib.Path(sysconfig.get_paths()["purelib"])

@@ -54,6 +54,8 @@ def test_onnx_runtime_equals_jax(case, inputs, tmp_path):
     bound = variables[0] if len(fns) == 1 else tuple(variables)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == (
+        ["probabilities"] + (["member_probabilities"] if len(fns) > 1 else []))
     assert session.get_inputs()[0].type == "tensor(uint8)" and session.get_inputs()[0].shape[1:] == [32, 32, 3]
     assert isinstance(session.get_inputs()[0].shape[0], str)  # symbolic batch
     worst = 0.0
@@ -64,6 +66,10 @@ def test_onnx_runtime_equals_jax(case, inputs, tmp_path):
         worst = max(worst, float(np.abs(got - want).max()))
         assert np.abs(got - want).max() <= TOLERANCE, (case, name)
         np.testing.assert_array_equal(got > 0.5, want > 0.5, err_msg=f"{case} {name}")
+        if len(fns) > 1:  # an ensemble also gives each member's probabilities (uncertainty, verdict)
+            each = session.run(["member_probabilities"], {"images": images})[0]
+            want_each = np.asarray(jax.jit(probabilities.members_fn(fns))(bound, images))
+            assert each.shape == (len(fns), *want.shape) and np.abs(each - want_each).max() <= TOLERANCE, name
     print(f"PARITY onnx {case}: max |ORT - JAX| = {worst:.2e}")
 
     card = json.loads(model_card.card_path(out).read_text())
