@@ -14,6 +14,7 @@ matplotlib is optional (`anemia_jax.utils.figures`); the panel needs the runs' c
 from __future__ import annotations
 
 import pathlib
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -144,10 +145,11 @@ def panel_figure(rows: Sequence[Any], result: Mapping[str, Any], workdir_root: p
             axes[k, 2 + j].imshow(_error_map(images[k], truth[k], predictions[r.name][k]))
             axes[k, 2 + j].set_title(f"Dice {dice:.2f}", fontsize=7, pad=2)
     for j, title in enumerate(["image", "ground truth", *[r.label for r in models]]):
-        axes[0, j].annotate(title, (0.5, 1.22), xycoords="axes fraction", ha="center", fontsize=7, wrap=True)
+        axes[0, j].annotate(textwrap.fill(title, 20), (0.5, 1.12), xycoords="axes fraction", ha="center",
+                            va="bottom", fontsize=7)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Kvasir-SEG test images, CPU scale (128 px): the 2 best, 2 median and 2 worst by Dice averaged over "
+    fig.suptitle("Kvasir-SEG test images, CPU scale (128 px)\nthe 2 best, 2 median and 2 worst by Dice averaged over "
                  "the models\ngreen true positive, red false positive, blue false negative", fontsize=8)
     return figures.save(fig, path)
