@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import _children
+
 from experiments import run_record
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,18 +47,12 @@ def test_sigterm_reaches_the_command_and_the_record_is_kept(tmp_path):
              "print('ready', flush=True)\n"
              "time.sleep(60)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.run_record", f"--out={out}", "--label=train", "--",
-                             sys.executable, "-u", "-c", child], stdout=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # its own process group, killed whole below
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 7
-    finally:
-        try:  # the whole group, the wrapper and its command, whatever happened
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    args = [sys.executable, "-m", "experiments.run_record", f"--out={out}", "--label=train", "--",
+            sys.executable, "-u", "-c", child]
+    with _children.Child(args, budget_s=120, stdout=subprocess.PIPE, text=True, env=env) as proc:
+        # Its own process group, killed whole when the block ends, the wrapper and its command, whatever happened.
+        assert proc.process.stdout.readline().strip() == "ready"
+        proc.process.send_signal(signal.SIGTERM)
+        assert proc.wait() == 7
     record = json.loads(out.read_text())
     assert record["exit_status"] == 7 and record["wall_s"] < 60
