@@ -18,7 +18,9 @@ Each route is a fresh child process (XLA reads ``XLA_FLAGS`` once, at start):
 In each: a 3x3 "same" convolution NHWC ``--shape`` (C in = C out) with its input and weight gradients (`jax.vjp`),
 each jitted alone, median wall time of ``--repeats`` calls after one warm-up, float32 and bfloat16 alternating; and,
 from the compiled HLO, the element type each convolution is computed in and any oneDNN custom call: a bfloat16
-convolution that XLA widens to float32 (convert, f32 convolution, convert back) cannot use the bf16 matrix units. ``--torch_python`` adds
+convolution that XLA widens to float32 (convert, f32 convolution, convert back) cannot use the bf16 matrix units.
+Beside them the same FLOPs as one matrix product (``im2col_matmul``: ``[N*H*W, 9C] @ [9C, C]``), to see whether
+a bfloat16 dot fares better than a bfloat16 convolution. ``--torch_python`` adds
 the same three convolutions in PyTorch (channels_last, float32 and bfloat16: PyTorch's CPU autocast runs
 convolutions in bfloat16 through oneDNN, AMX on this CPU). Rounds alternate the order of the routes.
 
@@ -47,7 +49,7 @@ ROUTE_FLAGS = {"onednn": "--xla_cpu_experimental_onednn_fusion_type=individual_c
                "onednn_custom_call": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true"}
 ROUTES = ("eigen", "ynnpack", "onednn", "onednn_custom_call")
 DTYPES = ("float32", "bfloat16")
-PARTS = ("forward", "input_grad", "weight_grad")
+PARTS = ("forward", "input_grad", "weight_grad", "im2col_matmul")
 
 _TORCH_CHILD = r"""
 import json, statistics, sys, time
@@ -68,8 +70,13 @@ for dtype in ("float32", "bfloat16"):
         torch.autograd.grad(y, x, g, retain_graph=True)
     def wgrad():
         torch.autograd.grad(y, conv.weight, g, retain_graph=True)
+    a = torch.randn(n * h * w, 9 * c).to(dt)
+    b = torch.randn(9 * c, c).to(dt)
+    def mm():
+        with torch.no_grad():
+            torch.mm(a, b)
     times = {}
-    for name, fn in (("forward", fwd), ("input_grad", dgrad), ("weight_grad", wgrad)):
+    for name, fn in (("forward", fwd), ("input_grad", dgrad), ("weight_grad", wgrad), ("im2col_matmul", mm)):
         fn()
         t = []
         for _ in range(repeats):
@@ -86,6 +93,7 @@ def _libraries(hlo: str) -> list[str]:
     """What a compiled HLO text says about its convolutions: the element type each is computed in (``conv:f32``,
     ``conv:bf16``) and oneDNN custom calls (``onednn-call``), sorted."""
     found = {f"conv:{m}" for m in re.findall(r"= (\w+)\[[^\]]*\]\{[^}]*\} convolution\(", hlo)}
+    found |= {f"dot:{m}" for m in re.findall(r"= (\w+)\[[^\]]*\]\{[^}]*\} dot\(", hlo)}
     if re.search(r"custom_call_target=\"__onednn", hlo):
         found.add("onednn-call")
     return sorted(found)
@@ -109,7 +117,10 @@ def child(route: str, shape: Sequence[int], repeats: int) -> dict[str, Any]:
             return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
         g = jnp.ones((n, h, w, c), dtype)
-        fns = {"forward": (jax.jit(conv), (x, k)),
+        # The same work as one matrix product (im2col's shape, N*H*W x 9C by 9C x C): does a bf16 dot fare better?
+        a = jax.random.normal(key, (n * h * w, 9 * c), jnp.float32).astype(dtype)
+        fns = {"im2col_matmul": (jax.jit(lambda a, b: a @ b), (a, k.reshape(9 * c, c))),
+               "forward": (jax.jit(conv), (x, k)),
                "input_grad": (jax.jit(lambda x, k, g: jax.vjp(lambda a: conv(a, k), x)[1](g)[0]), (x, k, g)),
                "weight_grad": (jax.jit(lambda x, k, g: jax.vjp(lambda b: conv(x, b), k)[1](g)[0]), (x, k, g))}
         for part, (fn, args) in fns.items():
@@ -163,8 +174,8 @@ def _run_torch(python: str, shape: Sequence[int], repeats: int) -> dict[str, Any
 def _table(rows: list[dict[str, Any]], shape: Sequence[int]) -> str:
     n, h, w, c = shape
     flops = 2 * n * h * w * c * c * 9
-    lines = [f"3x3 convolution, NHWC {n}x{h}x{w}x{c} -> {c} ({flops / 1e9:.1f} GFLOP per part); median wall ms "
-             "(GFLOP/s), per round.", "",
+    lines = [f"3x3 convolution, NHWC {n}x{h}x{w}x{c} -> {c} ({flops / 1e9:.1f} GFLOP per part; im2col_matmul: the "
+             f"same FLOPs as [{n * h * w}, {9 * c}] @ [{9 * c}, {c}]); median wall ms (GFLOP/s), per round.", "",
              "| round | engine / route | part | float32 ms | bfloat16 ms | bf16 speed-up | HLO (f32 / bf16 inputs) |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -149,6 +149,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, lock: workdi
     plan = _Durations.of(config, data.train.steps_per_epoch(config.batch_size))
     reporter.info("%s; %s", data.description, plan.describe(config.batch_size))
 
+    if jax.devices()[0].platform == "cpu" and config.compute_dtype == "bfloat16":
+        # XLA's CPU backend (jaxlib 0.10) widens bfloat16 convolutions and matmuls to float32 (convert, f32 kernel,
+        # convert back): bf16 is no faster there and only less precise (experiments/results/cpu_bf16/).
+        reporter.info("compute_dtype=bfloat16 on the CPU: XLA computes its convolutions in float32 here, so bfloat16 "
+                      "is no faster than float32 (experiments/results/cpu_bf16/); pass dtype=float32 in the config "
+                      "argument for full precision at the same speed.")
     model = model_factory.build_model(config)
     tx, schedule = experiment.build_optimizer(config, total_steps=plan.total, warmup_steps=plan.warmup)
     train_step = steps.make_train_step(model, tx, experiment.build_loss(config), mesh, augment_config=config.augment,

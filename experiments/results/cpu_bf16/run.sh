@@ -12,7 +12,8 @@
 #    config's dtype: bf16 activations and matmuls, float32 parameters), each beside the PyTorch peer in eager mode
 #    (float32; bfloat16 = torch.autocast on the CPU).
 # 3. Accuracy: U-Net (features 16) on the phantom at 64 px, 300 steps, float32 and bfloat16, same seed; the test
-#    split scored with `evaluate` (CPU-scale, phantom: a check of the cost of bf16, not the method's figures).
+#    validation fold (fold 0, never trained on) scored at the last step with `evaluate` (CPU-scale, phantom: a check
+#    of the cost of bf16, not the method's figures).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 OUT=experiments/results/cpu_bf16
@@ -36,7 +37,7 @@ if [[ $STAGES == *accuracy* ]]; then
   for dtype in float32 bfloat16; do
     "$PY" -m anemia_jax.main --config="configs/unet.py:data=phantom,size=64,steps=300,dtype=$dtype" \
       --config.model.features=16 --config.dataset.data_dir="$RUNS/tfds" --workdir="$RUNS/unet_$dtype"
-    "$PY" -m anemia_jax.evaluate --workdir="$RUNS/unet_$dtype" --split=test --checkpoint=best \
+    "$PY" -m anemia_jax.evaluate --workdir="$RUNS/unet_$dtype" --split=val --checkpoint=latest \
       --out="$OUT/accuracy_$dtype"
     cp "$RUNS/unet_$dtype/summary.json" "$OUT/accuracy_$dtype/training_summary.json"
   done
