@@ -3,6 +3,7 @@
 import pathlib
 import re
 
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_example_runs():
@@ -17,7 +18,7 @@ def test_readme_python_example_runs():
 
 def test_readme_setup_commands_match_ci():
     lines = README.read_text().splitlines()
-    first_cmds = [l for l in lines[:20] if l.startswith(("pip ", "python "))]
+    first_cmds = [line for line in lines[:20] if line.startswith(("pip ", "python "))]
     assert first_cmds[:2] == ["pip install -e '.[test]'", "python -m pytest -n 2 tests"]
     ci = (README.parent / ".ci" / "run").read_text()
     assert first_cmds[0] in ci and first_cmds[1] in ci
