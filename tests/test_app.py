@@ -21,20 +21,15 @@ import _children
 import numpy as np
 import PIL.Image
 import pytest
+from _phantom_screening import fit_on_phantom
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 
 from anemia_jax import app
 from anemia_jax.data.datasets.conjunctiva_phantom import phantom
-from anemia_jax.screening import app_server, cross_validation, photo_report, screening_model
-from anemia_jax.screening.features import FeatureSpec
+from anemia_jax.screening import app_server, photo_report
 from anemia_jax.utils import image_io
 
 MAX_UPLOAD = 2_000_000
-# What `anemia_jax.screening.fit` records for a model fitted on the phantom.
-PHANTOM_RECORD = {"data": {"dataset": {"name": "phantom"}, "synthetic_photos": True, "split": {"protocol": "kfold"}},
-                  "num_photos": 40, "num_subjects": 40}
-
-
 def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     PIL.Image.fromarray(image).save(buffer, format="PNG")
@@ -44,14 +39,7 @@ def _png(image: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def screening_path(tmp_path_factory):
     """A screening model fitted on 40 phantom photos' true palpebral masks (64x48), saved as JSON."""
-    examples = list(phantom.generate(0, 40, long_side=64))
-    spec = FeatureSpec(feature_size=(64, 48), target="palpebral")  # the photos' own size: masks used as they are
-    feats = spec.compute_from_masks([e.image for e in examples], [e.palpebral for e in examples])
-    groups = np.array([e.patient_id for e in examples])
-    model = screening_model.fit_screening_model(
-        feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]),
-        groups=groups, folds=cross_validation.grouped_folds(groups, 5), num_bootstrap=0,
-        feature_spec=spec, training=PHANTOM_RECORD)
+    model, _ = fit_on_phantom(40)
     return model.save(tmp_path_factory.mktemp("model") / "screening_model.json")
 
 

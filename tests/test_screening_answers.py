@@ -11,15 +11,14 @@ import math
 
 import numpy as np
 import pytest
+from _phantom_screening import fit_on_phantom, phantom_record
 
 from anemia_jax.data.datasets.conjunctiva_phantom import phantom
 from anemia_jax.inference import segmenter
 from anemia_jax.screening import app_server, cross_validation, fit, photo_report, quality, screening_model, wording
-from anemia_jax.screening.features import FeatureSpec
 
 N_TRAIN = 80
-PHANTOM_RECORD = {"data": {"dataset": {"name": "phantom"}, "synthetic_photos": True, "split": {"protocol": "kfold"}},
-                  "num_photos": N_TRAIN, "num_subjects": N_TRAIN}
+PHANTOM_RECORD = phantom_record(N_TRAIN)
 LENIENT = quality.QualityThresholds(min_area_fraction=0.001, max_uncertainty=0.9)
 
 
@@ -29,13 +28,7 @@ def warm(image: np.ndarray) -> np.ndarray:
 
 
 def _fit(constancy: str, training=None) -> screening_model.ScreeningModel:
-    examples = list(phantom.generate(0, N_TRAIN, long_side=64))
-    spec = FeatureSpec(feature_size=(64, 48), target="palpebral", constancy=constancy)
-    feats = spec.compute_from_masks([e.image for e in examples], [e.palpebral for e in examples])
-    groups = np.array([e.patient_id for e in examples])
-    return screening_model.fit_screening_model(
-        feats, hgb=np.array([e.hgb for e in examples]), anemic=np.array([e.anemic for e in examples]), groups=groups,
-        folds=cross_validation.grouped_folds(groups, 5), num_bootstrap=0, feature_spec=spec, training=training)
+    return fit_on_phantom(N_TRAIN, constancy=constancy, training=training)[0]
 
 
 @pytest.fixture(scope="module")
