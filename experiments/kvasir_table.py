@@ -40,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from anemia_jax import cli
-from experiments import paired_stats
+from experiments import paired_stats, provenance
 
 PROGRAM = "python -m experiments.kvasir_table"
 # name: (label, group); the reference row (U-Net, the configs' recipe) belongs to both groups.
@@ -83,15 +83,7 @@ def _read_json(path: pathlib.Path) -> Any:
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    return out
+    return provenance.read_jsonl(path) if path.exists() else []
 
 
 def read_per_image(path: pathlib.Path, target: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -341,7 +333,7 @@ def main(argv: Sequence[str]) -> int:
         if not rows:
             raise cli.CommandLineError(f"No scored row in {results}: a row is a folder with test/per_image.csv "
                                        "(run.sh there makes them).")
-        from experiments import kvasir_panel, provenance  # noqa: PLC0415 -- JAX only past the flags
+        from experiments import kvasir_panel  # noqa: PLC0415 -- JAX only past the flags
 
         if not cmd.no_flops:
             kvasir_panel.add_gflops(rows)

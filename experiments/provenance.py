@@ -1,11 +1,13 @@
-"""Result records of the experiment scripts: provenance (command, git state, machine, wall time) and the writer of
-``<out>/<name>.md`` / ``<out>/<name>.json`` shared by protocols.py, pruning_table.py and screening_run.py.
+"""Result records of the experiment scripts: provenance (command, git state, machine, wall time), the writer of
+``<out>/<name>.md`` / ``<out>/<name>.json`` shared by protocols.py, pruning_table.py and screening_run.py, and the
+reader of the JSON-lines records runs leave (``metrics.jsonl``, ``runs.jsonl``).
 
 The git state is `anemia_jax.utils.provenance.git_state` (every change a rerun from the recorded commit would miss).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shlex
 from collections.abc import Mapping, Sequence
@@ -69,3 +71,15 @@ def write_results(out: str | pathlib.Path, name: str, title: str, body_md: str, 
     atomic.write_text(out / f"{name}.md", f"# {title}\n\n" + to_markdown(prov, note) + "\n" + body_md)
     atomic.write_json(out / f"{name}.json", {"provenance": dict(prov), "note": note, **data})
     return out / f"{name}.md"
+
+
+def read_jsonl(path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (a `pathlib.Path` or an `epath.Path`), in order; a line that does not parse
+    -- the last one, cut short by a kill -- is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

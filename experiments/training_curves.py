@@ -9,7 +9,6 @@ Reads each run's ``metrics.jsonl`` (a last line cut short by a kill is skipped) 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +17,7 @@ from etils import epath
 
 from anemia_jax import cli
 from anemia_jax.evaluation import plots
+from experiments import provenance
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -25,13 +25,7 @@ def read_metrics(workdir: str) -> list[dict]:
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         raise cli.CommandLineError(f"{workdir} has no metrics.jsonl: pass the directory of a training run.")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    return records
+    return provenance.read_jsonl(path)
 
 
 def main(argv: Sequence[str]) -> int:
