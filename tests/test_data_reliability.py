@@ -7,6 +7,8 @@ Sources are tiny synthetic folders and zips made here (`fake_eyes_archive` for E
 from __future__ import annotations
 
 import io
+import logging
+import os
 import pathlib
 import zipfile
 
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 
 from anemia_jax.data import loading
+from anemia_jax.data.datasets import source_record
 from anemia_jax.data.datasets.eyes_defy_anemia.eyes_defy_anemia_dataset_builder import Builder as EyesBuilder
 from anemia_jax.data.datasets.image_mask_folder.image_mask_folder_dataset_builder import Builder as FolderBuilder
 from anemia_jax.runs import config_lib
@@ -81,6 +84,30 @@ def test_prepared_folder_dataset_is_never_reused_for_another_source(tmp_path):
     config.dataset.builder_kwargs.mask_threshold = "200"
     with pytest.raises(errors.DataError, match="mask_threshold=128.*mask_threshold=200"):
         loading.prepare_builder(config)
+
+
+def test_a_copy_with_new_modification_times_is_the_same_source(tmp_path, caplog):
+    """``cp -r``, a restored backup or a checkout changes every file's modification time and nothing else: the
+    prepared data are reused (the content digest decides); same names and sizes with other bytes are refused."""
+    a = image_folder(tmp_path / "A", 50)
+    data_dir = tmp_path / "tfds"
+    builder = loading.prepare_builder(kvasir_config(a, data_dir))
+    recorded = loading.data_source(builder)["source"]
+    assert recorded["content_sha256"] != recorded["sha256"]
+    for path in a.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert source_record.fingerprint(a)["sha256"] != recorded["sha256"]  # the quick check alone would refuse
+    with caplog.at_level(logging.INFO):
+        assert first_image_value(loading.prepare_builder(kvasir_config(a, data_dir))) == 50
+    assert "same contents" in caplog.text
+    assert source_record.same_data(recorded, source_record.fingerprint(a, content=True))
+    # Same names and sizes, other bytes: refused.
+    split = a / "splits_official_medico2020" / "val.txt"
+    split.write_text("d\n")
+    with pytest.raises(errors.DataError, match="has changed since it was prepared"):
+        loading.prepare_builder(kvasir_config(a, data_dir))
+    assert not source_record.same_data(recorded, source_record.fingerprint(a, content=True))
 
 
 def eyes_archive(path: pathlib.Path, number: int) -> pathlib.Path:

@@ -142,7 +142,7 @@ def _compare_with_trained(config: ConfigDict, builder) -> None:
     if not hasattr(trained, "get") or not trained.get("sha256"):
         return
     now = (source_record.read(builder.data_path) or {}).get("source") or {}
-    if now.get("sha256") != trained.get("sha256"):
+    if not source_record.same_data(dict(trained), now):
         logging.warning("This run was trained on data prepared from %s; the prepared data used now come from %s. "
                         "Scores may not be comparable with the run's own.", source_record.describe(dict(trained)),
                         source_record.describe(now or None))

@@ -8,7 +8,11 @@ record, beside the prepared files, the source they read and the options that sha
 * the source's **fingerprint** (`fingerprint`): for a folder, every file's relative path, size and modification
   time (a dangling symlink or a symlink loop, which the builders skip as unreadable, by the link's own); for a zip,
   every member's name, size and CRC-32 (read from the zip's central directory: a content checksum that costs no
-  decompression); hashed with SHA-256;
+  decompression); hashed with SHA-256. Beside it, a **content digest** (``content_sha256``): every file's relative
+  path and the SHA-256 of its bytes (for a zip, the CRC-based fingerprint already is one). The quick fingerprint is
+  compared first; only where it differs is the content digest computed, so that a copy that changed nothing but
+  modification times (``cp -r``, a re-download, a restored backup, a checkout) is still recognised as the same
+  source, the way git's index trusts a file's stat and falls back to its contents;
 * the builder **options** that change the prepared examples (e.g. ``mask_threshold``, ``max_file_mb``).
 
 `check` compares that record with what a run asks for before the prepared data are reused
@@ -35,7 +39,8 @@ from absl import logging
 
 from anemia_jax.utils import errors
 
-__all__ = ["RECORD_FILE", "RecordsSource", "SourceMismatchError", "check", "describe", "fingerprint", "read"]
+__all__ = ["RECORD_FILE", "RecordsSource", "SourceMismatchError", "check", "describe", "fingerprint", "read",
+           "same_data", "same_source"]
 
 RECORD_FILE = "source_record.json"
 
@@ -44,14 +49,19 @@ class SourceMismatchError(errors.DataError, ValueError):
     """The prepared dataset was built from another source (or with other options) than the run asks for."""
 
 
-def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+def fingerprint(path: str | os.PathLike, *, content: bool = False) -> dict[str, Any]:
     """``{'path', 'kind' ('folder'|'zip'|'file'), 'files', 'bytes', 'sha256'}`` of a source folder or file.
+
+    Args:
+        path: the source folder, zip or file.
+        content: also add ``'content_sha256'``, a digest of every file's bytes (reads the whole source once: about a
+            second per 500 MB; a zip's CRC-based ``sha256`` is already a content digest and is reused).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
     path = pathlib.Path(path).expanduser().absolute()
-    digest = hashlib.sha256()
+    digest, contents = hashlib.sha256(), hashlib.sha256()
     files = total = 0
     if path.is_dir():
         kind = "folder"
@@ -62,6 +72,8 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
                 stat = _stat(full)
                 rel = full.relative_to(path).as_posix()
                 digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                if content:
+                    contents.update(f"{rel}\0{_file_sha256(full)}\n".encode())
                 files, total = files + 1, total + stat.st_size
     elif zipfile.is_zipfile(path):
         kind = "zip"
@@ -69,14 +81,54 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
             for info in sorted(z.infolist(), key=lambda i: i.filename):
                 digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
                 files, total = files + 1, total + info.file_size
+        contents = digest
     elif path.is_file():
         kind = "file"
         stat = path.stat()
         digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if content:
+            contents.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
         files, total = 1, stat.st_size
     else:
         raise FileNotFoundError(f"{path} does not exist.")
-    return {"path": str(path), "kind": kind, "files": files, "bytes": total, "sha256": digest.hexdigest()}
+    record = {"path": str(path), "kind": kind, "files": files, "bytes": total, "sha256": digest.hexdigest()}
+    if content:
+        record["content_sha256"] = contents.hexdigest()
+    return record
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    """SHA-256 of a file's bytes; of the link's target text where the link leads nowhere (the builders skip it)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return hashlib.sha256(os.fsencode(os.readlink(path)) if path.is_symlink() else b"").hexdigest()
+
+
+def same_source(recorded: dict[str, Any], path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds what ``recorded`` (a `fingerprint`) was taken of: the quick fingerprint first, then,
+    where only that differs and the record has one, the content digest (logged: the files were copied or touched)."""
+    now = fingerprint(path)
+    if now["sha256"] == recorded.get("sha256"):
+        return True
+    if not recorded.get("content_sha256") or (now["files"], now["bytes"]) != (recorded.get("files"),
+                                                                              recorded.get("bytes")):
+        return False
+    if fingerprint(path, content=True)["content_sha256"] != recorded["content_sha256"]:
+        return False
+    logging.info("The source %s has other modification times than when it was prepared (copied or touched), but "
+                 "the same %d files with the same contents: reusing the prepared data.", now["path"], now["files"])
+    return True
+
+
+def same_data(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two recorded sources (`fingerprint`s) describe the same data: equal content digests where both have
+    one, else equal quick fingerprints."""
+    a, b = a or {}, b or {}
+    if a.get("content_sha256") and b.get("content_sha256"):
+        return a["content_sha256"] == b["content_sha256"]
+    return bool(a.get("sha256")) and a.get("sha256") == b.get("sha256")
 
 
 def _stat(path: pathlib.Path) -> os.stat_result:
@@ -123,7 +175,8 @@ class RecordsSource:
     def _download_and_prepare(self, dl_manager, download_config):  # pytype: disable=signature-mismatch
         self.used_source = None
         super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
-        record = {"source": fingerprint(self.used_source) if self.used_source is not None else None,
+        used = self.used_source
+        record = {"source": fingerprint(used, content=True) if used is not None else None,
                   "options": self.source_options(),
                   "prepared_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         # TFDS points data_dir at its temporary directory here and renames it once everything is written.
@@ -159,14 +212,13 @@ def check(builder, manual_dir: str | os.PathLike | None, *, flag_prefix: str = "
         else:
             logging.info("The source %s of the prepared dataset %s is gone; using the prepared copy.", absolute,
                          directory)
-    elif requested_path is not None:
+    elif requested_path is not None and not same_source(old, requested_path):
         requested = fingerprint(requested_path)
-        if requested["sha256"] != old.get("sha256"):
-            if requested["path"] == old.get("path"):
-                problems.append(f"its source {requested['path']} has changed since it was prepared (then: "
-                                f"{describe(old)}; now: {describe(requested)})")
-            else:
-                problems.append(f"it was built from {describe(old)}, but this run asks for {describe(requested)}")
+        if requested["path"] == old.get("path"):
+            problems.append(f"its source {requested['path']} has changed since it was prepared (then: "
+                            f"{describe(old)}; now: {describe(requested)})")
+        else:
+            problems.append(f"it was built from {describe(old)}, but this run asks for {describe(requested)}")
     options = builder.source_options()
     for key in sorted(set(options) | set(recorded.get("options", {}))):
         then, now = recorded.get("options", {}).get(key), options.get(key)
