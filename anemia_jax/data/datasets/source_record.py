@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import pathlib
+import stat
 import zipfile
 from typing import Any
 
@@ -69,12 +70,12 @@ def fingerprint(path: str | os.PathLike, *, content: bool = False) -> dict[str, 
             dirs.sort()
             for name in sorted(names):
                 full = pathlib.Path(root, name)
-                stat = _stat(full)
+                info = _stat(full)
                 rel = full.relative_to(path).as_posix()
-                digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                digest.update(f"{rel}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
                 if content:
                     contents.update(f"{rel}\0{_file_sha256(full)}\n".encode())
-                files, total = files + 1, total + stat.st_size
+                files, total = files + 1, total + info.st_size
     elif zipfile.is_zipfile(path):
         kind = "zip"
         with zipfile.ZipFile(path) as z:
@@ -84,11 +85,11 @@ def fingerprint(path: str | os.PathLike, *, content: bool = False) -> dict[str, 
         contents = digest
     elif path.is_file():
         kind = "file"
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        info = path.stat()
+        digest.update(f"{path.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
         if content:
             contents.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
-        files, total = 1, stat.st_size
+        files, total = 1, info.st_size
     else:
         raise FileNotFoundError(f"{path} does not exist.")
     record = {"path": str(path), "kind": kind, "files": files, "bytes": total, "sha256": digest.hexdigest()}
@@ -98,12 +99,17 @@ def fingerprint(path: str | os.PathLike, *, content: bool = False) -> dict[str, 
 
 
 def _file_sha256(path: pathlib.Path) -> str:
-    """SHA-256 of a file's bytes; of the link's target text where the link leads nowhere (the builders skip it)."""
+    """SHA-256 of a regular file's bytes. Anything else (a pipe or a device, which would never end; a link that
+    leads nowhere), which the builders skip unread, is not opened: its kind and link target stand in for it."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        if stat.S_ISREG(path.stat().st_mode):
+            with open(path, "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
-        return hashlib.sha256(os.fsencode(os.readlink(path)) if path.is_symlink() else b"").hexdigest()
+        pass
+    mode = _stat(path).st_mode
+    target = os.readlink(path) if path.is_symlink() else ""
+    return hashlib.sha256(f"{stat.S_IFMT(mode)}\0{target}".encode()).hexdigest()
 
 
 def same_source(recorded: dict[str, Any], path: str | os.PathLike) -> bool:
