@@ -10,7 +10,7 @@ import pytest
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 
 from anemia_jax.screening.features import FeatureSpec
-from experiments import pruning_table, screening_heldout, screening_run, training_curves
+from experiments import pruning_table, screening_heldout, screening_run, suite_time, training_curves
 
 
 def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
@@ -86,3 +86,23 @@ def test_training_curves_of_a_run(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert training_curves.main(["training_curves", f"--workdir={tmp_path}", f"--out={out}"]) == 2  # no run there
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_suite_time_reads_a_durations_log():
+    log = """........ [100%]
+============================= slowest durations =============================
+30.50s call     tests/test_train.py::test_interrupted_runs_end_like_an_uninterrupted_one
+20.00s setup    tests/test_train.py::test_run_leaves_outputs
+4.25s call     tests/test_steps.py::test_eight_devices_match_one_device[unet-kwargs0]
+0.25s teardown tests/test_steps.py::test_eight_devices_match_one_device[unet-kwargs0]
+(3 durations < 0.005s hidden.  Use -vv to show these durations.)
+====== 3 passed, 1 skipped, 2 warnings in 40.12s (0:00:40) ======
+"""
+    result = suite_time.parse(log)
+    assert result["summary"] == "3 passed, 1 skipped, 2 warnings in 40.12s (0:00:40)"
+    assert result["sum_of_test_seconds"] == 55.0
+    assert result["files"] == [{"file": "tests/test_train.py", "seconds": 50.5, "tests": 1},
+                               {"file": "tests/test_steps.py", "seconds": 4.5, "tests": 1}]
+    assert result["longest"][0] == {"seconds": 30.5, "phase": "call",
+                                    "test": "tests/test_train.py::test_interrupted_runs_end_like_an_uninterrupted_one"}
+    assert result["longest"][-1]["test"].endswith("[unet-kwargs0]")

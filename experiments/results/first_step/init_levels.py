@@ -1,0 +1,15 @@
+import sys, time
+T0 = time.perf_counter()
+arch, opt = sys.argv[1], int(sys.argv[2])
+import jax, jax.numpy as jnp
+from anemia_jax.runs import config_lib, model_factory
+from anemia_jax.training import steps
+cfg = config_lib.load_config_file(f"configs/{arch}.py:size=128,batch=8,dtype=float32")
+model = model_factory.build_model(cfg)
+k1, k2 = jax.random.split(jax.random.key(0))
+f = jax.jit(steps._init_variables, static_argnums=(0, 3), compiler_options={"xla_backend_optimization_level": opt} if opt >= 0 else None)
+t = time.perf_counter(); lo = f.lower(model, k1, k2, (1, 32, 32, 3)); tl = time.perf_counter() - t
+t = time.perf_counter(); c = lo.compile(); tc = time.perf_counter() - t
+t = time.perf_counter(); v = jax.block_until_ready(c(k1, k2)); tr = time.perf_counter() - t
+t = time.perf_counter(); v = jax.block_until_ready(c(k1, k2)); tr2 = time.perf_counter() - t
+print(f"{arch} O{opt}: lower {tl:.2f} compile {tc:.2f} run {tr:.2f} run2 {tr2:.2f}")
