@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments import provenance as exp_provenance
+from experiments import provenance
 
 _DURATION = re.compile(r"^([\d.]+)s (call|setup|teardown)\s+(\S+?)::(\S+)")
 _SUMMARY = re.compile(r"^=*\s*(\d+ (passed|failed).* in [\d.]+s.*?)\s*=*$")
@@ -61,12 +61,12 @@ def main(argv: Sequence[str]) -> int:
     else:
         command = [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider", "--durations=0",
                    "tests", *argv[1:]]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=exp_provenance.REPO)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=provenance.REPO)
         log, code = done.stdout + done.stderr, done.returncode
         out.with_suffix(".log").write_text(log)
     wall = time.perf_counter() - start
     result = {
-        **exp_provenance.record(sys.argv[1:], wall, "-m experiments.suite_time"),
+        **provenance.record(sys.argv[1:], wall, "-m experiments.suite_time"),
         "pytest_command": command,
         "exit_status": code,
         "load_average_before_after": [load_before, os.getloadavg()],

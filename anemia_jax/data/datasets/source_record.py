@@ -112,16 +112,16 @@ def _file_sha256(path: pathlib.Path) -> str:
     return hashlib.sha256(f"{stat.S_IFMT(mode)}\0{target}".encode()).hexdigest()
 
 
-def same_source(recorded: dict[str, Any], path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds what ``recorded`` (a `fingerprint`) was taken of: the quick fingerprint first, then,
-    where only that differs and the record has one, the content digest (logged: the files were copied or touched)."""
-    now = fingerprint(path)
+def same_source(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether the source ``now`` (its quick `fingerprint`) holds what ``recorded`` (a `fingerprint` with content)
+    was taken of: the quick fingerprints first, then, where only they differ and the record has one, the content
+    digest of ``now['path']`` (read only then; logged: the files were copied or touched)."""
     if now["sha256"] == recorded.get("sha256"):
         return True
     if not recorded.get("content_sha256") or (now["files"], now["bytes"]) != (recorded.get("files"),
                                                                               recorded.get("bytes")):
         return False
-    if fingerprint(path, content=True)["content_sha256"] != recorded["content_sha256"]:
+    if fingerprint(now["path"], content=True)["content_sha256"] != recorded["content_sha256"]:
         return False
     logging.info("The source %s has other modification times than when it was prepared (copied or touched), but "
                  "the same %d files with the same contents: reusing the prepared data.", now["path"], now["files"])
@@ -218,9 +218,11 @@ def check(builder, manual_dir: str | os.PathLike | None, *, flag_prefix: str = "
         else:
             logging.info("The source %s of the prepared dataset %s is gone; using the prepared copy.", absolute,
                          directory)
-    elif requested_path is not None and not same_source(old, requested_path):
+    elif requested_path is not None:
         requested = fingerprint(requested_path)
-        if requested["path"] == old.get("path"):
+        if same_source(old, requested):
+            pass  # the same files, perhaps with other modification times
+        elif requested["path"] == old.get("path"):
             problems.append(f"its source {requested['path']} has changed since it was prepared (then: "
                             f"{describe(old)}; now: {describe(requested)})")
         else:
