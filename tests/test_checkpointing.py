@@ -92,6 +92,38 @@ def test_restore_is_exact_onto_template_shardings(tmp_path):
         assert leaf.sharding == parallel.replicated(mesh)
 
 
+def count_compiles(fn) -> int:
+    """How many XLA programs ``fn()`` compiles (each new shape of an eager op is one)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(events)
+
+
+def test_replica_parallel_saving_only_for_large_arrays(tmp_path):
+    # Orbax's replica-parallel saving slices a replicated array into one piece per replica with eager ops, each new
+    # shape compiled once: for a model's many small arrays that cost seconds per save (2.8 s for the tiny test
+    # model's first save on 8 devices). Shapes no other test uses, so that nothing is compiled already.
+    mesh = parallel.make_mesh()
+    rng = np.random.default_rng(0)
+    small = parallel.replicate({f"w{i}": rng.normal(size=(3, 5, 7 + i)).astype(np.float32) for i in range(6)}, mesh)
+    big_rows = checkpointing.MIN_REPLICA_SLICE_BYTES * mesh.size // (4 * 1024)  # each replica's slice at the limit
+    big = parallel.replicate({"w": rng.normal(size=(big_rows + 8, 1024)).astype(np.float32)}, mesh)
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=3, async_save=False) as mgr:
+        assert count_compiles(lambda: mgr.save(1, small)) == 0
+        assert count_compiles(lambda: mgr.save(2, big)) > 0  # still spread over the replicas
+        assert_trees_equal(mgr.restore(1, small)[0], small)
+        assert_trees_equal(mgr.restore(2, big)[0], big)
+
+
 def test_read_only_reader_leaves_the_writers_files_alone(tmp_path):
     # Evaluation opens a run's checkpoints while it may still be training: it must not touch a save in progress.
     state = make_state(parallel.make_mesh(), seed=5)

@@ -2,8 +2,12 @@
 
 One checkpoint is a step directory under ``<workdir>/checkpoints`` holding two items:
 
-* ``state``: the whole `steps.TrainState` (step, params, batch_stats, opt_state, rng) through
-  ``ocp.args.StandardSave``; every process writes its shards, as Orbax requires.
+* ``state``: the whole `steps.TrainState` (step, params, batch_stats, opt_state, rng) through Orbax's
+  ``PyTreeCheckpointHandler`` (the layout ``ocp.args.StandardSave`` writes; checkpoints of either restore); every
+  process writes its shards, as Orbax requires. Its array handler spreads the writing of a replicated array over the
+  replicas (Orbax's replica-parallel saving) only where each replica's slice is at least `MIN_REPLICA_SLICE_BYTES`:
+  slicing runs one eager op per replica, each new shape compiled once, which for small arrays costs far more than the
+  write it spreads (the tiny test model's first save on 8 CPU devices: 2.8 s with it, 0.08 s without).
 * ``meta``: a small JSON record (``ocp.args.JsonSave``) the trainer uses to carry run bookkeeping across a resume
   (e.g. the best validation metrics seen so far, cumulative training time, the model config).
 
@@ -50,6 +54,36 @@ PyTree = Any
 _STATE = "state"
 _META = "meta"
 _ITEMS = (_STATE, _META)
+
+# Replica-parallel saving pays off where a slice is large enough for its write to outweigh the slicing (a new
+# shape compiles once, then each slice is one eager op): large arrays on several hosts. 1 MiB keeps it for the
+# big kernels of the full-width models on a pod and off for everything small.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The handler of the ``state`` item: Orbax's default type handlers, with `MIN_REPLICA_SLICE_BYTES` for arrays."""
+    handlers = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()]
+    default = dict(handlers)[jax.Array]
+    # Orbax's default but for the slice threshold. Its array-metadata store (the per-host array metadata files) is
+    # reached through a private attribute, since Orbax exports no constructor for it; without it the arrays save
+    # and restore the same, only without those files.
+    arrays = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *[(ty, arrays if ty is jax.Array else handler) for ty, handler in handlers])
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state = _state_handler()
+    registry.add(_STATE, ocp.args.PyTreeSave, state)
+    registry.add(_STATE, ocp.args.PyTreeRestore, state)
+    registry.add(_META, ocp.args.JsonSave)
+    registry.add(_META, ocp.args.JsonRestore)
+    return registry
 
 
 class MissingCheckpointError(errors.CheckpointError, FileNotFoundError):
@@ -156,7 +190,8 @@ class CheckpointManager:
         )
         # Before the manager exists: creating a read-only one is what warns. Idempotent (a logger holds a filter once).
         logging.get_absl_logger().addFilter(_EXPECTED_WARNINGS_FILTER)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              handler_registry=_handler_registry())
 
     # ----------------------------------------------------------------------------------------------- integrity
 
@@ -341,7 +376,7 @@ class CheckpointManager:
         if metrics is not None and self.best_metric not in metrics:
             raise KeyError(f"metrics must contain {self.best_metric!r} (the ranking metric); got {sorted(metrics)}.")
         args = ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(state),
+            _STATE: ocp.args.PyTreeSave(state),
             _META: ocp.args.JsonSave(dict(meta or {})),
         })
         clean = None if metrics is None else {k: float(v) for k, v in metrics.items()}
@@ -379,7 +414,8 @@ class CheckpointManager:
         target = abstract_like(template)
         self._check_tree(step, target, partial=False, model_config=model_config)
         restored = self._orbax_restore(step, ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(target),
+            _STATE: ocp.args.PyTreeRestore(item=target,
+                                           restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
             _META: ocp.args.JsonRestore(),
         }))
         state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored[_STATE]))
