@@ -25,6 +25,7 @@ from anemia_jax.models import (
     UNetPlusPlus,
     capabilities_of,
     get_model,
+    initialize,
 )
 from anemia_jax.models.layers import max_pool_2x2
 
@@ -147,6 +148,32 @@ def test_real_init():
     up = variables["params"]["up_0_1"]  # fan-in C_in = 8: one tap per output pixel
     assert abs(float(jnp.std(up["kernel"])) / np.sqrt(1.0 / 8) - 1) < 0.25 and not np.any(up["bias"])
     assert set(variables["params"]) == {"X_0_0", "X_1_0", "X_0_1", "up_0_1", "head_1"}
+
+
+def test_initialize_is_model_init_compiled_once():
+    model = UNet(features=4, depth=1)
+    # rbg keys, as in test_real_init: the reference below compiles at the default level, where threefry's
+    # initialisers alone take seconds (which is why `initialize` exists); the level does not depend on the key.
+    rngs = {"params": jax.random.key(3, impl="rbg"), "dropout": jax.random.key(4, impl="rbg")}
+    images, other = _images(), _images(seed=1)  # another batch of the same shape: no new program
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        variables = initialize(model, rngs, images)
+        again = initialize(model, rngs, other)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(compiles) == 1
+    want = jax.jit(model.init, static_argnames="train")(rngs, images, train=False)  # at the default XLA level
+    assert jax.tree.structure(variables) == jax.tree.structure(want)
+    # XLA level 0 on the CPU: the same numbers to float rounding.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), variables, want)
+    jax.tree.map(np.testing.assert_array_equal, again, variables)
 
 
 # ------------------------------------------------------------------------------------- layers

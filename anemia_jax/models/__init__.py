@@ -1,11 +1,11 @@
-"""Segmentation networks (flax.linen), registered by name: `get_model`, `MODELS`, `SegmentationOutput`.
+"""Segmentation networks (flax.linen), registered by name: `get_model`, `MODELS`, `SegmentationOutput`, `initialize`.
 
 Every model maps NHWC floating-point images ``[B, H, W, C_in]`` to a `SegmentationOutput` whose ``logits`` are
 float32 ``[B, H, W, num_classes]`` (``heads`` holds every supervised head, the final one last), and is used
 functionally::
 
     model = get_model("unetpp", num_classes=1, dtype=jnp.bfloat16, bn_axis_name="data")
-    variables = model.init(jax.random.key(0), images, train=False)
+    variables = initialize(model, jax.random.key(0), images)   # model.init, jitted for a quick start
     output, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
                                   rngs={"dropout": key})   # the rng only if the model has dropout
     logits = output.logits
@@ -33,6 +33,7 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from anemia_jax.models.attention_unet import AttentionGate, AttentionUNet  # noqa: E402
+from anemia_jax.models.initialization import initialize  # noqa: E402
 from anemia_jax.models.layers import ConvBlock, ConvTranspose2x2, SegmentationModel  # noqa: E402
 from anemia_jax.models.unet import UNet  # noqa: E402
 from anemia_jax.models.unetpp import UNetPlusPlus  # noqa: E402
@@ -50,6 +51,7 @@ __all__ = [
     "UNetPlusPlus",
     "capabilities_of",
     "get_model",
+    "initialize",
     "register_model",
 ]
 

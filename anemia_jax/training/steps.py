@@ -44,7 +44,6 @@ state and checkpoint.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,7 +56,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from anemia_jax import metrics
+from anemia_jax import metrics, models
 from anemia_jax.data import augment
 from anemia_jax.data.normalization import normalize, to_float
 from anemia_jax.utils import parallel
@@ -104,25 +103,6 @@ def _check_model(model: nn.Module) -> None:
             f"model.clone(bn_axis_name={DATA_AXIS!r}).")
 
 
-def _init_variables(model: nn.Module, init_key: jax.Array, dropout_key: jax.Array,
-                    image_shape: tuple[int, ...]) -> PyTree:
-    # train=False: BatchNorm then reads running averages, so no axis name
-    # needs to be bound outside shard_map.
-    return model.init({"params": init_key, "dropout": dropout_key},
-                      jnp.zeros(image_shape, jnp.float32), train=False)
-
-
-@functools.cache
-def _jitted_init(fast_compile: bool) -> Callable[..., PyTree]:
-    # Cached and keyed on the (hashable) model, so repeated calls reuse one
-    # compilation. On CPU, LLVM's optimisation of the unrolled threefry
-    # initialisers dominates: UNet++ (178 leaves) compiled in 49 s at the
-    # default level and 7 s at level 0 (2 loaded cores), parameters equal to
-    # 1e-7. Initialisation runs once, so its run time does not matter.
-    options = {"xla_backend_optimization_level": 0} if fast_compile else None
-    return jax.jit(_init_variables, static_argnums=(0, 3), compiler_options=options)
-
-
 def create_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -152,8 +132,9 @@ def create_train_state(
     if len(shape) != 4:
         raise ValueError(f"sample_images must be [b, H, W, 3]; got shape {shape}.")
 
-    init = _jitted_init(jax.default_backend() == "cpu")
-    variables = init(model, init_key, dropout_key, (1,) + shape[1:])
+    # train=False: BatchNorm then reads running averages, so no axis name needs to be bound outside shard_map.
+    variables = models.initialize(model, {"params": init_key, "dropout": dropout_key},
+                                  jnp.zeros((1,) + shape[1:], jnp.float32))
     params = variables["params"]
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
