@@ -124,6 +124,22 @@ def test_replica_parallel_saving_only_for_large_arrays(tmp_path):
         assert_trees_equal(mgr.restore(2, big)[0], big)
 
 
+def test_whole_state_and_variables_restore_from_one_manager(tmp_path):
+    # One manager serves both restores (the whole state for a resume, the model variables for evaluation); with
+    # Orbax's item_names registration the first restore bound the item to one handler and the other then failed.
+    mesh = parallel.make_mesh()
+    state = make_state(mesh, seed=3)
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1) as mgr:
+        mgr.save(7, state)
+    with checkpointing.CheckpointManager(tmp_path, max_to_keep=1, read_only=True) as mgr:
+        restored, _ = mgr.restore(7, state)
+        variables = mgr.restore_variables(7, {"params": state.params, "batch_stats": state.batch_stats})
+        again, _ = mgr.restore(7, state)
+    assert_trees_equal(restored, state)
+    assert_trees_equal(again, state)
+    assert_trees_equal(variables, {"params": state.params, "batch_stats": state.batch_stats})
+
+
 def test_read_only_reader_leaves_the_writers_files_alone(tmp_path):
     # Evaluation opens a run's checkpoints while it may still be training: it must not touch a save in progress.
     state = make_state(parallel.make_mesh(), seed=5)
