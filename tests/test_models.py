@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _compilations import count_compilations
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -156,19 +157,11 @@ def test_initialize_is_model_init_compiled_once():
     # initialisers alone take seconds (which is why `initialize` exists); the level does not depend on the key.
     rngs = {"params": jax.random.key(3, impl="rbg"), "dropout": jax.random.key(4, impl="rbg")}
     images, other = _images(), _images(seed=1)  # another batch of the same shape: no new program
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        variables = initialize(model, rngs, images)
-        again = initialize(model, rngs, other)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert len(compiles) == 1
+    results = []
+    compiles = count_compilations(lambda: results.extend([initialize(model, rngs, images),
+                                                          initialize(model, rngs, other)]))
+    variables, again = results
+    assert compiles == 1
     want = jax.jit(model.init, static_argnames="train")(rngs, images, train=False)  # at the default XLA level
     assert jax.tree.structure(variables) == jax.tree.structure(want)
     # XLA level 0 on the CPU: the same numbers to float rounding.

@@ -44,7 +44,7 @@ class UNet(SegmentationModel):
     Example::
 
         model = UNet(num_classes=1, dtype=jnp.bfloat16)
-        variables = model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
+        variables = initialize(model, jax.random.key(0), jnp.zeros((1, 256, 256, 3)))  # anemia_jax.models
         output, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
         logits = output.logits
     """

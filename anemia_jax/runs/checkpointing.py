@@ -5,9 +5,8 @@ One checkpoint is a step directory under ``<workdir>/checkpoints`` holding two i
 * ``state``: the whole `steps.TrainState` (step, params, batch_stats, opt_state, rng) through Orbax's
   ``PyTreeCheckpointHandler`` (the layout ``ocp.args.StandardSave`` writes; checkpoints of either restore); every
   process writes its shards, as Orbax requires. Its array handler spreads the writing of a replicated array over the
-  replicas (Orbax's replica-parallel saving) only where each replica's slice is at least `MIN_REPLICA_SLICE_BYTES`:
-  slicing runs one eager op per replica, each new shape compiled once, which for small arrays costs far more than the
-  write it spreads (the tiny test model's first save on 8 CPU devices: 2.8 s with it, 0.08 s without).
+  replicas (Orbax's replica-parallel saving) only where each replica's slice is at least 1 MiB
+  (`anemia_jax.runs.checkpoint_handlers`).
 * ``meta``: a small JSON record (``ocp.args.JsonSave``) the trainer uses to carry run bookkeeping across a resume
   (e.g. the best validation metrics seen so far, cumulative training time, the model config).
 
@@ -46,7 +45,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ppl
 
-from anemia_jax.runs import checkpoint_integrity
+from anemia_jax.runs import checkpoint_handlers, checkpoint_integrity
 from anemia_jax.utils import conversions, errors, paths
 
 PyTree = Any
@@ -54,37 +53,6 @@ PyTree = Any
 _STATE = "state"
 _META = "meta"
 _ITEMS = (_STATE, _META)
-
-# Replica-parallel saving pays off where a slice is large enough for its write to outweigh the slicing (a new
-# shape compiles once, then each slice is one eager op): large arrays on several hosts. 1 MiB keeps it for the
-# big kernels of the full-width models on a pod and off for everything small.
-MIN_REPLICA_SLICE_BYTES = 1 << 20
-
-
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """The handler of the ``state`` item: Orbax's default type handlers, with `MIN_REPLICA_SLICE_BYTES` for arrays."""
-    handlers = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()]
-    default = dict(handlers)[jax.Array]
-    # Orbax's default but for the slice threshold. Its array-metadata store (the per-host array metadata files) is
-    # reached through a private attribute, since Orbax exports no constructor for it; without it the arrays save
-    # and restore the same, only without those files.
-    arrays = ocp.type_handlers.ArrayHandler(
-        array_metadata_store=getattr(default, "_array_metadata_store", None),
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
-    registry = ocp.type_handlers.create_type_handler_registry(
-        *[(ty, arrays if ty is jax.Array else handler) for ty, handler in handlers])
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-
-
-def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    state = _state_handler()
-    registry.add(_STATE, ocp.args.PyTreeSave, state)
-    registry.add(_STATE, ocp.args.PyTreeRestore, state)
-    registry.add(_META, ocp.args.JsonSave)
-    registry.add(_META, ocp.args.JsonRestore)
-    return registry
-
 
 class MissingCheckpointError(errors.CheckpointError, FileNotFoundError):
     """No checkpoint at the requested step (or none at all)."""
@@ -191,7 +159,7 @@ class CheckpointManager:
         # Before the manager exists: creating a read-only one is what warns. Idempotent (a logger holds a filter once).
         logging.get_absl_logger().addFilter(_EXPECTED_WARNINGS_FILTER)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              handler_registry=_handler_registry())
+                                              handler_registry=checkpoint_handlers.handler_registry(_STATE, _META))
 
     # ----------------------------------------------------------------------------------------------- integrity
 
@@ -401,7 +369,8 @@ class CheckpointManager:
         Args:
             step: an existing checkpoint step (see `latest_step`, `best_step`, `all_steps`).
             template: a state of the same structure, placed as the restored state should be (e.g. the freshly
-                initialised, replicated state on the current mesh) -- or its `abstract_like`.
+                initialised, replicated state on the current mesh) -- or its `abstract_like`. A leaf without a
+                sharding (a numpy array) is restored as a numpy array.
             model_config: the model config of ``template`` (``config.model``), named in a mismatch message.
 
         Returns:
