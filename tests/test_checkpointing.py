@@ -112,6 +112,21 @@ def test_replica_parallel_saving_only_for_large_arrays(tmp_path):
         assert_trees_equal(mgr.restore(2, big)[0], big)
 
 
+def test_another_orbax_array_handler_is_used_as_it_is(monkeypatch, warnings_log):
+    # A later Orbax (or a registration with other options) may put another handler there: checkpoints are then
+    # written with it unchanged (slower small saves), never with a handler missing its metadata store.
+    import orbax.checkpoint as ocp
+
+    class OtherHandler(ocp.type_handlers.ArrayHandler):
+        pass
+
+    other = OtherHandler()
+    real = ocp.type_handlers.get_type_handler
+    monkeypatch.setattr(ocp.type_handlers, "get_type_handler", lambda ty: other if ty is jax.Array else real(ty))
+    assert checkpoint_handlers._array_handler() is other
+    assert any("OtherHandler" in line for line in warnings_log)
+
+
 def test_whole_state_and_variables_restore_from_one_manager(tmp_path):
     # One manager serves both restores (the whole state for a resume, the model variables for evaluation); with
     # Orbax's item_names registration the first restore bound the item to one handler and the other then failed.
