@@ -1,5 +1,6 @@
 """Smoke tests of experiments/pruning_table.py, screening_run.py and training_curves.py on the tiny UNet++ run of
-tests/_tiny_run.py (untrained parameters, so only the tables' structure and counts are checked, not their scores)."""
+tests/_tiny_run.py (untrained parameters, so only the tables' structure and counts are checked, not their scores);
+the log parsing of suite_time.py and the variants and table of compile_breakdown.py, which measure without a model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 from _tiny_run import workdir  # noqa: F401 -- pytest fixture
 
 from anemia_jax.screening.features import FeatureSpec
-from experiments import pruning_table, screening_heldout, screening_run, suite_time, training_curves
+from experiments import (
+    compile_breakdown,
+    pruning_table,
+    screening_heldout,
+    screening_run,
+    suite_time,
+    training_curves,
+)
 
 
 def test_pruning_table_rows(workdir, tmp_path):  # noqa: F811 -- the fixture
@@ -106,3 +114,16 @@ def test_suite_time_reads_a_durations_log():
     assert result["longest"][0] == {"seconds": 30.5, "phase": "call",
                                     "test": "tests/test_train.py::test_interrupted_runs_end_like_an_uninterrupted_one"}
     assert result["longest"][-1]["test"].endswith("[unet-kwargs0]")
+
+
+def test_compile_breakdown_variants_and_table():
+    import pathlib
+
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    for variant in compile_breakdown.VARIANTS.values():  # every variant names a config and an optimizer it builds
+        assert (configs / f"{variant['arch']}.py").exists()
+        assert variant["optimizer"] in {"trainer", "adam", "sgd", "flat_trainer", "flat_adam"}
+    row = {"variant": "unet_adam_no_fusion_emitters", "lower_s": 1.0, "compile_s": 4.3, "compile_cpu_s": 8.12,
+           "fusions": 812}
+    assert ("| unet_adam_no_fusion_emitters | adam | 1 | no | --xla_cpu_use_fusion_emitters=false | 1.00 | 4.30 | "
+            "8.12 | 812 |") in compile_breakdown.table([row])
