@@ -3,9 +3,17 @@
 A rerun, a resumed run or a second command on the same model skips XLA compilation when the compiled program is in
 the cache (on the CPU the train step of a full-width model takes tens of seconds to compile, the prediction program of
 a 3-fold ensemble several seconds: `predict` and the page read the runs' cache too, `enable_for_serving`).
+
+JAX stores only programs that took at least ``jax_persistent_cache_min_compile_time_secs`` to compile (1 s by
+default), which leaves out the evaluation programs of small models (0.5-0.9 s each on the CPU), so every resumed or
+rerun training compiled them again. `enable` lowers it to `MIN_COMPILE_TIME_S` (0.1 s: the eager ops' programs, tens
+of milliseconds, stay out), unless it is already lower or ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set. A
+finished tiny run's rerun: 4.8-5.0 s to 4.4 s on the development CPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 from absl import logging
@@ -13,7 +21,9 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from anemia_jax.utils import paths
 
-__all__ = ["enable", "enable_for_serving"]
+__all__ = ["MIN_COMPILE_TIME_S", "enable", "enable_for_serving"]
+
+MIN_COMPILE_TIME_S = 0.1
 
 
 def enable(path: str) -> None:
@@ -25,6 +35,9 @@ def enable(path: str) -> None:
     """
     if not path:
         return
+    if ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ
+            and jax.config.jax_persistent_cache_min_compile_time_secs > MIN_COMPILE_TIME_S):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     target = paths.as_path(path)
     current = getattr(jax.config, "jax_compilation_cache_dir", None)
     if current and str(paths.as_path(current)) == str(target):
