@@ -227,14 +227,21 @@ def test_config_changes_are_listed():
     assert conversions.nested_diff(old, new) == ["optimizer.learning_rate: 0.001 -> 0.0003", "seed: None -> 1"]
 
 
-def test_rerun_resumes_without_retraining(reference, shared, tmp_path):
+def test_rerun_resumes_without_retraining(reference, shared, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(reference[0], workdir)
     before = (workdir / "metrics.jsonl").read_text()
+
+    def never_compile(*args, **kwargs):
+        raise AssertionError("a finished run's rerun compiled the train step")
+
+    monkeypatch.setattr(train, "_compile", never_compile)  # nothing to train: the step's FLOPs come from the checkpoint
     summary = train.train_and_evaluate(make_config(shared), workdir)
     assert summary["resumed_from_step"] == TOTAL and summary["steps_this_run"] == 0
     assert (workdir / "metrics.jsonl").read_text() == before
     assert summary["final"]["val"]["dice/mean"] == pytest.approx(reference[1]["final"]["val"]["dice/mean"])
+    assert summary["train_step_gflops"] == reference[1]["train_step_gflops"] > 0
+    assert summary["num_params"] == reference[1]["num_params"]
 
 
 def start_main(cwd, shared) -> _children.Child:

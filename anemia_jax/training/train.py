@@ -172,8 +172,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, lock: workdi
     state, meta, resumed_from = _resume_or_init(config, model, tx, mesh, ckpt, reporter, data.source)
     step = start_step = int(parallel.fetch(state.step))
     compile_start = time.perf_counter()
-    compiled_step, num_params, step_flops = _compile(train_step, state, data.train.train_batch(step), config,
-                                                     reporter)
+    if step < plan.total or "train_step_gflops" not in meta:
+        compiled_step, step_flops = _compile(train_step, state, data.train.train_batch(step), config, reporter)
+    else:
+        # A finished run run again (to evaluate it again, or by a script): nothing to train, so the train step is not
+        # compiled (tens of seconds at full width on a CPU without the cache); its FLOPs are the ones recorded.
+        compiled_step, step_flops = None, float(meta["train_step_gflops"]) * 1e9
+        reporter.info("Nothing left to train (step %d of %d): the train step is not compiled.", step, plan.total)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     train_time = float(meta.get("train_time_s", 0.0))
     metrics = _StepMetrics(lambda n, m: _stop_non_finite(n, m, plan.total, config, ckpt, reporter, start_time))
     status = "completed"
@@ -213,7 +219,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, lock: workdi
                 results = _validate(val_evaluator, state, step, targets, reporter) if is_eval else None
                 if is_ckpt and ckpt.save(step, state, meta={"train_time_s": train_time, "config_name": config.name,
                                                             "num_devices": jax.device_count(),
-                                                            "model": config.model.to_dict()},
+                                                            "model": config.model.to_dict(),
+                                                            "train_step_gflops": step_flops / 1e9},
                                          metrics=None if results is None else {"dice/mean": results["dice/mean"]}):
                     reporter.info("Saving checkpoint step %d (asynchronously).", step)
                 if preempted:
@@ -334,8 +341,8 @@ def _resume_or_init(config, model, tx, mesh, ckpt: checkpointing.CheckpointManag
     return state, meta, resumed_from
 
 
-def _compile(train_step, state, batch, config, reporter: reporting.Reporter) -> tuple[Callable, int, float]:
-    """``(compiled step, parameter count, FLOPs of one global step)``, logged."""
+def _compile(train_step, state, batch, config, reporter: reporting.Reporter) -> tuple[Callable, float]:
+    """``(compiled step, FLOPs of one global step)``, logged with the parameter count."""
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -343,7 +350,7 @@ def _compile(train_step, state, batch, config, reporter: reporting.Reporter) -> 
     reporter.info("%s: %.2f M parameters; %.1f GFLOP per training step (%.2f per image); train step compiled in "
                   "%.1f s.", config.model.name, num_params / 1e6, step_flops / 1e9,
                   step_flops / 1e9 / config.batch_size, time.perf_counter() - start)
-    return compiled, num_params, step_flops
+    return compiled, step_flops
 
 
 class _StepMetrics:
