@@ -6,8 +6,9 @@ built from the config by `anemia_jax.training.experiment`, and evaluated by `ane
 1. Validates the config, enables the persistent compilation cache, builds the 1-D ``data`` mesh.
 2. Loads the data (`loading.load_data`: patient-level split, examples resident on the devices).
 3. Builds model, loss, optimizer and train state, and restores the latest checkpoint of ``<workdir>/checkpoints``
-   if there is one (the data position is the step: batches are a function of it). Logs the parameter count and the
-   FLOPs of one training step.
+   if there is one (the data position is the step: batches are a function of it). Compiles the train step and logs
+   the parameter count and the FLOPs of one training step (a finished run run again compiles nothing: its FLOPs are
+   in the checkpoint's meta).
 4. Trains, logging a progress line every ``log_every_steps``, evaluating on the validation split every
    ``eval_every_*`` (per-image Dice/IoU/precision/recall per target, PNG panel), checkpointing every
    ``checkpoint_every_*`` and at each evaluation (keeping the latest plus the best by validation mean Dice).
