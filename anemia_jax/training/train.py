@@ -172,15 +172,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir, lock: workdi
                                            cleanup_tmp=True)
     state, meta, resumed_from = _resume_or_init(config, model, tx, mesh, ckpt, reporter, data.source)
     step = start_step = int(parallel.fetch(state.step))
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     compile_start = time.perf_counter()
     if step < plan.total or "train_step_gflops" not in meta:
-        compiled_step, step_flops = _compile(train_step, state, data.train.train_batch(step), config, reporter)
+        compiled_step, step_flops = _compile(train_step, state, data.train.train_batch(step), num_params, config,
+                                             reporter)
     else:
         # A finished run run again (to evaluate it again, or by a script): nothing to train, so the train step is not
         # compiled (tens of seconds at full width on a CPU without the cache); its FLOPs are the ones recorded.
         compiled_step, step_flops = None, float(meta["train_step_gflops"]) * 1e9
         reporter.info("Nothing left to train (step %d of %d): the train step is not compiled.", step, plan.total)
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     train_time = float(meta.get("train_time_s", 0.0))
     metrics = _StepMetrics(lambda n, m: _stop_non_finite(n, m, plan.total, config, ckpt, reporter, start_time))
     status = "completed"
@@ -342,11 +343,11 @@ def _resume_or_init(config, model, tx, mesh, ckpt: checkpointing.CheckpointManag
     return state, meta, resumed_from
 
 
-def _compile(train_step, state, batch, config, reporter: reporting.Reporter) -> tuple[Callable, float]:
+def _compile(train_step, state, batch, num_params: int, config, reporter: reporting.Reporter
+             ) -> tuple[Callable, float]:
     """``(compiled step, FLOPs of one global step)``, logged with the parameter count."""
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     step_flops = _cost(compiled) * jax.device_count()
     reporter.info("%s: %.2f M parameters; %.1f GFLOP per training step (%.2f per image); train step compiled in "
                   "%.1f s.", config.model.name, num_params / 1e6, step_flops / 1e9,
