@@ -54,6 +54,7 @@ _STATE = "state"
 _META = "meta"
 _ITEMS = (_STATE, _META)
 
+
 class MissingCheckpointError(errors.CheckpointError, FileNotFoundError):
     """No checkpoint at the requested step (or none at all)."""
 
